@@ -1,0 +1,24 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# TORCH_SPEC pins the build this machine ships on disk; override it elsewhere (e.g. TORCH_SPEC=torch).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,examples
+
+.PHONY: setup demo test bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(PY) examples/quickstart.py
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/dispatch.py

@@ -1,0 +1,229 @@
+"""MoEBlock: the abstract mixture. Subclasses define experts and ``expert_forward``; the block routes.
+
+forward = route → dispatch → experts → combine (see :mod:`moefy.routing` and :mod:`moefy.dispatch`).
+"""
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+from einops import reduce
+from torch import nn
+
+from .dispatch import AGGREGATIONS, dispatch_combine
+from .losses import AUX_LOSSES
+from .routing import Router, Routing, expert_capacity, expert_choice, token_choice
+
+ROUTES = ("tokens", "samples")
+AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
+
+
+def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
+    if aux_criterion is None or aux_criterion == "none":
+        return {}
+    if isinstance(aux_criterion, str):
+        aux_criterion = {aux_criterion: 1.0}
+    elif not isinstance(aux_criterion, Mapping):
+        aux_criterion = {name: 1.0 for name in aux_criterion}
+    for name, coef in aux_criterion.items():
+        if name not in AUX_LOSSES:
+            raise ValueError(f"aux_criterion: unknown loss {name!r}; allowed: {sorted(AUX_LOSSES)}")
+        if not isinstance(coef, (int, float)) or coef < 0:
+            raise ValueError(f"aux_criterion: coefficient of {name!r} must be a number >= 0, got {coef!r}")
+    return {name: float(coef) for name, coef in aux_criterion.items()}
+
+
+class MoEBlock(nn.Module, ABC):
+    """A mixture of experts over any expert modules.
+
+    Subclass it: build the experts, pass them to ``super().__init__(experts=..., input_dim=..., **routing)``
+    and override :meth:`expert_forward`.
+
+    Args:
+        experts: E expert modules (a list or ``nn.ModuleList``).
+        input_dim: D, the feature size the router reads.
+        k: token choice: experts per token, 1 ≤ k ≤ E'; expert choice: average experts per token used in
+            the capacity ``C = ceil(capacity_factor · T · k / E')``.
+        hole: add a router column E whose tokens are dropped (zero output) and counted in ``dropped``.
+        noise: None, ``"gumbel"``, ``"gaussian"`` (learned std) or ``"jitter"``; training only.
+        aux_criterion: None, a loss name, a list of names or ``{name: coefficient}``; names in
+            :data:`moefy.losses.AUX_LOSSES`.
+        aggregation: ``"sum"`` or ``"mean"`` of the weighted expert outputs of a token.
+        expert_choice: experts pick their top-C tokens instead of tokens picking top-k experts.
+        route: ``"tokens"`` routes every vector of ``x`` (..., D); ``"samples"`` routes every sample of
+            ``x`` (B, ...) as a whole (for attention or conv experts), using its mean feature vector.
+        layer_id: the block's position in a bigger model, for plots and logs.
+        capacity_factor, capacity: expert choice capacity (an explicit ``capacity`` wins).
+        normalize: token choice: renormalise the top-k weights to sum to one (default); False keeps the
+            raw scores, as the original MoEfy did.
+        temperature: router logits are divided by it.
+        score_func: ``"softmax"`` or ``"sigmoid"`` router scores.
+        feature_dim: with ``route="samples"``, the dim of ``x`` that holds the D features (1 for NCHW).
+        num_experts: optional check that ``len(experts)`` is what the caller expects.
+    """
+
+    def __init__(self, experts: Iterable[nn.Module], input_dim: int, k: float = 1, hole: bool = False,
+                 noise: Optional[str] = None, aux_criterion: AuxCriterion = None, aggregation: str = "sum",
+                 expert_choice: bool = False, route: str = "tokens", layer_id: Optional[int] = None,
+                 capacity_factor: float = 1.0, capacity: Optional[int] = None, normalize: bool = True,
+                 temperature: float = 1.0, score_func: str = "softmax", feature_dim: int = -1,
+                 num_experts: Optional[int] = None, **unknown):
+        super().__init__()
+        if unknown:
+            allowed = [p for p in inspect.signature(MoEBlock.__init__).parameters if p not in ("self", "unknown")]
+            raise TypeError(f"MoEBlock got unknown option(s) {sorted(unknown)}; allowed: {allowed}")
+        experts = list(experts) if not isinstance(experts, nn.ModuleList) else experts
+        if len(experts) == 0 or not all(isinstance(e, nn.Module) for e in experts):
+            raise TypeError("experts must be a non-empty list of nn.Module")
+        if num_experts is not None and num_experts != len(experts):
+            raise ValueError(f"num_experts={num_experts} but {len(experts)} experts were given")
+        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+        num_columns = len(experts) + int(bool(hole))
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= num_columns:
+            raise ValueError(f"k must be a number in [1, {num_columns}] (the number of experts"
+                             f"{' + hole' if hole else ''}), got {k!r}")
+        if not expert_choice and int(k) != k:
+            raise ValueError(f"k must be an int for token choice, got {k!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        route = "samples" if route == "images" else route  # the original MoEfy's name
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        if not isinstance(capacity_factor, (int, float)) or capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity must be a positive int or None, got {capacity!r}")
+        self.aux_weights = _parse_aux(aux_criterion)
+        if "prob" in self.aux_weights and (noise != "gaussian" or expert_choice):
+            raise ValueError("aux_criterion 'prob' is Shazeer's smooth load estimator: it needs "
+                             "noise='gaussian' and token choice (expert_choice=False)")
+
+        self.router = Router(input_dim, num_columns, noise=noise, temperature=temperature, score_func=score_func)
+        self.experts = experts if isinstance(experts, nn.ModuleList) else nn.ModuleList(experts)
+        self.input_dim, self.num_experts, self.num_columns = input_dim, len(experts), num_columns
+        self.k = int(k) if not expert_choice else k
+        self.hole, self.noise, self.aggregation = bool(hole), self.router.noise, aggregation
+        self.expert_choice, self.route, self.layer_id = bool(expert_choice), route, layer_id
+        self.capacity_factor, self.capacity, self.normalize = capacity_factor, capacity, bool(normalize)
+        self.feature_dim = feature_dim
+        self.aux_criterion = aux_criterion
+        self.routing: Optional[Routing] = None
+        self.aux_losses: Dict[str, torch.Tensor] = {}
+        self.aux_loss = torch.zeros(())
+        for i, expert in enumerate(self.experts):
+            expert.expert_id = i
+            expert.mixture_id = self.moe_name
+
+    @abstractmethod
+    def expert_forward(self, expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run one expert on its tokens: ``x`` (n, *F) → (n, *F_out), one output row per input row."""
+
+    # ------------------------------------------------------------------ pipeline
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (..., D) with ``route="tokens"``, (B, ...) with ``route="samples"`` → (..., D_out) / (B, ...)."""
+        rows, router_in, tokens_shape = self._as_rows(x)
+        routing = self.route_rows(router_in, tokens_shape)
+        y = dispatch_combine(rows, routing, self._run_expert, self.experts, self.aggregation)
+        if self.route == "tokens":
+            y = y.reshape(*tokens_shape, *y.shape[1:])
+        self.routing = routing
+        self.aux_losses = {name: AUX_LOSSES[name](routing) for name in self.aux_weights}
+        self.aux_loss = sum((c * self.aux_losses[n] for n, c in self.aux_weights.items()),
+                            routing.logits.new_zeros(()))
+        return y
+
+    def _as_rows(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if self.route == "tokens":
+            if x.dim() == 0 or x.shape[-1] != self.input_dim:
+                raise ValueError(f"x must have shape (..., input_dim={self.input_dim}), got {tuple(x.shape)}")
+            rows = x.reshape(-1, self.input_dim)
+            return rows, rows, tuple(x.shape[:-1])
+        if x.dim() < 2 or x.shape[self.feature_dim] != self.input_dim:
+            raise ValueError(f"x must have shape (B, ...) with input_dim={self.input_dim} features on dim "
+                             f"{self.feature_dim} for route='samples', got {tuple(x.shape)}")
+        feats = reduce(x.movedim(self.feature_dim, -1), "b ... d -> b d", "mean") if x.dim() > 2 else x
+        return x, feats, (x.shape[0],)
+
+    def route_rows(self, x: torch.Tensor, tokens_shape=None) -> Routing:
+        """Route T rows ``x`` (T, D) and return the record (does not run experts)."""
+        logits, noisy, std, probs = self.router(x)
+        num_tokens = x.shape[0]
+        if self.expert_choice:
+            c = expert_capacity(num_tokens, self.num_columns, self.k, self.capacity_factor, self.capacity)
+            indices, weights, token_index, expert_index, weight = expert_choice(probs, c)
+            counts = (c,) * self.num_columns
+            covered = torch.zeros(num_tokens, dtype=torch.bool, device=x.device)
+            covered[token_index[: c * self.num_experts]] = True
+            dropped = num_tokens - covered.sum()
+        else:
+            indices, weights, token_index, expert_index, weight = token_choice(probs, self.k, self.normalize)
+            counts = tuple(torch.bincount(expert_index, minlength=self.num_columns).tolist())
+            dropped = torch.tensor(counts[self.num_experts] if self.hole else 0)
+        return Routing(
+            mode="expert_choice" if self.expert_choice else "token_choice", num_experts=self.num_experts,
+            hole=self.hole, logits=logits, noisy_logits=noisy, noise_std=std, probs=probs, indices=indices,
+            weights=weights, token_index=token_index, expert_index=expert_index, weight=weight, counts=counts,
+            tokens_shape=tuple(tokens_shape if tokens_shape is not None else (num_tokens,)), dropped=dropped)
+
+    def _run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.expert_forward(self.experts[e], x)
+
+    # ------------------------------------------------------------------ views of the last routing
+    @property
+    def routing_matrix(self) -> torch.Tensor:
+        """(T, E') router scores of the last forward."""
+        return self._last().probs
+
+    def _last(self) -> Routing:
+        if self.routing is None:
+            raise RuntimeError(f"{self.moe_name} has not run a forward yet: no routing to show")
+        return self.routing
+
+    @torch.no_grad()
+    def experts_load(self) -> torch.Tensor:
+        """(E', N) long: ``load[e, n]`` = samples whose token at position n went to column e.
+
+        N is the input's second-to-last dim for inputs (B, N, D) and more; 1 for (B, D) inputs and for
+        per-sample routing. Row E is the hole when there is one.
+        """
+        r = self._last()
+        positions = r.tokens_shape[-1] if (self.route == "tokens" and len(r.tokens_shape) > 1) else 1
+        load = torch.zeros(self.num_columns, positions, dtype=torch.long, device=r.token_index.device)
+        pos = r.token_index % positions
+        return load.index_put_((r.expert_index, pos), torch.ones_like(pos), accumulate=True)
+
+    @torch.no_grad()
+    def abs_experts_load(self) -> torch.Tensor:
+        """(E',) long: tokens each router column received in the last forward."""
+        return torch.tensor(self._last().counts, dtype=torch.long)
+
+    @property
+    def moe_name(self) -> str:
+        layer = self.layer_id if self.layer_id is not None else "?"
+        return f"layer {layer} / {type(self).__name__} ({self.num_experts} experts{' + hole' if self.hole else ''})"
+
+    def extra_repr(self) -> str:
+        mode = (f"expert_choice(k={self.k}, capacity={self.capacity or f'{self.capacity_factor}x'})"
+                if self.expert_choice else f"token_choice(k={self.k}, normalize={self.normalize})")
+        parts = [f"layer_id={self.layer_id}", f"experts={self.num_experts}", f"hole={self.hole}", mode,
+                 f"noise={self.noise}", f"aux={self.aux_weights or None}", f"aggregation={self.aggregation}",
+                 f"route={self.route}"]
+        return ", ".join(parts)
+
+
+def moe_blocks(model: nn.Module) -> List[MoEBlock]:
+    """Every MoEBlock in ``model`` (itself included), in module order."""
+    return [m for m in model.modules() if isinstance(m, MoEBlock)]
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``block.aux_loss`` over every MoEBlock of ``model`` from its last forward (0 if none)."""
+    losses = [b.aux_loss for b in moe_blocks(model) if b.routing is not None]
+    return torch.stack([l.float() for l in losses]).sum() if losses else torch.zeros(())

@@ -1,0 +1,80 @@
+"""Sort-based sparse dispatch: each expert runs only on its own tokens.
+
+The routing record already lists assignments grouped by router column, so dispatch is one gather into
+contiguous per-expert slices, one call per expert that received tokens, one weighted ``index_add_`` back
+into token order. The hole is the last column, so its assignments are a tail that is simply never run.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .routing import Routing
+
+AGGREGATIONS = ("sum", "mean")
+
+
+def _check_output(out, expert_id: int, rows: int, like: torch.Tensor = None) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"expert_forward of expert {expert_id} returned {type(out).__name__}; it must return one tensor "
+            f"with the expert's tokens on dim 0 (override expert_forward to pick the tensor out)")
+    if out.dim() == 0 or out.shape[0] != rows or (like is not None and out.shape[1:] != like.shape[1:]):
+        want = f"({rows}, ...)" if like is None else str((rows, *like.shape[1:]))
+        raise ValueError(
+            f"expert_forward of expert {expert_id} returned shape {tuple(out.shape)}, expected {want}: "
+            f"one output row per input token, the same trailing shape for every expert")
+    return out
+
+
+def zero_grad_path(y: torch.Tensor, experts: Sequence[nn.Module], idle: Sequence[int]) -> torch.Tensor:
+    """Add ``0 * sum(params)`` of the idle experts to ``y``: unchanged values, but their parameters get
+    zero gradients instead of None (DDP requires every parameter to take part in backward)."""
+    if not torch.is_grad_enabled():
+        return y
+    params = [p for e in idle for p in experts[e].parameters() if p.requires_grad]
+    if not params:
+        return y
+    return y + torch.stack([p.sum() for p in params]).sum().to(y.dtype) * 0
+
+
+def dispatch_combine(x: torch.Tensor, routing: Routing,
+                     run_expert: Callable[[int, torch.Tensor], torch.Tensor],
+                     experts: Sequence[nn.Module], aggregation: str = "sum") -> torch.Tensor:
+    """Route ``x`` through the experts and combine the weighted outputs.
+
+    Args:
+        x: (T, *F) tokens (or whole samples) in routing order.
+        routing: the record for these T rows.
+        run_expert: ``run_expert(e, x_e)`` with x_e (n_e, *F) → (n_e, *F_out).
+        experts: the E expert modules (for the zero-gradient path of idle experts).
+        aggregation: ``"sum"``: ``y_t = sum_i w_ti f_i(x_t)``; ``"mean"``: that sum divided by the number
+            of real experts that processed token t (tokens nobody processed stay zero).
+    Returns:
+        y: (T, *F_out).
+    """
+    num_tokens, num_experts = x.shape[0], routing.num_experts
+    counts = routing.counts[:num_experts]
+    assigned = sum(counts)
+    token_index = routing.token_index[:assigned]
+    chunks = x[token_index].split(counts)
+    outs, idle = [], []
+    for e, (n, chunk) in enumerate(zip(counts, chunks)):
+        if n == 0:
+            idle.append(e)
+            continue
+        outs.append(_check_output(run_expert(e, chunk), e, n, outs[0] if outs else None))
+    if not outs:  # every token dropped, or no tokens: one empty call to learn the output shape
+        empty = _check_output(run_expert(0, x[:0]), 0, 0)
+        return zero_grad_path(empty.new_zeros((num_tokens, *empty.shape[1:])), experts, range(num_experts))
+
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    weight = routing.weight[:assigned].to(out.dtype)
+    if aggregation == "mean":
+        per_token = torch.bincount(token_index, minlength=num_tokens).clamp_(min=1)
+        weight = weight / per_token[token_index].to(out.dtype)
+    out = out * weight.view(-1, *([1] * (out.dim() - 1)))
+    y = out.new_zeros((num_tokens, *out.shape[1:])).index_add_(0, token_index, out)
+    return zero_grad_path(y, experts, idle) if idle else y

@@ -1,0 +1,53 @@
+"""Router noise, applied in training only.
+
+* ``"gumbel"``: add i.i.d. Gumbel(0, 1) noise to the logits. Taking the top-k of the noisy logits
+  samples k experts without replacement from ``softmax(logits)`` (the Gumbel-top-k trick).
+* ``"gaussian"``: Shazeer et al. (2017), eq. 4: ``H(x) = x W_g + eps * softplus(x W_noise)``, a learned,
+  input-dependent standard deviation. ``W_noise`` starts at zero, so the initial std is
+  ``softplus(0) + min_std``; ``min_std`` keeps the std, and the smooth load estimator that divides by it,
+  away from zero (no NaN).
+* ``"jitter"``: Switch Transformer's multiplicative input jitter, ``x * U(1 - eps, 1 + eps)`` before the gate.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NOISE_KINDS = ("gumbel", "gaussian", "jitter")
+
+
+def gumbel_like(t: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel samples with the shape, dtype and device of ``t``."""
+    u = torch.rand_like(t).clamp_(min=torch.finfo(t.dtype).tiny, max=1.0 - torch.finfo(t.dtype).eps)
+    return -torch.log(-torch.log(u))
+
+
+class GaussianNoiseStd(nn.Module):
+    """Learned noise standard deviation ``softplus(x W_noise) + min_std`` of Shazeer et al. (2017).
+
+    Args:
+        input_dim: D, the router's input features.
+        num_columns: number of router columns (experts, plus one for a hole).
+        min_std: floor of the standard deviation.
+    """
+
+    def __init__(self, input_dim: int, num_columns: int, min_std: float = 1e-2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_columns, input_dim))
+        self.min_std = min_std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (T, D), float32 or float64 → std: (T, num_columns), same dtype."""
+        return F.softplus(F.linear(x, self.weight.to(x.dtype))) + self.min_std
+
+
+def validate_noise(noise: Optional[str]) -> Optional[str]:
+    """Normalise a noise name; ``None`` and ``"none"`` mean no noise."""
+    if noise is None or noise == "none":
+        return None
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {('none',) + NOISE_KINDS} or None, got {noise!r}")
+    return noise
