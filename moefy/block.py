@@ -118,15 +118,27 @@ class MoEBlock(nn.Module, ABC):
             expert.mixture_id = self.moe_name
 
     @abstractmethod
-    def expert_forward(self, expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Run one expert on its tokens: ``x`` (n, *F) → (n, *F_out), one output row per input row."""
+    def expert_forward(self, expert: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Run one expert on its tokens: ``x`` (n, *F) → (n, *F_out), one output row per input row.
+
+        ``args`` / ``kwargs`` are the extra arguments given to ``forward``; with ``route="samples"`` every
+        tensor among them whose dim 0 is the batch size arrives sliced to this expert's samples.
+        """
 
     # ------------------------------------------------------------------ pipeline
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (..., D) with ``route="tokens"``, (B, ...) with ``route="samples"`` → (..., D_out) / (B, ...)."""
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``x``: (..., D) with ``route="tokens"``, (B, ...) with ``route="samples"`` → (..., D_out) / (B, ...).
+
+        Extra ``args`` / ``kwargs`` go to :meth:`expert_forward`; with ``route="samples"``, tensors among
+        them with dim 0 equal to B are sliced per sample like ``x``; everything else is passed unchanged.
+        """
         rows, router_in, tokens_shape = self._as_rows(x)
         routing = self.route_rows(router_in, tokens_shape)
-        y = dispatch_combine(rows, routing, self._run_expert, self.experts, self.aggregation)
+        if args or kwargs:
+            run = self._side_input_runner(rows.shape[0], args, kwargs)
+        else:
+            run = self._run_expert
+        y = dispatch_combine(rows, routing, run, self.experts, self.aggregation)
         if self.route == "tokens":
             y = y.reshape(*tokens_shape, *y.shape[1:])
         self.routing = routing
@@ -172,8 +184,19 @@ class MoEBlock(nn.Module, ABC):
             weights=weights, token_index=token_index, expert_index=expert_index, weight=weight, counts=counts,
             tokens_shape=tuple(tokens_shape if tokens_shape is not None else (num_tokens,)), dropped=dropped)
 
-    def _run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+    def _run_expert(self, e: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(self.experts[e], x)
+
+    def _side_input_runner(self, batch: int, args, kwargs):
+        per_row = self.route == "samples"
+
+        def take(v, rows):
+            return v[rows] if per_row and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+
+        def run(e: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return self.expert_forward(self.experts[e], x, *(take(a, rows) for a in args),
+                                       **{n: take(v, rows) for n, v in kwargs.items()})
+        return run
 
     # ------------------------------------------------------------------ views of the last routing
     @property

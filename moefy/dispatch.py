@@ -41,14 +41,15 @@ def zero_grad_path(y: torch.Tensor, experts: Sequence[nn.Module], idle: Sequence
 
 
 def dispatch_combine(x: torch.Tensor, routing: Routing,
-                     run_expert: Callable[[int, torch.Tensor], torch.Tensor],
+                     run_expert: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
                      experts: Sequence[nn.Module], aggregation: str = "sum") -> torch.Tensor:
     """Route ``x`` through the experts and combine the weighted outputs.
 
     Args:
         x: (T, *F) tokens (or whole samples) in routing order.
         routing: the record for these T rows.
-        run_expert: ``run_expert(e, x_e)`` with x_e (n_e, *F) → (n_e, *F_out).
+        run_expert: ``run_expert(e, x_e, rows_e)`` with x_e (n_e, *F) the expert's rows and rows_e (n_e,)
+            their indices in ``x`` (to gather per-row side inputs) → (n_e, *F_out).
         experts: the E expert modules (for the zero-gradient path of idle experts).
         aggregation: ``"sum"``: ``y_t = sum_i w_ti f_i(x_t)``; ``"mean"``: that sum divided by the number
             of real experts that processed token t (tokens nobody processed stay zero).
@@ -59,15 +60,15 @@ def dispatch_combine(x: torch.Tensor, routing: Routing,
     counts = routing.counts[:num_experts]
     assigned = sum(counts)
     token_index = routing.token_index[:assigned]
-    chunks = x[token_index].split(counts)
+    chunks, rows = x[token_index].split(counts), token_index.split(counts)
     outs, idle = [], []
-    for e, (n, chunk) in enumerate(zip(counts, chunks)):
+    for e, n in enumerate(counts):
         if n == 0:
             idle.append(e)
             continue
-        outs.append(_check_output(run_expert(e, chunk), e, n, outs[0] if outs else None))
+        outs.append(_check_output(run_expert(e, chunks[e], rows[e]), e, n, outs[0] if outs else None))
     if not outs:  # every token dropped, or no tokens: one empty call to learn the output shape
-        empty = _check_output(run_expert(0, x[:0]), 0, 0)
+        empty = _check_output(run_expert(0, x[:0], token_index[:0]), 0, 0)
         return zero_grad_path(empty.new_zeros((num_tokens, *empty.shape[1:])), experts, range(num_experts))
 
     out = torch.cat(outs) if len(outs) > 1 else outs[0]

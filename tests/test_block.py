@@ -235,3 +235,19 @@ def test_expert_output_must_be_one_tensor():
 
     with pytest.raises(TypeError, match="returned tuple"):
         Bad()(torch.randn(3, 4))
+
+
+def test_side_inputs_are_sliced_per_sample():
+    class Masked(MoEBlock):
+        def __init__(self):
+            super().__init__(experts=[nn.Linear(4, 4) for _ in range(3)], input_dim=4, route="samples")
+
+        def expert_forward(self, expert, x, mask, scale=1.0):
+            return expert(x) * mask.unsqueeze(-1) * scale
+
+    m = Masked()
+    x, mask = torch.randn(5, 6, 4), (torch.rand(5, 6) > 0.5).float()
+    y = m(x, mask, scale=2.0)
+    for b in range(5):
+        e = int(m.routing.indices[b, 0])
+        torch.testing.assert_close(y[b], m.experts[e](x[b]) * mask[b].unsqueeze(-1) * 2.0)
