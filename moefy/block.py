@@ -138,7 +138,7 @@ class MoEBlock(nn.Module, ABC):
             run = self._side_input_runner(rows.shape[0], args, kwargs)
         else:
             run = self._run_expert
-        y = dispatch_combine(rows, routing, run, self.experts, self.aggregation)
+        y = self.dispatch(rows, routing, run)
         if self.route == "tokens":
             y = y.reshape(*tokens_shape, *y.shape[1:])
         self.routing = routing
@@ -183,6 +183,13 @@ class MoEBlock(nn.Module, ABC):
             hole=self.hole, logits=logits, noisy_logits=noisy, noise_std=std, probs=probs, indices=indices,
             weights=weights, token_index=token_index, expert_index=expert_index, weight=weight, counts=counts,
             tokens_shape=tuple(tokens_shape if tokens_shape is not None else (num_tokens,)), dropped=dropped)
+
+    def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert) -> torch.Tensor:
+        """Send ``rows`` (T, *F) to the experts the record names and combine: → (T, *F_out).
+
+        ``run_expert(e, x_e, rows_e)`` runs expert e; expert parallelism overrides this method.
+        """
+        return dispatch_combine(rows, routing, run_expert, self.experts, self.aggregation)
 
     def _run_expert(self, e: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(self.experts[e], x)
