@@ -1,0 +1,71 @@
+"""Property tests over the routing space: shapes, finiteness, conservation of tokens, aux-loss signs."""
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moefy.losses import AUX_LOSSES
+from conftest import LinearMixture
+
+NONNEGATIVE = {"entropy", "prob", "cv2", "switch", "z", "balance"}
+
+
+@st.composite
+def configs(draw):
+    num_experts = draw(st.integers(1, 6))
+    hole = draw(st.booleans())
+    expert_choice = draw(st.booleans())
+    columns = num_experts + int(hole)
+    noise = draw(st.sampled_from([None, "gumbel", "gaussian", "jitter"]))
+    aux = draw(st.lists(st.sampled_from(sorted(AUX_LOSSES)), unique=True, max_size=3))
+    if "prob" in aux and (noise != "gaussian" or expert_choice):
+        aux.remove("prob")
+    options = dict(num_experts=num_experts, hole=hole, expert_choice=expert_choice, noise=noise,
+                   aux_criterion=aux, aggregation=draw(st.sampled_from(["sum", "mean"])),
+                   normalize=draw(st.booleans()))
+    if expert_choice:
+        options["k"] = draw(st.integers(1, columns))
+        options["capacity_factor"] = draw(st.floats(0.1, 3.0))
+    else:
+        options["k"] = draw(st.integers(1, columns))
+    shape = draw(st.sampled_from([(0,), (1,), (7,), (2, 5), (3, 1), (2, 0), (2, 3, 4)]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    return options, shape, dtype, draw(st.booleans()), draw(st.integers(0, 2 ** 16))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs())
+def test_routing_invariants(config):
+    options, shape, dtype, training, seed = config
+    torch.manual_seed(seed)
+    block = LinearMixture(5, 3, **options).to(dtype).train(training)
+    x = torch.randn(*shape, 5, dtype=dtype)
+    y = block(x)
+    r = block.routing
+    num_tokens = x.numel() // 5
+    assert y.shape == (*shape, 3) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert r.num_tokens == num_tokens and len(r.counts) == block.num_columns
+    assert r.token_index.numel() == sum(r.counts)
+    if not options["expert_choice"]:
+        # every token slot is processed by a real expert or counted as dropped
+        assert r.num_assigned + int(r.dropped) == num_tokens * options["k"]
+        assert torch.equal(torch.bincount(r.token_index, minlength=num_tokens),
+                           torch.full((num_tokens,), options["k"]))
+    else:
+        covered = set(r.token_index[: r.num_assigned].tolist())
+        assert int(r.dropped) == num_tokens - len(covered)
+        if num_tokens:
+            assert all(c == r.counts[0] for c in r.counts) and r.counts[0] <= num_tokens
+    if options["hole"] and not options["expert_choice"]:
+        only_hole = (r.indices == block.num_experts).all(-1)
+        assert torch.all(y.reshape(-1, 3)[only_hole] == 0)
+        assert int(r.dropped) == int((r.indices == block.num_experts).sum())
+    for name, value in block.aux_losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+        if name in NONNEGATIVE:
+            assert float(value.detach()) >= -1e-6, name
+    assert torch.isfinite(block.aux_loss)
+    if training and num_tokens and y.requires_grad:
+        (y.float().sum() + block.aux_loss).backward()
+        for p in block.experts.parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all()
