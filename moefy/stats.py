@@ -1,0 +1,221 @@
+"""Routing statistics over many batches: a recorder that hooks every MoEBlock of a model.
+
+Per layer it accumulates the load per router column (and per token position), the router entropy, the
+dropped token slots and, when labels are given, the class × column affinity matrix and routing accuracy.
+
+    rec = RoutingRecorder(model)
+    with rec:                      # hooks live inside the with block
+        for x, y in loader:
+            rec.labels = y         # (B,) or per-token labels of the batch about to run; None for no labels
+            model(x)
+    rec.stats["blocks.0.mlp"].utilization, rec.stats["blocks.0.mlp"].routing_acc
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .block import MoEBlock
+from .routing import Routing
+
+
+@dataclass
+class LayerStats:
+    """Accumulated routing statistics of one MoEBlock. E' = router columns (the hole, if any, is last).
+
+    Attributes:
+        name: the block's module name in the model (``""`` for the model itself).
+        layer_id: the block's ``layer_id``.
+        num_experts, hole: the block's E and whether column E is a hole.
+        forwards: forwards recorded.
+        tokens: tokens routed (samples, with per-sample routing).
+        slots: token slots: ``tokens · k`` for token choice, ``tokens`` for expert choice.
+        load: (E',) float64 assignments per router column.
+        position_load: (E', N) float64 assignments per column and token position (as
+            :meth:`MoEBlock.experts_load`), or None once two forwards disagreed on N.
+        entropy_sum: sum over tokens of the entropy (nats) of the router scores of each token.
+        dropped: token slots sent to the hole (token choice) or tokens no real expert picked (expert choice).
+        affinity: (C, E') float64 assignments of tokens of class c to column e, or None without labels.
+    """
+
+    name: str
+    layer_id: Optional[int]
+    num_experts: int
+    hole: bool
+    forwards: int = 0
+    tokens: int = 0
+    slots: int = 0
+    load: torch.Tensor = None
+    position_load: Optional[torch.Tensor] = None
+    entropy_sum: float = 0.0
+    dropped: int = 0
+    affinity: Optional[torch.Tensor] = None
+    _positions_consistent: bool = field(default=True, repr=False)
+
+    @property
+    def num_columns(self) -> int:
+        return self.num_experts + int(self.hole)
+
+    @property
+    def utilization(self) -> List[float]:
+        """E' fractions of all assignments that went to each router column (sums to 1)."""
+        total = float(self.load.sum())
+        return [float(v) / total if total else 0.0 for v in self.load]
+
+    @property
+    def entropy(self) -> float:
+        """Mean per-token router entropy in nats (0 = certain, log E' = uniform)."""
+        return self.entropy_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def dropped_frac(self) -> float:
+        """Fraction of token slots dropped (see ``dropped``)."""
+        return self.dropped / self.slots if self.slots else 0.0
+
+    @property
+    def routing_acc(self) -> Optional[float]:
+        """Σ_c max_e affinity[c, e] / Σ affinity: the fraction of assignments that went to the most
+        frequent column of their class (1 = every class has its own expert; 1/E' or so = no preference).
+        None without labels."""
+        if self.affinity is None or float(self.affinity.sum()) == 0:
+            return None
+        return float(self.affinity.max(dim=1).values.sum() / self.affinity.sum())
+
+
+def token_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """``probs`` (T, E') router scores → (T,) entropy in nats of each row normalised to sum to one
+    (sigmoid scores are normalised first; softmax rows are unchanged)."""
+    p = probs.detach().double()
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    return -(p * p.clamp_min(1e-300).log()).sum(dim=-1)
+
+
+def labels_per_token(labels: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Expand ``labels`` to one label per routed token: (T,) long.
+
+    ``labels`` may be (B,) (one per sample; every token of sample b gets labels[b]; B = tokens_shape[0]) or
+    have the routing's ``tokens_shape`` (one per token).
+    """
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    shape, t = tuple(routing.tokens_shape), routing.num_tokens
+    if tuple(labels.shape) == shape or (labels.dim() == 1 and labels.numel() == t):
+        return labels.reshape(-1).long()
+    if labels.dim() == 1 and labels.numel() == shape[0]:
+        return labels.long().repeat_interleave(t // shape[0])
+    raise ValueError(f"labels must have shape (B,) with B={shape[0]} or the routed tokens' shape {shape}, "
+                     f"got {tuple(labels.shape)}")
+
+
+class RoutingRecorder:
+    """Collects :class:`LayerStats` for every MoEBlock of ``model`` across forwards.
+
+    Use as a context manager (hooks are removed on exit) or call :meth:`attach` / :meth:`detach`.
+    Set :attr:`labels` before a forward to record the class × expert affinity of that batch; the labels stay
+    until changed. Set :attr:`enabled` to False to skip forwards (e.g. evaluation batches).
+
+    Args:
+        model: any module containing MoEBlocks (or one MoEBlock).
+        num_classes: C, rows of the affinity matrix; grown on demand when None.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: Optional[int] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.blocks: Dict[str, MoEBlock] = {n: m for n, m in model.named_modules() if isinstance(m, MoEBlock)}
+        if not self.blocks:
+            raise ValueError("model contains no MoEBlock: nothing to record")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.labels: Optional[torch.Tensor] = None
+        self.enabled = True
+        self._handles: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded (e.g. at the start of an epoch). Hooks stay attached."""
+        self.stats: Dict[str, LayerStats] = {
+            name: LayerStats(name=name, layer_id=b.layer_id, num_experts=b.num_experts, hole=b.hole,
+                             load=torch.zeros(b.num_columns, dtype=torch.float64))
+            for name, b in self.blocks.items()}
+
+    def attach(self) -> "RoutingRecorder":
+        if not self._handles:
+            self._handles = [b.register_forward_hook(self._hook(name)) for name, b in self.blocks.items()]
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    __enter__ = attach
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _hook(self, name: str):
+        def hook(block: MoEBlock, inputs, output) -> None:
+            if self.enabled and block.routing is not None:
+                self.record(name, block)
+        return hook
+
+    @torch.no_grad()
+    def record(self, name: str, block: MoEBlock) -> None:
+        """Add the last routing of ``block`` (registered as ``name``) to the statistics."""
+        r, s = block.routing, self.stats[name]
+        s.forwards += 1
+        s.tokens += r.num_tokens
+        s.slots += r.num_tokens * (1 if r.mode == "expert_choice" else r.indices.shape[1])
+        s.load += torch.tensor(r.counts, dtype=torch.float64)
+        s.entropy_sum += float(token_entropy(r.probs).sum())
+        s.dropped += int(r.dropped)
+        if s._positions_consistent:
+            pos = block.experts_load().double().cpu()
+            if s.position_load is None:
+                s.position_load = pos
+            elif s.position_load.shape == pos.shape:
+                s.position_load += pos
+            else:
+                s.position_load, s._positions_consistent = None, False
+        if self.labels is not None:
+            self._add_affinity(s, r)
+
+    def _add_affinity(self, s: LayerStats, r: Routing) -> None:
+        labels = labels_per_token(self.labels, r).to(r.token_index.device)
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0, got {int(labels.min())}")
+        classes = int(labels.max()) + 1 if labels.numel() else 0
+        if self.num_classes is not None and classes > self.num_classes:
+            raise ValueError(f"labels must be < num_classes={self.num_classes}, got {classes - 1}")
+        rows = max(self.num_classes or 0, classes, 0 if s.affinity is None else s.affinity.shape[0])
+        if s.affinity is None or s.affinity.shape[0] < rows:
+            grown = torch.zeros(rows, s.num_columns, dtype=torch.float64)
+            if s.affinity is not None:
+                grown[: s.affinity.shape[0]] = s.affinity
+            s.affinity = grown
+        flat = labels[r.token_index].cpu() * s.num_columns + r.expert_index.cpu()
+        s.affinity += torch.bincount(flat, minlength=rows * s.num_columns).double().view(rows, s.num_columns)
+
+    def summary(self) -> List[dict]:
+        """One dict per layer, JSON-ready: layer, utilization, entropy, routing_acc, dropped, affinity."""
+        return [layer_summary(s) for s in self.stats.values()]
+
+
+def layer_summary(s: LayerStats) -> dict:
+    """The JSON fields of one layer (see :mod:`moefy.log`)."""
+    out = {"layer": s.name or "model", "routing_acc": _round(s.routing_acc), "entropy": _round(s.entropy),
+           "utilization": [_round(u) for u in s.utilization], "hole": s.hole, "dropped": _round(s.dropped_frac)}
+    if s.affinity is not None:
+        out["affinity"] = [[int(v) for v in row] for row in s.affinity.tolist()]
+    return out
+
+
+def _round(v: Optional[float]) -> Optional[float]:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)

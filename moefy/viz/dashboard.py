@@ -1,0 +1,174 @@
+"""Training-log dashboards (seed 004): expert utilization over epochs, router entropy, routing accuracy,
+the class × expert affinity heatmap and the metric curves, from a :class:`moefy.log.TrainingLog`."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import List
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ..log import LayerSeries, TrainingLog
+from ._common import HOLE_COLOR, expert_colors, new_figure
+
+
+def _columns(series: LayerSeries) -> List[str]:
+    n = series.num_columns
+    return [f"expert {e}" for e in range(n - 1)] + (["hole"] if series.hole else [f"expert {n - 1}"])
+
+
+def _draw_utilization(ax, log: TrainingLog, series: LayerSeries) -> None:
+    util = np.asarray(series.utilization)
+    names, hole = _columns(series), series.hole
+    colors = expert_colors(util.shape[1] - hole) + [HOLE_COLOR] * hole
+    for j, (name, color) in enumerate(zip(names, colors)):
+        ax.plot(log.epochs, util[:, j], marker="o", ms=3, color=color, label=name,
+                ls="--" if name == "hole" else "-")
+    ax.axhline(1 / util.shape[1], color="k", lw=0.8, ls=":", label="balanced")
+    ax.set_ylim(0, max(1.0, float(util.max()) * 1.05))
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("fraction of assignments")
+    ax.set_title(f"Expert utilization — {series.name}", fontsize=9)
+    if len(names) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+
+
+def _draw_lines(ax, log: TrainingLog, values, title: str, ylabel: str) -> bool:
+    drawn = False
+    for name, ys in values:
+        ys = np.array([np.nan if v is None else v for v in ys], dtype=float)
+        if np.isfinite(ys).any():
+            ax.plot(log.epochs, ys, marker="o", ms=3, label=name)
+            drawn = True
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if drawn and len(values) > 1:
+        ax.legend(fontsize=7)
+    return drawn
+
+
+def _draw_entropy(ax, log: TrainingLog) -> None:
+    _draw_lines(ax, log, [(s.name, s.entropy) for s in log.layers.values()], "Router entropy", "nats")
+    tops = sorted({s.num_columns for s in log.layers.values()})
+    for n in tops:
+        ax.axhline(math.log(n), color="k", lw=0.8, ls=":")
+    ax.set_ylim(bottom=0)
+
+
+def _draw_affinity(fig, ax, series: LayerSeries) -> None:
+    aff = np.asarray(series.affinity, dtype=float)
+    frac = aff / np.maximum(aff.sum(axis=1, keepdims=True), 1e-12)
+    im = ax.imshow(frac, cmap=colormaps["magma"], vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(frac.shape[1]), [c.replace("expert ", "") for c in _columns(series)])
+    ax.set_yticks(range(frac.shape[0]))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("class")
+    ax.set_title(f"Router affinity (epoch {series.affinity_epoch}) — {series.name}", fontsize=9)
+    if frac.size <= 400:
+        for (i, j), v in np.ndenumerate(frac):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="fraction of the class's assignments")
+
+
+def plot_utilization(log: TrainingLog) -> Figure:
+    """One panel per layer: the fraction of assignments every router column received, over epochs.
+    A hole column (``"hole": true`` in the log) is drawn grey and dashed. Returns the Figure (one axes per
+    layer)."""
+    fig, axes = new_figure(len(log.layers), panel_size=(4.2, 3.0), max_cols=3)
+    for ax, series in zip(axes, log.layers.values()):
+        _draw_utilization(ax, log, series)
+    return fig
+
+
+def plot_entropy(log: TrainingLog) -> Figure:
+    """Mean router entropy per layer over epochs; dotted: log E', the entropy of a uniform router."""
+    fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
+    _draw_entropy(ax, log)
+    return fig
+
+
+def plot_routing_accuracy(log: TrainingLog) -> Figure:
+    """Routing accuracy per layer over epochs. Raises ValueError when the log has none (trained without
+    labels)."""
+    fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
+    if not _draw_lines(ax, log, [(s.name, s.routing_acc) for s in log.layers.values()],
+                       "Routing accuracy", "fraction routed to the class's expert"):
+        raise ValueError(f"{log.path}: no routing_acc values (the run logged no labels)")
+    ax.set_ylim(0, 1.02)
+    return fig
+
+
+def plot_affinity(log: TrainingLog) -> Figure:
+    """One heatmap per layer that logged an affinity matrix: row c = where tokens of class c went
+    (fractions of the row, from the last epoch that logged it). Raises ValueError when there is none."""
+    layers = [s for s in log.layers.values() if s.affinity is not None]
+    if not layers:
+        raise ValueError(f"{log.path}: no 'affinity' matrix in the log")
+    fig, axes = new_figure(len(layers), panel_size=(4.4, 3.6), max_cols=3)
+    for ax, series in zip(axes, layers):
+        _draw_affinity(fig, ax, series)
+    return fig
+
+
+def plot_metrics(log: TrainingLog) -> Figure:
+    """One panel per metric over epochs. Raises ValueError when the log has no metrics."""
+    if not log.metrics:
+        raise ValueError(f"{log.path}: no 'metrics' in the log")
+    fig, axes = new_figure(len(log.metrics), panel_size=(3.6, 2.8), max_cols=4)
+    for ax, (name, values) in zip(axes, log.metrics.items()):
+        _draw_lines(ax, log, [(name, values)], name, name)
+    return fig
+
+
+def plot_dashboard(log: TrainingLog) -> Figure:
+    """Everything on one page: utilization per layer, entropy, routing accuracy (if logged), each metric
+    and the affinity heatmap of every layer that logged one."""
+    layers = list(log.layers.values())
+    has_acc = any(v is not None for s in layers for v in s.routing_acc)
+    with_aff = [s for s in layers if s.affinity is not None]
+    panels = len(layers) + 1 + has_acc + len(log.metrics) + len(with_aff)
+    fig, axes = new_figure(panels, panel_size=(4.2, 3.2), max_cols=3)
+    it = iter(axes)
+    for s in layers:
+        _draw_utilization(next(it), log, s)
+    _draw_entropy(next(it), log)
+    if has_acc:
+        ax = next(it)
+        _draw_lines(ax, log, [(s.name, s.routing_acc) for s in layers], "Routing accuracy", "fraction")
+        ax.set_ylim(0, 1.02)
+    for name, values in log.metrics.items():
+        _draw_lines(next(it), log, [(name, values)], name, name)
+    for s in with_aff:
+        _draw_affinity(fig, next(it), s)
+    fig.suptitle(f"moefy training log: {log.path}", fontsize=10)
+    return fig
+
+
+def affinity_csv(series: LayerSeries) -> str:
+    """The affinity matrix of ``series`` as CSV: a ``class`` column, then one column per router column,
+    holding the fraction of the class's assignments (rows sum to 1), then the class's ``count``."""
+    if series.affinity is None:
+        raise ValueError(f"layer {series.name!r} logged no affinity matrix")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["class", *_columns(series), "count"])
+    for c, row in enumerate(series.affinity):
+        total = float(sum(row))
+        writer.writerow([c, *(f"{v / total:.6f}" if total else "0" for v in row), f"{total:g}"])
+    return buf.getvalue()
+
+
+def safe_name(name: str) -> str:
+    """A layer name usable in a file name."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "model"
+
+
+__all__ = ["plot_utilization", "plot_entropy", "plot_routing_accuracy", "plot_affinity",
+                          "plot_metrics", "plot_dashboard", "affinity_csv"]
