@@ -1,0 +1,339 @@
+"""Expert parallelism over ``torch.distributed``: the E experts of a mixture split over the W ranks of a group.
+
+Every rank keeps the router (replicated) and E/W experts (sharded: rank r of the group holds the contiguous
+experts ``r·E/W … (r+1)·E/W − 1``). Each rank routes its own tokens, then::
+
+    counts all-to-all ─► tokens all-to-all ─► local experts on contiguous slices ─► results all-to-all ─► combine
+
+The two token exchanges are autograd functions built on :func:`torch.distributed.all_to_all_single` (gloo on
+CPU, NCCL on GPU; uneven and zero splits are fine), so gradients reach the experts on other ranks and come
+back to the tokens. Every rank issues the same collectives in the same order whatever its tokens, so a rank
+whose tokens all go elsewhere, or that has no tokens at all, takes part and does not hang.
+
+Gradient convention (what makes one optimizer step equal the single-process step on the concatenated batch):
+each rank's loss is its part of the global loss times W (a per-rank mean loss over equal local batches is
+exactly that), replicated parameters are averaged over the group (DDP), and sharded expert parameters, which
+collect gradient from every rank's tokens, are divided by W inside the exchange (``average_expert_grads``).
+
+Recipe with DDP (``torchrun --nproc_per_node=W``; the same seed on every rank)::
+
+    dist.init_process_group("gloo")                 # "nccl" on GPUs; move the model to its GPU first
+    model = build_model()                           # identical on every rank
+    expert_parallel(model, group=dist.new_group())  # experts: sharded; router and the rest: replicated
+    DDP._set_params_and_buffers_to_ignore_for_model(model, sharded_names(model))
+    ddp = DDP(model)                                # all-reduces the replicated gradients only
+    loss = loss_fn(ddp(x_local), y_local) + coef * moefy.aux_loss(model)
+
+The experts exchange on their own group so their all-to-alls never interleave with DDP's all-reduces.
+Checkpoints: ``model.state_dict()`` on each rank names experts by global id; :func:`merge_state_dicts` of
+all ranks' dicts (or :func:`full_state_dict`) loads into the unsharded model or on any number of ranks.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .block import MoEBlock
+from .dispatch import zero_grad_path
+from .losses import AUX_LOSSES
+from .routing import Routing
+
+logger = logging.getLogger(__name__)
+
+AUX_SCOPES = ("global", "local")
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` along dim 0 whose backward is the reverse exchange, times ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx, x, recv_splits, send_splits, group, grad_scale):
+        ctx.splits, ctx.group, ctx.grad_scale = (recv_splits, send_splits), group, grad_scale
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        recv_splits, send_splits = ctx.splits
+        grad = _AllToAll.apply(grad.contiguous(), send_splits, recv_splits, ctx.group, 1.0)
+        return (grad * ctx.grad_scale if ctx.grad_scale != 1.0 else grad), None, None, None, None
+
+
+def exchange(x: torch.Tensor, recv_splits: Sequence[int], send_splits: Sequence[int],
+             group: Optional[dist.ProcessGroup] = None, grad_scale: float = 1.0) -> torch.Tensor:
+    """Differentiable all-to-all: rows ``x[send_splits[:j].sum() : …]`` (n, *F) go to rank j; returns the
+    (sum(recv_splits), *F) rows received, grouped by source rank. The backward sends gradients back the
+    same way and multiplies them by ``grad_scale``."""
+    return _AllToAll.apply(x, list(recv_splits), list(send_splits), group, float(grad_scale))
+
+
+class ShardedExperts(nn.Module):
+    """The experts one rank holds, indexed and named by their *global* ids.
+
+    ``experts[e]`` is global expert e (an ``IndexError`` names the owner when another rank holds it); state
+    dict keys read ``experts.{e}.…`` exactly as in the unsharded ``nn.ModuleList``, so a checkpoint records
+    where every expert belongs. Loading a state dict keeps the local experts' keys and drops the others, so a
+    full checkpoint loads on any number of ranks.
+    """
+
+    def __init__(self, experts: Mapping[int, nn.Module], num_experts: int):
+        super().__init__()
+        self.global_ids: List[int] = sorted(experts)
+        self.num_experts = num_experts
+        for e in self.global_ids:
+            self.add_module(str(e), experts[e])
+        self.register_load_state_dict_pre_hook(ShardedExperts._keep_local_keys)
+
+    def __getitem__(self, e: int) -> nn.Module:
+        if str(e) not in self._modules:
+            raise IndexError(f"expert {e} is not on this rank (it holds experts {self.global_ids} of "
+                             f"{self.num_experts})")
+        return self._modules[str(e)]
+
+    def __len__(self) -> int:
+        return len(self.global_ids)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    @staticmethod
+    def _keep_local_keys(module, state_dict, prefix, *_):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if key[len(prefix):].split(".", 1)[0] not in module._modules:
+                del state_dict[key]
+
+
+class ExpertParallel:
+    """Mixin that :func:`expert_parallel` puts in front of a MoEBlock's class: replaces ``dispatch`` with the
+    all-to-all exchange and, with ``aux_scope="global"``, computes the aux losses on every rank's routing.
+
+    Attributes set on the block: ``ep_group``, ``ep_rank``, ``ep_size``, ``aux_scope``,
+    ``average_expert_grads``; after a forward, ``rank_tokens`` (tokens of every rank) and, with global aux
+    losses, ``global_routing`` (the record of the whole group's batch). ``routing`` stays this rank's own.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = super().forward(x, *args, **kwargs)
+        if self.aux_scope == "global" and self.aux_weights:
+            r = self.global_routing = gather_routing(self.routing, self.rank_tokens, self.ep_group)
+            self.aux_losses = {name: AUX_LOSSES[name](r) for name in self.aux_weights}
+            self.aux_loss = sum((c * self.aux_losses[n] for n, c in self.aux_weights.items()),
+                                r.logits.new_zeros(()))
+        return y
+
+    def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert) -> torch.Tensor:
+        """``rows`` (T, *F) → (T, *F_out): this rank's tokens through experts that may live on other ranks."""
+        if self.route == "samples" and run_expert != self._run_expert:
+            raise ValueError("expert parallelism cannot send per-sample side inputs (extra forward arguments "
+                             "with route='samples') to other ranks; pass them inside x or use route='tokens'")
+        group, world, rank, local = self.ep_group, self.ep_size, self.ep_rank, len(self.experts)
+        counts = routing.counts[: self.num_experts]
+        assigned = sum(counts)
+        token_index = routing.token_index[:assigned]
+        # 1. counts: row j tells rank j how many tokens are coming for each of its experts (and our T)
+        table = torch.tensor([[rows.shape[0], *counts[j * local:(j + 1) * local]] for j in range(world)],
+                             dtype=torch.long, device=rows.device)
+        got = torch.empty_like(table)
+        dist.all_to_all_single(got, table, group=group)
+        got = got.tolist()
+        self.rank_tokens = [g[0] for g in got]
+        recv = [g[1:] for g in got]  # recv[i][l]: tokens rank i sends to our l-th expert
+        send_splits = [sum(counts[j * local:(j + 1) * local]) for j in range(world)]
+        recv_splits = [sum(c) for c in recv]
+
+        # 2. tokens out, already grouped by owner rank because experts are contiguous per rank
+        scale = float(world) if self.average_expert_grads else 1.0
+        inbox = exchange(rows[token_index], recv_splits, send_splits, group, grad_scale=scale)
+        # the inbox is grouped by (source, expert); each expert wants its tokens contiguous: (expert, source)
+        order = None
+        if world > 1 and local > 1:
+            key = torch.tensor([l * world + i for i in range(world) for l in range(local)], device=rows.device)
+            key = key.repeat_interleave(torch.tensor([n for c in recv for n in c], device=rows.device))
+            order = torch.argsort(key, stable=True)
+            inbox = inbox[order]
+
+        # 3. local experts on contiguous slices
+        per_expert = [sum(c[l] for c in recv) for l in range(local)]
+        outs, idle, start = [], [], 0
+        for gid, n in zip(self.experts.global_ids, per_expert):
+            if n == 0:
+                idle.append(gid)
+                continue
+            positions = torch.arange(start, start + n, device=rows.device)
+            outs.append(_check_rows(run_expert(gid, inbox[start:start + n], positions), gid, n))
+            start += n
+        if outs:
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        else:  # nothing to compute: an empty call still tells the output shape and keeps the graph connected
+            gid = self.experts.global_ids[0]
+            out = _check_rows(run_expert(gid, inbox[:0], token_index[:0]), gid, 0)
+        if order is not None:
+            out = out[torch.argsort(order)]
+
+        # 4. results back to the tokens' ranks, in the order they were sent
+        back = exchange(out, send_splits, recv_splits, group, grad_scale=1.0 / scale)
+        weight = routing.weight[:assigned].to(back.dtype)
+        if self.aggregation == "mean":
+            per_token = torch.bincount(token_index, minlength=rows.shape[0]).clamp_(min=1)
+            weight = weight / per_token[token_index].to(back.dtype)
+        back = back * weight.view(-1, *([1] * (back.dim() - 1)))
+        y = back.new_zeros((rows.shape[0], *back.shape[1:])).index_add_(0, token_index, back)
+        return zero_grad_path(y, self.experts, idle) if idle else y
+
+    def extra_repr(self) -> str:
+        ids = self.experts.global_ids
+        return (f"{super().extra_repr()}, expert_parallel(rank={self.ep_rank}/{self.ep_size}, "
+                f"experts={ids[0]}..{ids[-1]}, aux_scope={self.aux_scope})")
+
+
+def _check_rows(out, expert_id: int, rows: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != rows:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"expert_forward of expert {expert_id} returned {got}; expected one tensor with "
+                         f"{rows} rows (one output row per input token)")
+    return out
+
+
+def gather_routing(routing: Routing, rank_tokens: Sequence[int],
+                   group: Optional[dist.ProcessGroup] = None) -> Routing:
+    """The token-choice record of the whole group's batch (ranks' tokens concatenated in rank order), with
+    gradients flowing back to every rank's router. Collective: every rank of ``group`` must call it.
+
+    Args:
+        routing: this rank's token-choice record (T_r tokens).
+        rank_tokens: T_i of every rank i of the group.
+    """
+    if routing.mode != "token_choice":
+        raise ValueError(f"gather_routing needs a token_choice record, got {routing.mode!r}")
+    k, world = routing.indices.shape[1], len(rank_tokens)
+    parts = [routing.logits, routing.probs, routing.weights, routing.indices.to(routing.probs.dtype)]
+    noisy = routing.noisy_logits is not routing.logits
+    parts += ([routing.noisy_logits] if noisy else []) + ([routing.noise_std] if routing.noise_std is not None else [])
+    packed = torch.cat(parts, dim=1)
+    # all-gather with uneven sizes = all-to-all of W copies (gloo's all_gather wants equal sizes)
+    full = exchange(packed.repeat(world, 1), rank_tokens, [packed.shape[0]] * world, group)
+    widths = [p.shape[1] for p in parts]
+    logits, probs, weights, indices, *rest = full.split(widths, dim=1)
+    noisy_logits = rest.pop(0) if noisy else logits
+    noise_std = rest.pop(0) if routing.noise_std is not None else None
+    indices = indices.round().long()
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    expert_index = flat[order]
+    counts = tuple(torch.bincount(expert_index, minlength=probs.shape[1]).tolist())
+    return Routing(
+        mode="token_choice", num_experts=routing.num_experts, hole=routing.hole, logits=logits,
+        noisy_logits=noisy_logits, noise_std=noise_std, probs=probs, indices=indices, weights=weights,
+        token_index=torch.div(order, k, rounding_mode="floor"), expert_index=expert_index,
+        weight=weights.reshape(-1)[order], counts=counts, tokens_shape=(int(sum(rank_tokens)),),
+        dropped=torch.tensor(counts[routing.num_experts] if routing.hole else 0))
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def _expert_parallel_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (ExpertParallel, cls), {})
+    return _CLASSES[cls]
+
+
+def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None, aux_scope: str = "global",
+                    average_expert_grads: bool = True) -> nn.Module:
+    """Shard the experts of every MoEBlock in ``module`` (itself included) over the ranks of ``group``.
+
+    In place, returns ``module``. Call it on every rank of the group, on identically built models: rank r
+    keeps experts ``r·E/W … (r+1)·E/W − 1`` (the others are released) and its router and other non-expert
+    parameters are broadcast from the group's first rank, so they start replicated.
+
+    Args:
+        module: a MoEBlock or a model containing some. Token choice (with or without hole) only.
+        group: the expert-parallel process group (default: the world). Recommended: its own group
+            (``dist.new_group()``), apart from the one DDP uses.
+        aux_scope: ``"global"``: aux losses from the whole group's routing (equal on every rank, equal to
+            the single-process losses on the concatenated batch; one extra all-to-all of the (T, ~3E')
+            router outputs). ``"local"``: each rank's own tokens only, no communication.
+        average_expert_grads: divide the experts' gradients by W (see the module docstring). Turn off if your
+            per-rank loss is already the global loss's share (e.g. a sum over all ranks' tokens).
+    Raises:
+        ValueError: expert choice routing, E not divisible by W, an unknown ``aux_scope``, a block already
+            sharded, or no MoEBlock in ``module``.
+        RuntimeError: torch.distributed is not initialised.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("expert_parallel needs torch.distributed initialised (dist.init_process_group)")
+    if aux_scope not in AUX_SCOPES:
+        raise ValueError(f"aux_scope must be one of {AUX_SCOPES}, got {aux_scope!r}")
+    blocks = [m for m in module.modules() if isinstance(m, MoEBlock)]
+    if not blocks:
+        raise ValueError(f"module contains no MoEBlock to shard ({type(module).__name__})")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    for block in blocks:
+        if isinstance(block, ExpertParallel):
+            raise ValueError(f"{block.moe_name} is already expert-parallel")
+        if block.expert_choice:
+            raise ValueError(f"{block.moe_name}: expert parallelism supports token choice only; expert choice "
+                             "would need a capacity over the whole group's batch (expert_choice=False)")
+        if block.num_experts % world:
+            raise ValueError(f"{block.moe_name}: num_experts={block.num_experts} is not divisible by the "
+                             f"group size {world}")
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    for block in blocks:
+        local = block.num_experts // world
+        mine = range(rank * local, (rank + 1) * local)
+        if world > 1:
+            with torch.no_grad():
+                for name, t in [*block.named_parameters(), *block.named_buffers()]:
+                    if not name.startswith("experts."):
+                        dist.broadcast(t.data, src=src, group=group)
+        block.experts = ShardedExperts({e: block.experts[e] for e in mine}, block.num_experts)
+        block.__class__ = _expert_parallel_class(type(block))
+        block.ep_group, block.ep_rank, block.ep_size = group, rank, world
+        block.aux_scope, block.average_expert_grads = aux_scope, bool(average_expert_grads)
+        block.rank_tokens, block.global_routing = None, None
+        logger.info("%s: rank %d/%d holds experts %d..%d", block.moe_name, rank, world, mine[0], mine[-1])
+    return module
+
+
+def sharded_names(model: nn.Module) -> List[str]:
+    """Fully qualified names of the parameters and buffers that :func:`expert_parallel` sharded: the ones
+    DDP must leave alone (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``)."""
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, ShardedExperts))
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return [n for n in names if n.startswith(prefixes)] if prefixes else []
+
+
+def merge_state_dicts(shards: Sequence[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Union of per-rank state dicts (``model.state_dict()`` saved on each rank) into one full state dict
+    that loads into the unsharded model or an expert-parallel one on any number of ranks.
+
+    Raises:
+        ValueError: a key present in several shards (a replicated tensor) differs between them: the ranks
+            diverged, and no shard can be trusted to speak for the others.
+    """
+    if not shards:
+        raise ValueError("shards must be a non-empty sequence of state dicts")
+    merged: Dict[str, torch.Tensor] = {}
+    for i, shard in enumerate(shards):
+        for key, value in shard.items():
+            if key in merged and not torch.equal(merged[key].cpu(), value.cpu()):
+                raise ValueError(f"shards: replicated entry {key!r} differs between shard 0..{i - 1} and shard {i}")
+            merged.setdefault(key, value)
+    return merged
+
+
+def full_state_dict(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> Dict[str, torch.Tensor]:
+    """The unsharded state dict (every expert, replicated entries once), on every rank of ``group``.
+    Collective; the experts' tensors travel through ``all_gather_object`` and come back on the CPU."""
+    state = model.state_dict()
+    sharded = set(sharded_names(model))
+    mine = {k: v.detach().cpu() for k, v in state.items() if k in sharded}
+    everyone: List[Optional[dict]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    replicated = {k: v for k, v in state.items() if k not in sharded}
+    return merge_state_dicts([replicated, *everyone])
