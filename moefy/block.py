@@ -13,11 +13,13 @@ from einops import reduce
 from torch import nn
 
 from .dispatch import AGGREGATIONS, dispatch_combine
+from .fused import fused_layout
 from .losses import AUX_LOSSES
 from .routing import Router, Routing, expert_capacity, expert_choice, token_choice
 
 ROUTES = ("tokens", "samples")
 AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
+_NO_DROPS = torch.zeros((), dtype=torch.long)  # shared: a new tensor per forward costs ~5 µs at batch size 1
 
 
 def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
@@ -62,6 +64,11 @@ class MoEBlock(nn.Module, ABC):
         score_func: ``"softmax"`` or ``"sigmoid"`` router scores.
         feature_dim: with ``route="samples"``, the dim of ``x`` that holds the D features (1 for NCHW).
         num_experts: optional check that ``len(experts)`` is what the caller expects.
+        fused: run the experts as one pass per layer over stacked weights (:mod:`moefy.fused`) instead of
+            one ``expert_forward`` call each. Only for experts that are identical plain ``nn.Linear`` or
+            ``nn.Sequential(Linear, activation, ..., Linear)`` and an ``expert_forward`` that is just
+            ``expert(x)``; other experts raise ValueError. Same outputs and gradients as unfused (to float
+            rounding); calls with extra forward arguments, and dispatch overrides, run unfused.
     """
 
     def __init__(self, experts: Iterable[nn.Module], input_dim: int, k: float = 1, hole: bool = False,
@@ -69,7 +76,7 @@ class MoEBlock(nn.Module, ABC):
                  expert_choice: bool = False, route: str = "tokens", layer_id: Optional[int] = None,
                  capacity_factor: float = 1.0, capacity: Optional[int] = None, normalize: bool = True,
                  temperature: float = 1.0, score_func: str = "softmax", feature_dim: int = -1,
-                 num_experts: Optional[int] = None, **unknown):
+                 num_experts: Optional[int] = None, fused: bool = False, **unknown):
         super().__init__()
         if unknown:
             allowed = [p for p in inspect.signature(MoEBlock.__init__).parameters if p not in ("self", "unknown")]
@@ -96,6 +103,13 @@ class MoEBlock(nn.Module, ABC):
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
         if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be a positive int or None, got {capacity!r}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
+        self._fused_layout = fused_layout(experts) if fused else None
+        if fused and self._fused_layout is None:
+            raise ValueError("fused=True needs identical experts, each a plain nn.Linear or an nn.Sequential of "
+                             "nn.Linear layers and elementwise activations (same shapes, no hooks); "
+                             "use fused=False for these experts")
         self.aux_weights = _parse_aux(aux_criterion)
         if "prob" in self.aux_weights and (noise != "gaussian" or expert_choice):
             raise ValueError("aux_criterion 'prob' is Shazeer's smooth load estimator: it needs "
@@ -139,12 +153,17 @@ class MoEBlock(nn.Module, ABC):
         else:
             run = self._run_expert
         y = self.dispatch(rows, routing, run)
-        if self.route == "tokens":
+        if self.route == "tokens" and len(tokens_shape) != 1:
             y = y.reshape(*tokens_shape, *y.shape[1:])
-        self.routing = routing
-        self.aux_losses = {name: AUX_LOSSES[name](routing) for name in self.aux_weights}
-        self.aux_loss = sum((c * self.aux_losses[n] for n, c in self.aux_weights.items()),
-                            routing.logits.new_zeros(()))
+        self.__dict__["routing"] = routing  # a plain attribute: skip nn.Module.__setattr__'s checks (µs per call)
+        if self.aux_weights:
+            self.aux_losses = {name: AUX_LOSSES[name](routing) for name in self.aux_weights}
+            self.aux_loss = sum((c * self.aux_losses[n] for n, c in self.aux_weights.items()),
+                                routing.logits.new_zeros(()))
+        else:  # no loss: keep one zero per dtype / device instead of a new tensor every call
+            zero = self.aux_loss
+            if zero.dtype != routing.logits.dtype or zero.device != routing.logits.device or zero.requires_grad:
+                self.aux_loss = routing.logits.new_zeros(())
         return y
 
     def _as_rows(self, x: torch.Tensor):
@@ -177,7 +196,7 @@ class MoEBlock(nn.Module, ABC):
         else:
             indices, weights, token_index, expert_index, weight = token_choice(probs, self.k, self.normalize)
             counts = tuple(torch.bincount(expert_index, minlength=self.num_columns).tolist())
-            dropped = torch.tensor(counts[self.num_experts] if self.hole else 0)
+            dropped = torch.tensor(counts[self.num_experts]) if self.hole else _NO_DROPS
         return Routing(
             mode="expert_choice" if self.expert_choice else "token_choice", num_experts=self.num_experts,
             hole=self.hole, logits=logits, noisy_logits=noisy, noise_std=std, probs=probs, indices=indices,
@@ -189,7 +208,8 @@ class MoEBlock(nn.Module, ABC):
 
         ``run_expert(e, x_e, rows_e)`` runs expert e; expert parallelism overrides this method.
         """
-        return dispatch_combine(rows, routing, run_expert, self.experts, self.aggregation)
+        fused = self._fused_layout if run_expert == self._run_expert else None  # not with side inputs
+        return dispatch_combine(rows, routing, run_expert, self.experts, self.aggregation, fused=fused)
 
     def _run_expert(self, e: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(self.experts[e], x)
@@ -233,6 +253,11 @@ class MoEBlock(nn.Module, ABC):
     def abs_experts_load(self) -> torch.Tensor:
         """(E',) long: tokens each router column received in the last forward."""
         return torch.tensor(self._last().counts, dtype=torch.long)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the experts run fused (``fused=True`` at construction)."""
+        return self._fused_layout is not None
 
     @property
     def moe_name(self) -> str:

@@ -2,15 +2,17 @@
 
 The routing record already lists assignments grouped by router column, so dispatch is one gather into
 contiguous per-expert slices, one call per expert that received tokens, one weighted ``index_add_`` back
-into token order. The hole is the last column, so its assignments are a tail that is simply never run.
+into token order. The hole is the last column, so its assignments are a tail that is simply never run. Homogeneous experts
+may instead run fused (:mod:`moefy.fused`): one pass per layer over all experts' rows.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .fused import Layout, fused_experts_forward
 from .routing import Routing
 
 AGGREGATIONS = ("sum", "mean")
@@ -42,7 +44,8 @@ def zero_grad_path(y: torch.Tensor, experts: Sequence[nn.Module], idle: Sequence
 
 def dispatch_combine(x: torch.Tensor, routing: Routing,
                      run_expert: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
-                     experts: Sequence[nn.Module], aggregation: str = "sum") -> torch.Tensor:
+                     experts: Sequence[nn.Module], aggregation: str = "sum",
+                     fused: Optional[Layout] = None) -> torch.Tensor:
     """Route ``x`` through the experts and combine the weighted outputs.
 
     Args:
@@ -53,29 +56,45 @@ def dispatch_combine(x: torch.Tensor, routing: Routing,
         experts: the E expert modules (for the zero-gradient path of idle experts).
         aggregation: ``"sum"``: ``y_t = sum_i w_ti f_i(x_t)``; ``"mean"``: that sum divided by the number
             of real experts that processed token t (tokens nobody processed stay zero).
+        fused: a :func:`moefy.fused.fused_layout` of ``experts``: run them all at once on (T, D) rows
+            instead of calling ``run_expert`` per expert (the caller vouches that it is plain ``expert(x)``).
     Returns:
         y: (T, *F_out).
     """
     num_tokens, num_experts = x.shape[0], routing.num_experts
     counts = routing.counts[:num_experts]
     assigned = sum(counts)
-    token_index = routing.token_index[:assigned]
-    chunks, rows = x[token_index].split(counts), token_index.split(counts)
-    outs, idle = [], []
-    for e, n in enumerate(counts):
-        if n == 0:
-            idle.append(e)
-            continue
-        outs.append(_check_output(run_expert(e, chunks[e], rows[e]), e, n, outs[0] if outs else None))
-    if not outs:  # every token dropped, or no tokens: one empty call to learn the output shape
-        empty = _check_output(run_expert(0, x[:0], token_index[:0]), 0, 0)
+    token_index = routing.token_index
+    if token_index.shape[0] != assigned:  # the hole's assignments are the tail: never run
+        token_index = token_index[:assigned]
+    if assigned == 0:  # every token dropped, or no tokens: one empty call to learn the output shape
+        empty = _check_output(run_expert(0, x[:0], token_index), 0, 0)
         return zero_grad_path(empty.new_zeros((num_tokens, *empty.shape[1:])), experts, range(num_experts))
 
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    weight = routing.weight[:assigned].to(out.dtype)
+    rows = x.index_select(0, token_index)  # index_select: cheaper than x[idx] forward and backward on CPU
+    if fused is not None and x.dim() == 2:
+        out = fused_experts_forward(experts, fused, rows, counts, routing.expert_index[:assigned])
+    else:
+        out = _run_each(rows, token_index, counts, run_expert)
+    weight = routing.weight if routing.weight.shape[0] == assigned else routing.weight[:assigned]
+    if weight.dtype != out.dtype:
+        weight = weight.to(out.dtype)
     if aggregation == "mean":
         per_token = torch.bincount(token_index, minlength=num_tokens).clamp_(min=1)
-        weight = weight / per_token[token_index].to(out.dtype)
-    out = out * weight.view(-1, *([1] * (out.dim() - 1)))
+        weight = weight / per_token.index_select(0, token_index).to(out.dtype)
+    out = out * weight.reshape((-1,) + (1,) * (out.dim() - 1))
     y = out.new_zeros((num_tokens, *out.shape[1:])).index_add_(0, token_index, out)
-    return zero_grad_path(y, experts, idle) if idle else y
+    if 0 in counts and torch.is_grad_enabled():
+        y = zero_grad_path(y, experts, [e for e, n in enumerate(counts) if n == 0])
+    return y
+
+
+def _run_each(rows: torch.Tensor, token_index: torch.Tensor, counts: Sequence[int],
+              run_expert: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One ``run_expert`` call per expert with tokens, outputs concatenated in expert order: (A, *F_out)."""
+    chunks, row_ids = rows.split_with_sizes(counts), token_index.split_with_sizes(counts)
+    outs = []
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(_check_output(run_expert(e, chunks[e], row_ids[e]), e, n, outs[0] if outs else None))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
