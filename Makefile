@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,examples
 
-.PHONY: setup demo test bench
+.PHONY: setup demo quickstart images test bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -15,7 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	$(PY) examples/vit_demo.py
+
+quickstart: setup
 	$(PY) examples/quickstart.py
+
+images: setup
+	$(PY) examples/plot_routing.py
 
 test: setup
 	$(PY) -m pytest

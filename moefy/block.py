@@ -140,14 +140,22 @@ class MoEBlock(nn.Module, ABC):
         """
 
     # ------------------------------------------------------------------ pipeline
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, token_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """``x``: (..., D) with ``route="tokens"``, (B, ...) with ``route="samples"`` → (..., D_out) / (B, ...).
+
+        ``token_mask``: optional bool tensor of shape ``x.shape[:-1]`` (tokens) or (B,) (samples), True for
+        real tokens. Masked tokens (padding) are not routed: their output is zero and they count in no load,
+        dropped total, aux loss or statistic.
 
         Extra ``args`` / ``kwargs`` go to :meth:`expert_forward`; with ``route="samples"``, tensors among
         them with dim 0 equal to B are sliced per sample like ``x``; everything else is passed unchanged.
         """
         rows, router_in, tokens_shape = self._as_rows(x)
-        routing = self.route_rows(router_in, tokens_shape)
+        kept = None
+        if token_mask is not None:
+            kept = self._kept_rows(token_mask, tokens_shape)
+            router_in = router_in.index_select(0, kept)
+        routing = self.route_rows(router_in, tokens_shape, kept)
         if args or kwargs:
             run = self._side_input_runner(rows.shape[0], args, kwargs)
         else:
@@ -182,8 +190,22 @@ class MoEBlock(nn.Module, ABC):
         feats = reduce(x.movedim(self.feature_dim, -1), "b ... d -> b d", "mean") if x.dim() > 2 else x
         return x, feats, (x.shape[0],)
 
-    def route_rows(self, x: torch.Tensor, tokens_shape=None) -> Routing:
-        """Route T rows ``x`` (T, D) and return the record (does not run experts)."""
+    @staticmethod
+    def _kept_rows(token_mask: torch.Tensor, tokens_shape) -> torch.Tensor:
+        if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
+            raise TypeError(f"token_mask must be a bool tensor (True = real token), got "
+                            f"{getattr(token_mask, 'dtype', type(token_mask).__name__)}")
+        if tuple(token_mask.shape) != tuple(tokens_shape):
+            raise ValueError(f"token_mask must have the tokens' shape {tuple(tokens_shape)}, "
+                             f"got {tuple(token_mask.shape)}")
+        return token_mask.reshape(-1).nonzero().squeeze(1)
+
+    def route_rows(self, x: torch.Tensor, tokens_shape=None, kept: Optional[torch.Tensor] = None) -> Routing:
+        """Route T rows ``x`` (T, D) and return the record (does not run experts).
+
+        ``kept`` (T,) maps the rows to their ids among all input tokens when some were masked out; the
+        record's token ids then refer to all input tokens.
+        """
         logits, noisy, std, probs = self.router(x)
         num_tokens = x.shape[0]
         if self.expert_choice:
@@ -197,6 +219,10 @@ class MoEBlock(nn.Module, ABC):
             indices, weights, token_index, expert_index, weight = token_choice(probs, self.k, self.normalize)
             counts = tuple(torch.bincount(expert_index, minlength=self.num_columns).tolist())
             dropped = torch.tensor(counts[self.num_experts]) if self.hole else _NO_DROPS
+        if kept is not None:
+            token_index = kept.index_select(0, token_index)
+            if self.expert_choice:
+                indices = kept[indices]
         return Routing(
             mode="expert_choice" if self.expert_choice else "token_choice", num_experts=self.num_experts,
             hole=self.hole, logits=logits, noisy_logits=noisy, noise_std=std, probs=probs, indices=indices,
@@ -224,6 +250,19 @@ class MoEBlock(nn.Module, ABC):
             return self.expert_forward(self.experts[e], x, *(take(a, rows) for a in args),
                                        **{n: take(v, rows) for n, v in kwargs.items()})
         return run
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        gate = state_dict.get(prefix + "router.gate.weight")
+        if isinstance(gate, torch.Tensor) and gate.dim() == 2 and tuple(gate.shape) != (self.num_columns,
+                                                                                         self.input_dim):
+            rows, cols = gate.shape
+            what = (f"input_dim={cols}, this block has input_dim={self.input_dim}" if cols != self.input_dim else
+                    f"{rows} router columns, this block has {self.num_columns} "
+                    f"({self.num_experts} experts{' + hole' if self.hole else ''})")
+            raise ValueError(f"checkpoint does not fit {self.moe_name} at '{prefix or '.'}': the checkpoint has {what}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------ views of the last routing
     @property

@@ -66,7 +66,13 @@ class Routing:
 
     @property
     def num_tokens(self) -> int:
+        """T: tokens routed (masked-out padding excluded)."""
         return self.logits.shape[0]
+
+    @property
+    def num_inputs(self) -> int:
+        """Tokens in the input, ``prod(tokens_shape)``; token ids in the record index these."""
+        return math.prod(self.tokens_shape)
 
     @property
     def load(self) -> torch.Tensor:

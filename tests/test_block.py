@@ -251,3 +251,19 @@ def test_side_inputs_are_sliced_per_sample():
     for b in range(5):
         e = int(m.routing.indices[b, 0])
         torch.testing.assert_close(y[b], m.experts[e](x[b]) * mask[b].unsqueeze(-1) * 2.0)
+
+
+def test_checkpoint_that_does_not_fit_names_the_mismatch(tmp_path):
+    small, big = LinearMixture(4, 5, num_experts=3), LinearMixture(4, 5, num_experts=4)
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    sd = torch.load(tmp_path / "small.pt", weights_only=True)
+    with pytest.raises(ValueError, match=r"checkpoint has 3 router columns, this block has 4 \(4 experts\)"):
+        big.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"checkpoint has 3 router columns, this block has 4 \(3 experts \+ hole\)"):
+        LinearMixture(4, 5, num_experts=3, hole=True).load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"checkpoint has input_dim=6, this block has input_dim=4"):
+        small.load_state_dict(LinearMixture(6, 5, num_experts=3).state_dict())
+    model = nn.Sequential(nn.Linear(4, 4), big)
+    with pytest.raises(ValueError, match=r"at '1\.'"):
+        model.load_state_dict({"0.weight": torch.zeros(4, 4), "0.bias": torch.zeros(4),
+                               **{"1." + k: v for k, v in sd.items()}})
