@@ -89,6 +89,10 @@ class LayerStats:
 def token_entropy(probs: torch.Tensor) -> torch.Tensor:
     """``probs`` (T, E') router scores → (T,) entropy in nats of each row normalised to sum to one
     (sigmoid scores are normalised first; softmax rows are unchanged)."""
+    if not isinstance(probs, torch.Tensor):
+        raise TypeError(f"probs must be a torch.Tensor, got {type(probs).__name__}")
+    if probs.dim() != 2:
+        raise ValueError(f"probs must have shape (T, E'), got {tuple(probs.shape)}")
     p = probs.detach().double()
     p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
     return -(p * p.clamp_min(1e-300).log()).sum(dim=-1)
@@ -100,10 +104,15 @@ def labels_per_token(labels: torch.Tensor, routing: Routing) -> torch.Tensor:
     ``labels`` may be (B,) (one per sample; every token of sample b gets labels[b]; B = tokens_shape[0]) or
     have the routing's ``tokens_shape`` (one per token).
     """
-    labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.dtype == torch.bool:
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a Routing record, got {type(routing).__name__}")
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"labels must be integer class ids (a tensor, array or list), got {labels!r:.60}") from None
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
-    shape, t = tuple(routing.tokens_shape), routing.num_tokens
+    shape, t = tuple(routing.tokens_shape), routing.num_inputs
     if tuple(labels.shape) == shape or (labels.dim() == 1 and labels.numel() == t):
         return labels.reshape(-1).long()
     if labels.dim() == 1 and labels.numel() == shape[0]:
@@ -130,7 +139,8 @@ class RoutingRecorder:
         self.blocks: Dict[str, MoEBlock] = {n: m for n, m in model.named_modules() if isinstance(m, MoEBlock)}
         if not self.blocks:
             raise ValueError("model contains no MoEBlock: nothing to record")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
         self.num_classes = num_classes
         self.labels: Optional[torch.Tensor] = None
@@ -169,6 +179,12 @@ class RoutingRecorder:
     @torch.no_grad()
     def record(self, name: str, block: MoEBlock) -> None:
         """Add the last routing of ``block`` (registered as ``name``) to the statistics."""
+        if name not in self.stats:
+            raise ValueError(f"name {name!r} is not a recorded block; recorded: {sorted(self.stats)}")
+        if not isinstance(block, MoEBlock):
+            raise TypeError(f"block must be a MoEBlock, got {type(block).__name__}")
+        if block.routing is None:
+            raise ValueError(f"block {block.moe_name} has not run a forward yet: nothing to record")
         r, s = block.routing, self.stats[name]
         s.forwards += 1
         s.tokens += r.num_tokens
@@ -210,6 +226,8 @@ class RoutingRecorder:
 
 def layer_summary(s: LayerStats) -> dict:
     """The JSON fields of one layer (see :mod:`moefy.log`)."""
+    if not isinstance(s, LayerStats):
+        raise TypeError(f"s must be a LayerStats (RoutingRecorder.stats[name]), got {type(s).__name__}")
     out = {"layer": s.name or "model", "routing_acc": _round(s.routing_acc), "entropy": _round(s.entropy),
            "utilization": [_round(u) for u in s.utilization], "hole": s.hole, "dropped": _round(s.dropped_frac)}
     if s.affinity is not None:

@@ -71,11 +71,17 @@ def as_image(image: ImageLike) -> Tuple[torch.Tensor, np.ndarray]:
     and min-max scaled for display only if they leave [0, 1].
     """
     if isinstance(image, np.ndarray):
+        if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool) or np.iscomplexobj(image):
+            raise TypeError(f"image must hold numbers (uint8 or float), got dtype {image.dtype}")
         t, is_tensor = torch.from_numpy(np.array(image)), False  # a copy: imread arrays are read-only
     elif isinstance(image, torch.Tensor):
+        if image.is_complex():
+            raise TypeError(f"image must hold real numbers (uint8 or float), got dtype {image.dtype}")
         t, is_tensor = image.detach().cpu(), True
     else:
         raise TypeError(f"image must be a numpy array or torch.Tensor, got {type(image).__name__}")
+    if t.numel() == 0:
+        raise ValueError(f"image must not be empty, got shape {tuple(t.shape)}")
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
         is_tensor = True  # a batch is channels-first
@@ -110,6 +116,15 @@ def _patch_size(patch_size) -> Tuple[int, int]:
     return ps
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_prefix_tokens(prefix_tokens) -> None:
+    if prefix_tokens is not None and not _is_int(prefix_tokens):
+        raise TypeError(f"prefix_tokens must be an int >= 0 or None, got {prefix_tokens!r}")
+
+
 def patch_masks(routing: Routing, grid: Tuple[int, int], prefix_tokens: Optional[int] = None,
                 whole_image: bool = False, sample: int = 0):
     """Patch masks of one routing record: ``(masks (P, gh, gw) bool, prefix_routed [P], prefix_tokens)``.
@@ -117,10 +132,19 @@ def patch_masks(routing: Routing, grid: Tuple[int, int], prefix_tokens: Optional
     See the module docstring for how tokens map to patches. ``sample`` picks the image of the batch
     (``tokens_shape[0]`` images; a 1-D ``tokens_shape`` is one image).
     """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a Routing record (block.routing), got {type(routing).__name__}")
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(_is_int(g) for g in grid):
+        raise TypeError(f"grid must be (rows, columns) of patches, two ints, got {grid!r}")
+    if min(grid) < 1:
+        raise ValueError(f"grid must be (rows, columns) of patches, both >= 1, got {tuple(grid)}")
+    _check_prefix_tokens(prefix_tokens)
+    if not _is_int(sample):
+        raise TypeError(f"sample must be an int (an image of the batch), got {sample!r}")
     gh, gw = grid
     shape = routing.tokens_shape
-    per_image = int(np.prod(shape[1:])) if len(shape) > 1 else routing.num_tokens
-    images = routing.num_tokens // per_image
+    per_image = int(np.prod(shape[1:])) if len(shape) > 1 else routing.num_inputs
+    images = routing.num_inputs // per_image
     if not 0 <= sample < images:
         raise ValueError(f"sample must be in [0, {images}), got {sample}")
     e, extra_panel = routing.num_experts, routing.hole or routing.mode == "expert_choice"
@@ -170,6 +194,9 @@ def route_image(image: ImageLike, model: nn.Module, patch_size: Union[int, Seque
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_prefix_tokens(prefix_tokens)
+    if preprocess is not None and not callable(preprocess):
+        raise TypeError(f"preprocess must be callable (x -> x) or None, got {type(preprocess).__name__}")
     ph, pw = _patch_size(patch_size)
     x, shown = as_image(image)
     h, w = shown.shape[:2]
@@ -230,8 +257,15 @@ def plot_patch_routing(routing: PatchRouting, fade: float = 0.75, max_cols: int 
     Returns:
         the Figure, ``len(routing.panel_names)`` axes.
     """
-    if not 0 <= fade <= 1:
-        raise ValueError(f"fade must be in [0, 1], got {fade}")
+    if not isinstance(routing, PatchRouting):
+        raise TypeError(f"routing must be a PatchRouting (from route_image), got {type(routing).__name__}")
+    if isinstance(fade, bool) or not isinstance(fade, (int, float)) or not 0 <= fade <= 1:
+        raise ValueError(f"fade must be in [0, 1], got {fade!r}")
+    if not _is_int(max_cols) or max_cols < 1:
+        raise ValueError(f"max_cols must be a positive int, got {max_cols!r}")
+    if not routing.masks.shape[0] == len(routing.panel_names) == len(routing.prefix_routed):
+        raise ValueError(f"routing: {routing.masks.shape[0]} masks but {len(routing.panel_names)} panel_names "
+                         f"and {len(routing.prefix_routed)} prefix_routed; they must match")
     h, w = routing.image.shape[:2]
     fig, axes = new_figure(len(routing.panel_names), panel_size=(3.0, 3.0 * h / w + 0.4), max_cols=max_cols)
     patches = routing.masks.shape[1] * routing.masks.shape[2]
