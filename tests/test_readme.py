@@ -1,0 +1,12 @@
+"""The README's self-contained snippet runs as written."""
+import re
+from pathlib import Path
+
+
+def test_readme_subclass_example_runs():
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    first = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    scope = {}
+    exec(compile(first, "README.md", "exec"), scope)
+    assert tuple(scope["y"].shape) == (8, 16, 5)
+    assert scope["moe"].routing.num_tokens == 128
