@@ -22,20 +22,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
-from moefy.block import MoEBlock
 from moefy.distributed import expert_parallel
-
-
-class MLPMixture(MoEBlock):
-    def __init__(self, dim: int, hidden: int, num_experts: int, **routing):
-        experts = [nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-                   for _ in range(num_experts)]
-        super().__init__(experts=experts, input_dim=dim, **routing)
-
-    def expert_forward(self, expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return expert(x)
+from models import MLPMixture  # benchmarks/models.py
 
 
 def _free_port() -> int:
