@@ -67,6 +67,8 @@ def plot_log(log_path: str, out: str, dpi: int = 120) -> List[Path]:
     with_aff = [s for s in log.layers.values() if s.affinity is not None]
     for series in with_aff:
         name = "affinity.csv" if len(with_aff) == 1 else f"affinity_{dashboard.safe_name(series.name)}.csv"
+        if out_dir / name in written:  # two layer names that differ only in characters safe_name replaced
+            name = f"{name[:-4]}_{len(written)}.csv"
         (out_dir / name).write_text(dashboard.affinity_csv(series), encoding="utf-8")
         written.append(out_dir / name)
     save(dashboard.plot_dashboard(log), "dashboard.png")

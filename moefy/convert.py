@@ -12,7 +12,7 @@ import inspect
 import logging
 import math
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -61,10 +61,16 @@ def infer_routing(module: nn.Module) -> Tuple[str, Optional[int], int]:
     ``route="tokens"`` to ``moefy`` for a custom position-wise module (a SwiGLU FFN) to route per token.
     ``input_dim`` is the input size of the first layer that declares one (None if none does).
     """
+    _check_module(module, "module")
     size, channels_first = _first_input_layer(module)
     if _position_wise(module):
         return "tokens", size, -1
     return "samples", size, 1 if channels_first else -1
+
+
+def _check_module(value, name: str) -> None:
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
 
 
 class _PerToken:
@@ -111,7 +117,7 @@ class ModuleMixture(MoEBlock):
             raise TypeError(f"module is already a mixture ({type(module).__name__}); moefy its experts instead")
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        if not isinstance(expert_noise, (int, float)) or not expert_noise >= 0:
+        if isinstance(expert_noise, bool) or not isinstance(expert_noise, (int, float)) or not expert_noise >= 0:
             raise ValueError(f"expert_noise must be a number >= 0 (a relative std), got {expert_noise!r}")
         auto_route, auto_dim, auto_feature_dim = infer_routing(module)
         route = auto_route if route is None else route
@@ -232,6 +238,21 @@ class ModuleMixture(MoEBlock):
 _SAME_AS_QUERY, _SAME_AS_KEY = object(), object()
 
 
+def _check_key_value(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mha: "AttentionMixture") -> None:
+    """What nn.MultiheadAttention would otherwise assert deep inside, with the argument named."""
+    b = 0 if mha.batch_first else 1
+    if q.shape[-1] != mha.input_dim:
+        raise ValueError(f"query must have embed_dim={mha.input_dim} features on its last dim, got shape "
+                         f"{tuple(q.shape)}")
+    for name, t, dim in (("key", k, mha.kdim), ("value", v, mha.vdim)):
+        if t.shape[b] != q.shape[b] or t.shape[-1] != dim:
+            raise ValueError(f"{name} must have query's batch size {q.shape[b]} on dim {b} and {dim} features on "
+                             f"its last dim, got shape {tuple(t.shape)}")
+    if k.shape[1 - b] != v.shape[1 - b]:
+        raise ValueError(f"key and value must have the same length S on dim {1 - b}, got shapes "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+
+
 class AttentionMixture(ModuleMixture):
     """A mixture of copies of an ``nn.MultiheadAttention``, routed per sample.
 
@@ -250,6 +271,7 @@ class AttentionMixture(ModuleMixture):
         options.setdefault("input_dim", module.embed_dim)
         super().__init__(module, num_experts, k, route="samples", feature_dim=-1, **options)
         self.batch_first, self.num_heads = module.batch_first, module.num_heads
+        self.kdim, self.vdim = module.kdim, module.vdim
         self._signature = inspect.signature(type(module).forward)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
@@ -263,6 +285,7 @@ class AttentionMixture(ModuleMixture):
             raise ValueError("query, key, value must be batched 3-D tensors: unbatched attention input has "
                              "no batch to route; add a batch dim")
         key_same, value_same = k is q, v is k
+        _check_key_value(q, k, v, self)
         if not self.batch_first:
             q, k, v = q.movedim(1, 0), k.movedim(1, 0), v.movedim(1, 0)
         mask = a.get("attn_mask")
@@ -389,7 +412,8 @@ def moefy_chain(parent: nn.Module, names: Sequence[str], num_experts: int = 4, k
     Returns:
         the new mixture (already in place).
     """
-    if isinstance(names, str) or len(names) < 1:
+    _check_module(parent, "parent")
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) < 1:
         raise ValueError(f"names must be a non-empty list of submodule paths, got {names!r}")
     parts = []
     for name in names:
@@ -431,9 +455,14 @@ def merge(mixture: MoEBlock, how: Union[str, int, Sequence[float], torch.Tensor]
                 raise ValueError(f"how must be 'mean', an expert index or E weights, got {how!r}")
             coefs = torch.full((num,), 1.0 / num, dtype=torch.float64)
         else:
-            coefs = torch.as_tensor(how, dtype=torch.float64).flatten()
-            if coefs.numel() != num or (coefs < 0).any() or coefs.sum() <= 0:
-                raise ValueError(f"how: weights must be {num} non-negative numbers, not all zero; got {how!r}")
+            try:
+                coefs = torch.as_tensor(how, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"how must be 'mean', an expert index or {num} weights, got {how!r}") from None
+            if (coefs.dim() != 1 or coefs.numel() != num or not torch.isfinite(coefs).all() or (coefs < 0).any()
+                    or coefs.sum() <= 0):
+                raise ValueError(f"how: weights must be {num} non-negative numbers, finite and not all zero; "
+                                 f"got {how!r}")
             coefs = coefs / coefs.sum()
         dense = copy.deepcopy(experts[0])
         states = [e.state_dict(keep_vars=True) for e in experts]
@@ -459,6 +488,7 @@ def unmoefy(model: nn.Module, how: Union[str, int, Sequence[float], torch.Tensor
     dense model has the original structure and ``state_dict`` keys. Returns ``model`` (or the merged module
     if ``model`` itself is a mixture).
     """
+    _check_module(model, "model")
     if isinstance(model, ModuleMixture):
         return merge(model, how)
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, ModuleMixture)]
@@ -481,6 +511,7 @@ def dense_key_map(model: nn.Module) -> Dict[str, Optional[str]]:
     Expert keys ``<mixture>.experts.<e>.<rest>`` map to ``<mixture>.<rest>`` (or, for :func:`moefy_chain`
     mixtures, to the key of the module the part was copied from); router keys map to None.
     """
+    _check_module(model, "model")
     mixtures = {n: m for n, m in model.named_modules() if isinstance(m, ModuleMixture)}
     mapping: Dict[str, Optional[str]] = {}
     for key in model.state_dict():
@@ -512,13 +543,25 @@ def load_dense_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         ``(missing_keys, unexpected_keys)`` of ``model`` / ``state_dict`` (router keys are never missing).
     Raises:
         RuntimeError: with ``strict``, if any key is missing or unexpected.
+        ValueError: a checkpoint tensor has another shape than the entry it loads into (another
+            number of features / experts' dimensions).
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of name -> tensor, got {type(state_dict).__name__}")
     mapped, used, missing = {}, set(), []
+    own = model.state_dict() if isinstance(model, nn.Module) else None
     for key, src in dense_key_map(model).items():
         if src is None:
             continue
         if src in state_dict:
-            mapped[key] = state_dict[src]
+            value = state_dict[src]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state_dict[{src!r}] must be a tensor, got {type(value).__name__}")
+            if value.shape != own[key].shape:
+                raise ValueError(f"state_dict[{src!r}] has shape {tuple(value.shape)} but {key} of "
+                                 f"{type(model).__name__} has shape {tuple(own[key].shape)}: a checkpoint "
+                                 f"of another model size")
+            mapped[key] = value
             used.add(src)
         else:
             missing.append(key)

@@ -65,13 +65,14 @@ class ImageDataset:
 
     def subset(self, train: Optional[int] = None, test: Optional[int] = None, seed: int = 0) -> "ImageDataset":
         """At most ``train`` / ``test`` samples of each split, drawn at random with ``seed`` (None: all)."""
-        gen = torch.Generator().manual_seed(seed)
+        for name, n in (("train", train), ("test", test)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {n!r}")
+        gen = torch.Generator().manual_seed(_seed(seed))
 
         def take(x, y, n):
             if n is None or n >= len(y):
                 return x, y
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"subset sizes must be positive ints or None, got {n!r}")
             idx = torch.randperm(len(y), generator=gen)[:n]
             return x[idx], y[idx]
 
@@ -80,17 +81,35 @@ class ImageDataset:
         return replace(self, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
 
 
+def _path(value, name: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    return Path(value)
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return seed
+
+
 def read_idx(path: PathLike) -> torch.Tensor:
     """Read one IDX file (optionally gzipped) into a tensor of its stored dtype and shape."""
-    path = Path(path)
+    path = _path(path, "path")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({ndim} dims need {4 + 4 * ndim} bytes, the file has "
+                         f"{len(data)})")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = bytearray(data[4 + 4 * ndim:])
+    if len(body) % dtype.itemsize:
+        raise ValueError(f"{path}: header says shape {shape} of {dtype} but the body holds {len(body)} bytes, "
+                         f"not a multiple of {dtype.itemsize}")
     raw = torch.frombuffer(body, dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
     if dtype.itemsize > 1 and sys.byteorder == "little":  # IDX stores big-endian values
         raw = raw.view(-1, dtype.itemsize).flip(1).contiguous().view(-1)
@@ -112,13 +131,13 @@ def _find(directory: Path, stem: str) -> Optional[Path]:
 
 def has_idx_dataset(directory: PathLike) -> bool:
     """Whether ``directory`` holds the four MNIST-style IDX files."""
-    d = Path(directory)
+    d = _path(directory, "directory")
     return d.is_dir() and all(_find(d, stem) is not None for pair in _IDX_FILES.values() for stem in pair)
 
 
 def load_idx_dataset(directory: PathLike, classes: Optional[Sequence[str]] = None) -> ImageDataset:
     """MNIST or Fashion-MNIST from the IDX files in ``directory`` (gzipped or not): (N, 1, 28, 28)."""
-    d = Path(directory)
+    d = _path(directory, "directory")
     if not has_idx_dataset(d):
         raise FileNotFoundError(f"{d} does not hold the IDX files {[s for p in _IDX_FILES.values() for s in p]}"
                                 f" (optionally .gz)")
@@ -141,8 +160,9 @@ def load_digits_dataset(test_fraction: float = 0.25, seed: int = 0) -> ImageData
         from sklearn.datasets import load_digits
     except ImportError as err:  # an optional dependency: pip install 'moefy[examples]'
         raise ImportError("load_digits_dataset needs scikit-learn: pip install 'moefy[examples]'") from err
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    _seed(seed)
     digits = load_digits()
     x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.as_tensor(digits.target, dtype=torch.long)
@@ -167,7 +187,7 @@ def load_cifar10(directory: PathLike) -> ImageDataset:
 
     Only load pickles you trust: unpickling runs code.
     """
-    d = Path(directory)
+    d = _path(directory, "directory")
     if (d / "cifar-10-batches-py").is_dir():
         d = d / "cifar-10-batches-py"
     train_files = sorted(d.glob("data_batch_*"))
@@ -192,7 +212,7 @@ def load_images(data_dir: Optional[PathLike] = None, fallback: bool = True) -> I
     """The examples' data: IDX files or CIFAR-10 batches in ``data_dir`` if given, else the first of
     :data:`IDX_DIRS` that holds IDX files, else (``fallback``) scikit-learn's digits. Logs what it used."""
     if data_dir is not None:
-        d = Path(data_dir)
+        d = _path(data_dir, "data_dir")
         if has_idx_dataset(d):
             data = load_idx_dataset(d)
         elif (d / "test_batch").is_file() or (d / "cifar-10-batches-py").is_dir():

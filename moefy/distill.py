@@ -17,6 +17,8 @@ pass is :func:`expert_logits`. Two ways in:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import rearrange
 
@@ -37,12 +39,13 @@ def mutual_distillation_loss(expert_logits: torch.Tensor, gates: torch.Tensor,
     if not isinstance(expert_logits, torch.Tensor) or expert_logits.dim() < 3:
         raise ValueError(f"expert_logits must be a tensor of shape (E, ..., C), got "
                          f"{getattr(expert_logits, 'shape', type(expert_logits).__name__)}")
+    if not expert_logits.is_floating_point():
+        raise TypeError(f"expert_logits must be a floating-point tensor, got dtype {expert_logits.dtype}")
     num_experts = expert_logits.shape[0]
     if not isinstance(gates, torch.Tensor) or gates.shape != (*expert_logits.shape[1:-1], num_experts):
         raise ValueError(f"gates must have shape (..., E) = {(*expert_logits.shape[1:-1], num_experts)}, got "
                          f"{getattr(gates, 'shape', type(gates).__name__)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    _check_temperature(temperature)
     if num_experts < 2:
         return expert_logits.new_zeros(())
     z = rearrange(expert_logits, "e ... c -> e (...) c") / temperature
@@ -57,10 +60,18 @@ def mutual_distillation_loss(expert_logits: torch.Tensor, gates: torch.Tensor,
     return (mean_gate.unsqueeze(1) * kl).sum() * temperature ** 2 / (num_experts * (num_experts - 1))
 
 
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite positive number, got {temperature!r}")
+
+
 def mode_loss(task_loss: torch.Tensor, distill_loss: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """``(1 − alpha) · task_loss + alpha · distill_loss``, alpha in [0, 1] (seed 003's mix)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    for name, value in (("task_loss", task_loss), ("distill_loss", distill_loss)):
+        if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
+            raise TypeError(f"{name} must be a scalar tensor or a number, got {type(value).__name__}")
     return (1 - alpha) * task_loss + alpha * distill_loss
 
 
@@ -73,6 +84,8 @@ def expert_logits(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"block must be a MoEBlock, got {type(block).__name__}")
     if block.route != "tokens":
         raise ValueError("expert_logits needs route='tokens'; per-sample routing is not supported")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != block.input_dim:
         raise ValueError(f"x must have shape (..., input_dim={block.input_dim}), got {tuple(x.shape)}")
     rows = x.reshape(-1, block.input_dim)
@@ -86,8 +99,15 @@ def block_distillation_loss(block: MoEBlock, x: torch.Tensor, temperature: float
     Gates are the router scores of that forward (``block.routing.probs``, the real experts' columns; with
     training noise they are the noisy scores the block routed with).
     """
+    if not isinstance(block, MoEBlock):
+        raise TypeError(f"block must be a MoEBlock, got {type(block).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != block.input_dim:
+        raise ValueError(f"x must have shape (..., input_dim={block.input_dim}), got {tuple(x.shape)}")
+    _check_temperature(temperature)
     routing = block._last()
-    rows = x.reshape(-1, block.input_dim) if x.dim() > 0 else x
+    rows = x.reshape(-1, block.input_dim)
     if routing.num_tokens != rows.shape[0]:
         raise ValueError(f"block.routing is for {routing.num_tokens} tokens but x has {rows.shape[0]}: "
                          f"call block(x) first")

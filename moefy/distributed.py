@@ -261,24 +261,31 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
         average_expert_grads: divide the experts' gradients by W (see the module docstring). Turn off if your
             per-rank loss is already the global loss's share (e.g. a sum over all ranks' tokens).
     Raises:
+        TypeError: ``module`` is not an nn.Module, ``group`` not a ProcessGroup, ``average_expert_grads``
+            not a bool.
         ValueError: expert choice routing, E not divisible by W, an unknown ``aux_scope``, a block already
             sharded, or no MoEBlock in ``module``.
-        RuntimeError: torch.distributed is not initialised.
+        RuntimeError: torch.distributed is not initialised (checked after the arguments).
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("expert_parallel needs torch.distributed initialised (dist.init_process_group)")
+    _check_model(module, "module")
     if aux_scope not in AUX_SCOPES:
         raise ValueError(f"aux_scope must be one of {AUX_SCOPES}, got {aux_scope!r}")
+    if not isinstance(average_expert_grads, bool):
+        raise TypeError(f"average_expert_grads must be True or False, got {average_expert_grads!r}")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     blocks = [m for m in module.modules() if isinstance(m, MoEBlock)]
     if not blocks:
         raise ValueError(f"module contains no MoEBlock to shard ({type(module).__name__})")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
     for block in blocks:
         if isinstance(block, ExpertParallel):
             raise ValueError(f"{block.moe_name} is already expert-parallel")
         if block.expert_choice:
             raise ValueError(f"{block.moe_name}: expert parallelism supports token choice only; expert choice "
                              "would need a capacity over the whole group's batch (expert_choice=False)")
+    _check_initialised("expert_parallel")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    for block in blocks:
         if block.num_experts % world:
             raise ValueError(f"{block.moe_name}: num_experts={block.num_experts} is not divisible by the "
                              f"group size {world}")
@@ -300,9 +307,20 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
     return module
 
 
+def _check_model(model, name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+
+
+def _check_initialised(what: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{what} needs torch.distributed initialised (dist.init_process_group)")
+
+
 def sharded_names(model: nn.Module) -> List[str]:
     """Fully qualified names of the parameters and buffers that :func:`expert_parallel` sharded: the ones
     DDP must leave alone (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``)."""
+    _check_model(model, "model")
     prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, ShardedExperts))
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     return [n for n in names if n.startswith(prefixes)] if prefixes else []
@@ -316,20 +334,34 @@ def merge_state_dicts(shards: Sequence[Mapping[str, torch.Tensor]]) -> Dict[str,
         ValueError: a key present in several shards (a replicated tensor) differs between them: the ranks
             diverged, and no shard can be trusted to speak for the others.
     """
+    if isinstance(shards, (Mapping, str)) or not isinstance(shards, Sequence):
+        raise TypeError(f"shards must be a sequence of state dicts (one per rank), got {type(shards).__name__}")
     if not shards:
         raise ValueError("shards must be a non-empty sequence of state dicts")
     merged: Dict[str, torch.Tensor] = {}
     for i, shard in enumerate(shards):
+        if not isinstance(shard, Mapping):
+            raise TypeError(f"shards[{i}] must be a mapping (a state dict), got {type(shard).__name__}")
         for key, value in shard.items():
-            if key in merged and not torch.equal(merged[key].cpu(), value.cpu()):
+            if key in merged and not _same(merged[key], value):
                 raise ValueError(f"shards: replicated entry {key!r} differs between shard 0..{i - 1} and shard {i}")
             merged.setdefault(key, value)
     return merged
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return bool(a == b)
+
+
 def full_state_dict(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> Dict[str, torch.Tensor]:
     """The unsharded state dict (every expert, replicated entries once), on every rank of ``group``.
     Collective; the experts' tensors travel through ``all_gather_object`` and come back on the CPU."""
+    _check_model(model, "model")
+    _check_initialised("full_state_dict")
     state = model.state_dict()
     sharded = set(sharded_names(model))
     mine = {k: v.detach().cpu() for k, v in state.items() if k in sharded}

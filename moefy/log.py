@@ -17,17 +17,22 @@ Optional: ``metrics`` (name → number or null), ``hole`` (true: the last column
 line). The top-level routing fields are those of
 the first MoE layer, so a one-layer log is exactly seed 004's format.
 
-The parser rejects the whole file on the first bad line with a :class:`LogFormatError` naming the line.
+Numbers are finite (no NaN / Infinity) and within ±1e300, epochs ≤ 2**53; names are valid Unicode. The file is
+UTF-8 (a BOM is skipped) with ``\\n`` or ``\\r\\n`` line ends. The parser rejects the whole file on the first bad
+line with a :class:`LogFormatError` naming the line.
 """
 from __future__ import annotations
 
+import codecs
 import json
-import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 REQUIRED = ("epoch", "routing_acc", "entropy", "utilization")
+MAX_EPOCH = 2 ** 53  # epochs stay exact as floats (plot axes)
+MAX_ABS = 1e300  # larger magnitudes overflow the arithmetic of plot axis limits
 ROUTING_FIELDS = ("routing_acc", "entropy", "utilization", "hole", "dropped", "affinity")
 PathLike = Union[str, Path]
 
@@ -85,7 +90,7 @@ class TrainingLogWriter:
     def __init__(self, path: PathLike, mode: str = "w"):
         if mode not in ("w", "a"):
             raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
-        self.path = Path(path)
+        self.path = _path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, mode, encoding="utf-8")
         self._lines = 0
@@ -100,7 +105,7 @@ class TrainingLogWriter:
         Returns:
             the object written.
         """
-        summary = layers.summary() if hasattr(layers, "summary") else list(layers)
+        summary = layers.summary() if hasattr(layers, "summary") else layers
         entry = log_entry(epoch, summary, metrics)
         self._lines += 1
         _check_entry(entry, self.path, self._lines, None)
@@ -120,11 +125,23 @@ class TrainingLogWriter:
 
 def log_entry(epoch: int, layers: Sequence[dict], metrics: Optional[Dict[str, float]] = None) -> dict:
     """The log object of one epoch from per-layer summaries (:func:`moefy.stats.layer_summary`)."""
+    if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence) or not all(
+            isinstance(layer, Mapping) for layer in layers):
+        raise TypeError(f"layers must be a RoutingRecorder or a list of layer summaries (dicts), got {layers!r:.80}")
     if not layers:
         raise ValueError("layers must hold at least one layer summary")
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of name -> number, got {type(metrics).__name__}")
     entry = {"epoch": epoch}
     entry.update({k: v for k, v in layers[0].items() if k in ROUTING_FIELDS})
-    entry["metrics"] = {str(k): float(v) for k, v in (metrics or {}).items()}
+    entry["metrics"] = {}
+    for name, value in (metrics or {}).items():
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError
+            entry["metrics"][str(name)] = None if value is None else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"metrics[{name!r}] must be a number or None, got {value!r:.60}") from None
     if len(layers) > 1:
         entry["layers"] = [dict(layer) for layer in layers]
     return entry
@@ -132,27 +149,39 @@ def log_entry(epoch: int, layers: Sequence[dict], metrics: Optional[Dict[str, fl
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_log(path: PathLike) -> TrainingLog:
-    """Parse a JSON-lines training log strictly; blank lines are skipped.
+    """Parse a JSON-lines training log strictly: UTF-8 (a leading BOM is skipped), lines end with ``\\n`` or
+    ``\\r\\n``, blank lines are skipped.
 
     Raises:
-        LogFormatError: the file is missing, empty, or a line is not valid JSON, lacks a required field,
-            has a value of the wrong type or range, a utilization of another length than the first line's,
-            a non-increasing epoch or other layers than the first line's. The message names the line.
+        TypeError: ``path`` is not a path.
+        LogFormatError: the file is missing, empty, or a line is not valid UTF-8 or JSON, lacks a required
+            field, has a value of the wrong type or range, a utilization of another length than the first
+            line's, a non-increasing epoch or other layers than the first line's. The message names the line.
     """
-    path = Path(path)
+    path = _path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        raw = path.read_bytes()
+    except OSError as err:
         raise LogFormatError(path, None, f"cannot read the log: {err}") from None
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
     log = TrainingLog(path=str(path), epochs=[], layers={}, metrics={})
     first: Optional[dict] = None
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a line: str.splitlines() would also split inside JSON strings at U+2028, \x1c, ...
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise LogFormatError(path, number, f"not valid UTF-8 (byte {chunk[err.start]:#04x} at column "
+                                               f"{err.start + 1})") from None
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise LogFormatError(path, number, f"not valid JSON ({err.msg} at column {err.colno})") from None
+        except (ValueError, RecursionError) as err:  # an int of > 4300 digits, nesting deeper than the stack
+            raise LogFormatError(path, number, f"not valid JSON ({_short(err, 120)})") from None
         _check_entry(entry, path, number, first)
         if first is None:
             first = entry
@@ -163,6 +192,12 @@ def read_log(path: PathLike) -> TrainingLog:
     if first is None:
         raise LogFormatError(path, None, "the log is empty: expected one JSON object per line")
     return log
+
+
+def _path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a path (str or os.PathLike), got {type(path).__name__}")
+    return Path(path)
 
 
 def _append(log: TrainingLog, entry: dict) -> None:
@@ -185,7 +220,28 @@ def _append(log: TrainingLog, entry: dict) -> None:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite JSON number within ±MAX_ABS; ints are compared exactly (10**400 must not reach float())."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return -MAX_ABS <= v <= MAX_ABS  # False for NaN and ±Infinity too
+
+
+def _is_text(v) -> bool:
+    """A str that is valid Unicode: JSON escapes can smuggle in lone surrogates (\\ud800) that no font,
+    file name or terminal accepts."""
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(v, width: int = 60) -> str:
+    """``repr(v)`` cut to ``width`` characters: an error message stays one readable line."""
+    text = repr(v) if not isinstance(v, BaseException) else str(v)
+    return text if len(text) <= width else text[:width - 4] + " ..."
 
 
 def _check_entry(entry, path, line: int, first: Optional[dict]) -> None:
@@ -194,19 +250,21 @@ def _check_entry(entry, path, line: int, first: Optional[dict]) -> None:
 
     if not isinstance(entry, dict):
         fail(f"expected a JSON object, got {type(entry).__name__}")
-    epoch = entry.get("epoch")
     if "epoch" not in entry:
         fail("missing field 'epoch'")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        fail(f"'epoch' must be an int >= 0, got {epoch!r}")
+    epoch = entry["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
+        fail(f"'epoch' must be an int in [0, 2**53], got {_short(epoch)}")
     want_columns = len(first["utilization"]) if first else None
     _check_routing(entry, fail, "", want_columns)
-    metrics = entry.get("metrics", {})
-    if not isinstance(metrics, dict):
+    metrics = entry.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
         fail(f"'metrics' must be an object of name: number, got {type(metrics).__name__}")
-    for name, value in metrics.items():
+    for name, value in (metrics or {}).items():
+        if not _is_text(name):
+            fail(f"metric name {_short(name)} is not valid Unicode text")
         if value is not None and not _is_number(value):
-            fail(f"metric {name!r} must be a number or null, got {value!r}")
+            fail(f"metric {_short(name)} must be a number (finite, |v| <= 1e300) or null, got {_short(value)}")
     layers = entry.get("layers")
     if layers is None:
         if first is not None and first.get("layers") is not None:
@@ -217,20 +275,20 @@ def _check_entry(entry, path, line: int, first: Optional[dict]) -> None:
     names = []
     for i, layer in enumerate(layers):
         name = layer.get("layer")
-        if not isinstance(name, str) or not name:
-            fail(f"layers[{i}] needs a non-empty string field 'layer'")
+        if not _is_text(name) or not name:
+            fail(f"layers[{i}] needs a non-empty string field 'layer' (valid Unicode), got {_short(name)}")
         want = None
         if first is not None and first.get("layers"):
             match = [l for l in first["layers"] if l["layer"] == name]
             want = len(match[0]["utilization"]) if match else None
-        _check_routing(layer, fail, f"layers[{i}] ({name}): ", want)
+        _check_routing(layer, fail, f"layers[{i}] ({_short(name)}): ", want)
         names.append(name)
     if len(set(names)) != len(names):
-        fail(f"'layers' repeats a layer name: {names}")
+        fail(f"'layers' repeats a layer name: {_short(names)}")
     if first is not None:
         first_names = [l["layer"] for l in first.get("layers") or []]
         if names != first_names:
-            fail(f"'layers' names {names} differ from the first line's {first_names}")
+            fail(f"'layers' names {_short(names)} differ from the first line's {_short(first_names)}")
 
 
 def _check_routing(obj: dict, fail, where: str, want_columns: Optional[int]) -> None:
@@ -239,23 +297,23 @@ def _check_routing(obj: dict, fail, where: str, want_columns: Optional[int]) -> 
             fail(f"{where}missing field {name!r}")
     acc, entropy, util = obj["routing_acc"], obj["entropy"], obj["utilization"]
     if acc is not None and not (_is_number(acc) and 0 <= acc <= 1):
-        fail(f"{where}'routing_acc' must be a number in [0, 1] or null, got {acc!r}")
+        fail(f"{where}'routing_acc' must be a number in [0, 1] or null, got {_short(acc)}")
     if not (_is_number(entropy) and entropy >= 0):
-        fail(f"{where}'entropy' must be a number >= 0, got {entropy!r}")
+        fail(f"{where}'entropy' must be a number in [0, 1e300], got {_short(entropy)}")
     if not isinstance(util, list) or not util or not all(_is_number(u) and u >= 0 for u in util):
-        fail(f"{where}'utilization' must be a non-empty list of numbers >= 0, got {util!r}")
+        fail(f"{where}'utilization' must be a non-empty list of numbers in [0, 1e300], got {_short(util)}")
     if want_columns is not None and len(util) != want_columns:
         fail(f"{where}'utilization' has {len(util)} values but the first line has {want_columns} "
              f"(one per router column)")
     if not isinstance(obj.get("hole", False), bool):
-        fail(f"{where}'hole' must be true or false, got {obj['hole']!r}")
+        fail(f"{where}'hole' must be true or false, got {_short(obj['hole'])}")
     dropped = obj.get("dropped")
     if dropped is not None and not (_is_number(dropped) and 0 <= dropped <= 1):
-        fail(f"{where}'dropped' must be a fraction in [0, 1] or null, got {dropped!r}")
+        fail(f"{where}'dropped' must be a fraction in [0, 1] or null, got {_short(dropped)}")
     aff = obj.get("affinity")
     if aff is not None:
         ok = (isinstance(aff, list) and aff and all(isinstance(r, list) for r in aff)
               and all(len(r) == len(util) and all(_is_number(v) and v >= 0 for v in r) for r in aff))
         if not ok:
-            fail(f"{where}'affinity' must be a list of rows (one per class) of {len(util)} numbers >= 0 "
+            fail(f"{where}'affinity' must be a list of rows (one per class) of {len(util)} numbers in [0, 1e300] "
                  f"(one per router column)")

@@ -21,6 +21,7 @@ choice; without it, the hard counts are used and carry no gradient).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict
 
@@ -32,10 +33,24 @@ from .routing import Routing
 
 def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """``Var(v) / (mean(v)² + eps)`` with population variance; 0 for fewer than two entries."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     if v.numel() < 2:
         return v.new_zeros(())
     v = v.to(torch.promote_types(v.dtype, torch.float32))
     return v.var(unbiased=False) / (v.mean() ** 2 + eps)
+
+
+def _takes_routing(loss: Callable[[Routing], torch.Tensor]) -> Callable[[Routing], torch.Tensor]:
+    """Reject anything but a Routing record up front, naming the argument."""
+    @functools.wraps(loss)
+    def checked(r: Routing) -> torch.Tensor:
+        if not isinstance(r, Routing):
+            raise TypeError(f"{loss.__name__}: r must be a Routing record (block.routing), got {type(r).__name__}")
+        return loss(r)
+    return checked
 
 
 def _mean_probs(r: Routing) -> torch.Tensor:
@@ -45,11 +60,13 @@ def _mean_probs(r: Routing) -> torch.Tensor:
     return p / p.sum()
 
 
+@_takes_routing
 def importance(r: Routing) -> torch.Tensor:
     """(E',): sum over tokens of the combine weight each column received."""
     return r.weight.new_zeros(r.probs.shape[1]).index_add(0, r.expert_index, r.weight)
 
 
+@_takes_routing
 def smooth_load(r: Routing) -> torch.Tensor:
     """(E',): Shazeer's differentiable load, ``Σ_t P(column e stays in token t's top-k | new noise)``.
 
@@ -69,31 +86,37 @@ def smooth_load(r: Routing) -> torch.Tensor:
     return torch.where(is_in, prob_if_in, prob_if_out).sum(dim=0)
 
 
+@_takes_routing
 def entropy_loss(r: Routing) -> torch.Tensor:
     p = _mean_probs(r)
     return math.log(p.numel()) + (p * p.clamp_min(1e-12).log()).sum()
 
 
+@_takes_routing
 def prob_loss(r: Routing) -> torch.Tensor:
     return cv_squared(smooth_load(r))
 
 
+@_takes_routing
 def cv2_loss(r: Routing) -> torch.Tensor:
     return cv_squared(importance(r)) + cv_squared(smooth_load(r))
 
 
+@_takes_routing
 def switch_loss(r: Routing) -> torch.Tensor:
     counts = torch.tensor(r.counts, dtype=r.probs.dtype, device=r.probs.device)
     frac = counts / counts.sum().clamp_min(1)
     return counts.numel() * (frac * _mean_probs(r)).sum()
 
 
+@_takes_routing
 def z_loss(r: Routing) -> torch.Tensor:
     if r.num_tokens == 0:
         return r.logits.new_zeros(())
     return (torch.logsumexp(r.logits, dim=-1) ** 2).mean()
 
 
+@_takes_routing
 def balance_loss(r: Routing) -> torch.Tensor:
     p = _mean_probs(r)
     return p.numel() * ((p - 1.0 / p.numel()) ** 2).sum()

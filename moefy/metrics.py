@@ -38,6 +38,8 @@ def accuracy(probs: torch.Tensor, targets: torch.Tensor) -> float:
 def nll(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1e-12) -> float:
     """Mean negative log-likelihood ``−mean_i log probs[i, targets[i]]`` (probabilities clamped at ``eps``)."""
     _check(probs, targets)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1), the smallest probability, got {eps!r}")
     picked = probs.double().gather(1, targets.view(-1, 1)).squeeze(1)
     return float(-picked.clamp_min(eps).log().mean())
 

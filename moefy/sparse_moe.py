@@ -49,8 +49,10 @@ class MoE(MoEBlock):
                             ("num_experts", num_experts), ("hidden_size", hidden_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(loss_coef, (int, float)) or loss_coef < 0:
-            raise ValueError(f"loss_coef must be a number >= 0, got {loss_coef!r}")
+        if isinstance(loss_coef, bool) or not isinstance(loss_coef, (int, float)) or not 0 <= loss_coef < float("inf"):
+            raise ValueError(f"loss_coef must be a finite number >= 0, got {loss_coef!r}")
+        if not isinstance(noisy_gating, bool):
+            raise TypeError(f"noisy_gating must be True or False, got {noisy_gating!r}")
         routing.setdefault("noise", "gaussian" if noisy_gating else None)
         routing.setdefault("aux_criterion", {"cv2": float(loss_coef)})
         experts = [MLPExpert(input_size, output_size, hidden_size) for _ in range(num_experts)]

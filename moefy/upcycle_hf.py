@@ -42,6 +42,8 @@ def load_bert(path: Union[str, Path, None] = None):
 
 def ffn_layers(model: nn.Module) -> List[nn.Module]:
     """The encoder layers that have a BERT FFN: ``.intermediate`` followed by ``.output.dense``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return [m for m in model.modules()
             if hasattr(m, "intermediate") and isinstance(getattr(getattr(m, "output", None), "dense", None), nn.Linear)]
 
@@ -65,6 +67,9 @@ def moefy_bert_ffn(model: nn.Module, num_experts: int = 4, k: int = 1, layers: O
     if not found:
         raise ValueError(f"model: {type(model).__name__} has no BERT-style layer with .intermediate and .output.dense")
     chosen = range(len(found)) if layers is None else layers
+    if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Sequence) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in chosen):
+        raise TypeError(f"layers must be a list of layer indices (ints) or None, got {layers!r}")
     if any(not 0 <= i < len(found) for i in chosen):
         raise ValueError(f"layers must be indices in [0, {len(found) - 1}], got {list(chosen)}")
     options.setdefault("route", "tokens")
@@ -75,6 +80,14 @@ def moefy_bert_ffn(model: nn.Module, num_experts: int = 4, k: int = 1, layers: O
 
 def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Sentence embeddings (B, D) from token states (B, L, D): the mean over real tokens (mask (B, L))."""
+    for name, t in (("last_hidden", last_hidden), ("attention_mask", attention_mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if last_hidden.dim() != 3:
+        raise ValueError(f"last_hidden must have shape (B, L, D), got {tuple(last_hidden.shape)}")
+    if attention_mask.shape != last_hidden.shape[:2]:
+        raise ValueError(f"attention_mask must have shape (B, L) = {tuple(last_hidden.shape[:2])}, got "
+                         f"{tuple(attention_mask.shape)}")
     mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
     return (last_hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
@@ -82,6 +95,9 @@ def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
 def encode(model: nn.Module, tokenizer, sentences: Sequence[str], normalize: bool = False
            ) -> Tuple[torch.Tensor, dict]:
     """``(embeddings (B, D), batch)``: mean-pooled sentence embeddings (sentence-transformers' recipe)."""
+    if isinstance(sentences, str) or not isinstance(sentences, Sequence) or not all(
+            isinstance(t, str) for t in sentences):
+        raise TypeError(f"sentences must be a list of strings, got {sentences!r:.80}")
     batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=128, return_tensors="pt")
     emb = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
     return (torch.nn.functional.normalize(emb, dim=-1) if normalize else emb), batch

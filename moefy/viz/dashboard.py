@@ -16,6 +16,18 @@ from ..log import LayerSeries, TrainingLog
 from ._common import HOLE_COLOR, expert_colors, new_figure
 
 
+def _check_log(log) -> TrainingLog:
+    if not isinstance(log, TrainingLog):
+        raise TypeError(f"log must be a TrainingLog (moefy.read_log(path)), got {type(log).__name__}")
+    return log
+
+
+def _plain(text: str) -> str:
+    """``text`` shown as it is: a ``$`` in a layer / metric name or path would start matplotlib mathtext
+    (and ``$\\frac$`` fails to render)."""
+    return str(text).replace("$", r"\$")
+
+
 def _columns(series: LayerSeries) -> List[str]:
     n = series.num_columns
     return [f"expert {e}" for e in range(n - 1)] + (["hole"] if series.hole else [f"expert {n - 1}"])
@@ -33,7 +45,7 @@ def _draw_utilization(ax, log: TrainingLog, series: LayerSeries) -> None:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("fraction of assignments")
-    ax.set_title(f"Expert utilization — {series.name}", fontsize=9)
+    ax.set_title(f"Expert utilization — {_plain(series.name)}", fontsize=9)
     if len(names) <= 12:
         ax.legend(fontsize=7, ncol=2)
 
@@ -43,12 +55,12 @@ def _draw_lines(ax, log: TrainingLog, values, title: str, ylabel: str) -> bool:
     for name, ys in values:
         ys = np.array([np.nan if v is None else v for v in ys], dtype=float)
         if np.isfinite(ys).any():
-            ax.plot(log.epochs, ys, marker="o", ms=3, label=name)
+            ax.plot(log.epochs, ys, marker="o", ms=3, label=_plain(name))
             drawn = True
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(_plain(ylabel))
+    ax.set_title(_plain(title), fontsize=9)
     if drawn and len(values) > 1:
         ax.legend(fontsize=7)
     return drawn
@@ -70,7 +82,7 @@ def _draw_affinity(fig, ax, series: LayerSeries) -> None:
     ax.set_yticks(range(frac.shape[0]))
     ax.set_xlabel("expert")
     ax.set_ylabel("class")
-    ax.set_title(f"Router affinity (epoch {series.affinity_epoch}) — {series.name}", fontsize=9)
+    ax.set_title(f"Router affinity (epoch {series.affinity_epoch}) — {_plain(series.name)}", fontsize=9)
     if frac.size <= 400:
         for (i, j), v in np.ndenumerate(frac):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
@@ -81,6 +93,7 @@ def plot_utilization(log: TrainingLog) -> Figure:
     """One panel per layer: the fraction of assignments every router column received, over epochs.
     A hole column (``"hole": true`` in the log) is drawn grey and dashed. Returns the Figure (one axes per
     layer)."""
+    _check_log(log)
     fig, axes = new_figure(len(log.layers), panel_size=(4.2, 3.0), max_cols=3)
     for ax, series in zip(axes, log.layers.values()):
         _draw_utilization(ax, log, series)
@@ -89,6 +102,7 @@ def plot_utilization(log: TrainingLog) -> Figure:
 
 def plot_entropy(log: TrainingLog) -> Figure:
     """Mean router entropy per layer over epochs; dotted: log E', the entropy of a uniform router."""
+    _check_log(log)
     fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
     _draw_entropy(ax, log)
     return fig
@@ -97,6 +111,7 @@ def plot_entropy(log: TrainingLog) -> Figure:
 def plot_routing_accuracy(log: TrainingLog) -> Figure:
     """Routing accuracy per layer over epochs. Raises ValueError when the log has none (trained without
     labels)."""
+    _check_log(log)
     fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
     if not _draw_lines(ax, log, [(s.name, s.routing_acc) for s in log.layers.values()],
                        "Routing accuracy", "fraction routed to the class's expert"):
@@ -108,6 +123,7 @@ def plot_routing_accuracy(log: TrainingLog) -> Figure:
 def plot_affinity(log: TrainingLog) -> Figure:
     """One heatmap per layer that logged an affinity matrix: row c = where tokens of class c went
     (fractions of the row, from the last epoch that logged it). Raises ValueError when there is none."""
+    _check_log(log)
     layers = [s for s in log.layers.values() if s.affinity is not None]
     if not layers:
         raise ValueError(f"{log.path}: no 'affinity' matrix in the log")
@@ -119,6 +135,7 @@ def plot_affinity(log: TrainingLog) -> Figure:
 
 def plot_metrics(log: TrainingLog) -> Figure:
     """One panel per metric over epochs. Raises ValueError when the log has no metrics."""
+    _check_log(log)
     if not log.metrics:
         raise ValueError(f"{log.path}: no 'metrics' in the log")
     fig, axes = new_figure(len(log.metrics), panel_size=(3.6, 2.8), max_cols=4)
@@ -130,6 +147,7 @@ def plot_metrics(log: TrainingLog) -> Figure:
 def plot_dashboard(log: TrainingLog) -> Figure:
     """Everything on one page: utilization per layer, entropy, routing accuracy (if logged), each metric
     and the affinity heatmap of every layer that logged one."""
+    _check_log(log)
     layers = list(log.layers.values())
     has_acc = any(v is not None for s in layers for v in s.routing_acc)
     with_aff = [s for s in layers if s.affinity is not None]
@@ -147,13 +165,15 @@ def plot_dashboard(log: TrainingLog) -> Figure:
         _draw_lines(next(it), log, [(name, values)], name, name)
     for s in with_aff:
         _draw_affinity(fig, next(it), s)
-    fig.suptitle(f"moefy training log: {log.path}", fontsize=10)
+    fig.suptitle(f"moefy training log: {_plain(log.path)}", fontsize=10)
     return fig
 
 
 def affinity_csv(series: LayerSeries) -> str:
     """The affinity matrix of ``series`` as CSV: a ``class`` column, then one column per router column,
     holding the fraction of the class's assignments (rows sum to 1), then the class's ``count``."""
+    if not isinstance(series, LayerSeries):
+        raise TypeError(f"series must be a LayerSeries (a value of TrainingLog.layers), got {type(series).__name__}")
     if series.affinity is None:
         raise ValueError(f"layer {series.name!r} logged no affinity matrix")
     buf = io.StringIO()
@@ -166,8 +186,8 @@ def affinity_csv(series: LayerSeries) -> str:
 
 
 def safe_name(name: str) -> str:
-    """A layer name usable in a file name."""
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "model"
+    """A layer name usable in a file name (at most 80 characters)."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name[:80]) or "model"
 
 
 __all__ = ["plot_utilization", "plot_entropy", "plot_routing_accuracy", "plot_affinity",

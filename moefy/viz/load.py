@@ -21,6 +21,8 @@ def _as_numpy(x: ArrayLike, name: str) -> np.ndarray:
         x = x.detach().cpu().numpy()
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.iscomplexobj(x):
+        raise TypeError(f"{name} must hold real numbers (token counts), got dtype {x.dtype}")
     return x.astype(np.float64)
 
 
@@ -104,8 +106,11 @@ def layer_loads(source: LoadSource):
         return [(n or "model", b.num_experts, b.hole, _as_numpy(b.abs_experts_load(), "load")) for n, b in blocks]
     if isinstance(source, Mapping):
         out = [(str(n), len(v), False, _as_numpy(v, f"source[{n!r}]")) for n, v in source.items()]
-        if not out or any(v.ndim != 1 for *_, v in out):
-            raise ValueError("source must map layer names to (E,) load vectors")
+        if not out or any(v.ndim != 1 or v.size == 0 for *_, v in out):
+            raise ValueError("source must map layer names to (E,) load vectors, E >= 1")
+        for n, _, _, v in out:
+            if not np.isfinite(v).all() or (v < 0).any():
+                raise ValueError(f"source[{n!r}] must hold finite token counts >= 0, got {v.tolist()}")
         return out
     raise TypeError(f"source must be a model, a RoutingRecorder or a mapping of loads, got {type(source).__name__}")
 
@@ -122,6 +127,8 @@ def plot_load_heatmap(source: LoadSource, annotate: Optional[bool] = None) -> Fi
     Returns:
         the Figure, one heatmap axes plus its colourbar axes.
     """
+    if annotate is not None and not isinstance(annotate, bool):
+        raise TypeError(f"annotate must be True, False or None, got {annotate!r}")
     loads = layer_loads(source)
     max_e = max(e for _, e, _, _ in loads)
     any_hole = any(h for _, _, h, _ in loads)
