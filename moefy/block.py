@@ -5,6 +5,7 @@ forward = route → dispatch → experts → combine (see :mod:`moefy.routing` a
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -27,12 +28,15 @@ def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
         return {}
     if isinstance(aux_criterion, str):
         aux_criterion = {aux_criterion: 1.0}
-    elif not isinstance(aux_criterion, Mapping):
+    elif isinstance(aux_criterion, (list, tuple)):
         aux_criterion = {name: 1.0 for name in aux_criterion}
+    elif not isinstance(aux_criterion, Mapping):
+        raise ValueError(f"aux_criterion must be None, a loss name, a list of names or {{name: coefficient}}, "
+                         f"got {aux_criterion!r}")
     for name, coef in aux_criterion.items():
         if name not in AUX_LOSSES:
             raise ValueError(f"aux_criterion: unknown loss {name!r}; allowed: {sorted(AUX_LOSSES)}")
-        if not isinstance(coef, (int, float)) or coef < 0:
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < math.inf:
             raise ValueError(f"aux_criterion: coefficient of {name!r} must be a number >= 0, got {coef!r}")
     return {name: float(coef) for name, coef in aux_criterion.items()}
 
@@ -81,6 +85,9 @@ class MoEBlock(nn.Module, ABC):
         if unknown:
             allowed = [p for p in inspect.signature(MoEBlock.__init__).parameters if p not in ("self", "unknown")]
             raise TypeError(f"MoEBlock got unknown option(s) {sorted(unknown)}; allowed: {allowed}")
+        if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList) or not isinstance(
+                experts, Iterable):
+            raise TypeError(f"experts must be a non-empty list of nn.Module, got {type(experts).__name__}")
         experts = list(experts) if not isinstance(experts, nn.ModuleList) else experts
         if len(experts) == 0 or not all(isinstance(e, nn.Module) for e in experts):
             raise TypeError("experts must be a non-empty list of nn.Module")
@@ -99,9 +106,15 @@ class MoEBlock(nn.Module, ABC):
         route = "samples" if route == "images" else route  # the original MoEfy's name
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-        if not isinstance(capacity_factor, (int, float)) or capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
-        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+        for flag, value in (("hole", hole), ("expert_choice", expert_choice), ("normalize", normalize)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or \
+                not 0 < capacity_factor < math.inf:
+            raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int):
+            raise TypeError(f"feature_dim must be an int (a dim of x), got {feature_dim!r}")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be a positive int or None, got {capacity!r}")
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
@@ -184,6 +197,8 @@ class MoEBlock(nn.Module, ABC):
                 raise ValueError(f"x must have shape (..., input_dim={self.input_dim}), got {tuple(x.shape)}")
             rows = x.reshape(-1, self.input_dim)
             return rows, rows, tuple(x.shape[:-1])
+        if not -x.dim() <= self.feature_dim < x.dim():
+            raise ValueError(f"feature_dim={self.feature_dim} is not a dim of x with shape {tuple(x.shape)}")
         if x.dim() < 2 or x.shape[self.feature_dim] != self.input_dim:
             raise ValueError(f"x must have shape (B, ...) with input_dim={self.input_dim} features on dim "
                              f"{self.feature_dim} for route='samples', got {tuple(x.shape)}")
@@ -206,6 +221,9 @@ class MoEBlock(nn.Module, ABC):
         ``kept`` (T,) maps the rows to their ids among all input tokens when some were masked out; the
         record's token ids then refer to all input tokens.
         """
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"x must have shape (T, input_dim={self.input_dim}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         logits, noisy, std, probs = self.router(x)
         num_tokens = x.shape[0]
         if self.expert_choice:
@@ -314,6 +332,8 @@ class MoEBlock(nn.Module, ABC):
 
 def moe_blocks(model: nn.Module) -> List[MoEBlock]:
     """Every MoEBlock in ``model`` (itself included), in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return [m for m in model.modules() if isinstance(m, MoEBlock)]
 
 

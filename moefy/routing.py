@@ -103,8 +103,14 @@ class Router(nn.Module):
         self.noise = validate_noise(noise)
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        for name, value in (("input_dim", input_dim), ("num_columns", num_columns)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if isinstance(jitter_eps, bool) or not isinstance(jitter_eps, (int, float)) or not 0 <= jitter_eps < 1:
+            raise ValueError(f"jitter_eps must be a number in [0, 1), got {jitter_eps!r}")
         self.gate = nn.Linear(input_dim, num_columns, bias=False)
         self.noise_std = GaussianNoiseStd(input_dim, num_columns) if self.noise == "gaussian" else None
         self.temperature = float(temperature)
@@ -113,6 +119,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """``x``: (T, D) → ``(logits, noisy_logits, noise_std, probs)``, each (T, E'), float32 or wider."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.gate.in_features:
+            raise ValueError(f"x must have shape (T, input_dim={self.gate.in_features}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         weight = self.gate.weight
         dtype = x.dtype if x.dtype in _ROUTER_DTYPES else router_dtype(x.dtype)
         if weight.dtype != dtype or x.dtype != dtype:

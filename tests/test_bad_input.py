@@ -18,11 +18,11 @@ from conftest import LinearMixture
     (dict(aux_criterion="prob"), ValueError, r"'prob'.*noise='gaussian'"),
     (dict(aggregation="max"), ValueError, r"aggregation must be one of \('sum', 'mean'\)"),
     (dict(route="pixels"), ValueError, r"route must be one of"),
-    (dict(expert_choice=True, capacity_factor=0), ValueError, r"capacity_factor must be > 0"),
+    (dict(expert_choice=True, capacity_factor=0), ValueError, r"capacity_factor must be a finite number > 0"),
     (dict(expert_choice=True, capacity=0), ValueError, r"capacity must be a positive int"),
     (dict(expert_choice=True, capacity=2.5), ValueError, r"capacity must be a positive int"),
     (dict(score_func="relu"), ValueError, r"score_func must be one of"),
-    (dict(temperature=0), ValueError, r"temperature must be a positive number"),
+    (dict(temperature=0), ValueError, r"temperature must be a positive finite number"),
     (dict(nosie="gumbel"), TypeError, r"unknown option\(s\) \['nosie'\]; allowed"),
 ])
 def test_bad_constructor_options(options, error, match):
