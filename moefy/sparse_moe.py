@@ -64,8 +64,8 @@ class MoE(MoEBlock):
         """``x`` (n_e, input_size) → logits (n_e, output_size)."""
         return expert(x)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         """``x`` (..., input_size) → ``(y (..., output_size), aux_loss ())``; ``aux_loss`` already carries
-        ``loss_coef``: add it to the task loss as it is."""
-        y = super().forward(x)
+        ``loss_coef``: add it to the task loss as it is. ``kwargs``: ``token_mask`` (see :class:`MoEBlock`)."""
+        y = super().forward(x, **kwargs)
         return y, self.aux_loss

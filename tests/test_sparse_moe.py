@@ -113,3 +113,13 @@ def test_bad_arguments(kwargs, match):
     args = dict(input_size=4, output_size=2, num_experts=6, hidden_size=5) | kwargs
     with pytest.raises(ValueError, match=match):
         MoE(**args)
+
+
+def test_token_mask_reaches_the_seed_layer():
+    import torch
+    from moefy.sparse_moe import MoE
+
+    moe = MoE(8, 3, num_experts=4, hidden_size=16, k=2).eval()
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    y, aux = moe(x, token_mask=mask)
+    assert torch.all(y[~mask] == 0) and moe.routing.num_tokens == 4 and torch.isfinite(aux)
