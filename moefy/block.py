@@ -41,6 +41,13 @@ def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
     return {name: float(coef) for name, coef in aux_criterion.items()}
 
 
+class _Rows:
+    """A side input flattened to one row per routed token / sample."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+
 class MoEBlock(nn.Module, ABC):
     """A mixture of experts over any expert modules.
 
@@ -148,8 +155,9 @@ class MoEBlock(nn.Module, ABC):
     def expert_forward(self, expert: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Run one expert on its tokens: ``x`` (n, *F) → (n, *F_out), one output row per input row.
 
-        ``args`` / ``kwargs`` are the extra arguments given to ``forward``; with ``route="samples"`` every
-        tensor among them whose dim 0 is the batch size arrives sliced to this expert's samples.
+        ``args`` / ``kwargs`` are the extra arguments given to ``forward``; every tensor among them whose
+        leading dims are the routed shape (``x.shape[:-1]`` per token, (B,) per sample) arrives sliced to
+        this expert's rows.
         """
 
     # ------------------------------------------------------------------ pipeline
@@ -160,8 +168,9 @@ class MoEBlock(nn.Module, ABC):
         real tokens. Masked tokens (padding) are not routed: their output is zero and they count in no load,
         dropped total, aux loss or statistic.
 
-        Extra ``args`` / ``kwargs`` go to :meth:`expert_forward`; with ``route="samples"``, tensors among
-        them with dim 0 equal to B are sliced per sample like ``x``; everything else is passed unchanged.
+        Extra ``args`` / ``kwargs`` go to :meth:`expert_forward`: tensors among them whose leading dims are
+        the routed shape (``x.shape[:-1]`` per token, (B,) per sample) are sliced per row like ``x``;
+        everything else is passed unchanged.
         """
         rows, router_in, tokens_shape = self._as_rows(x)
         kept = None
@@ -170,13 +179,18 @@ class MoEBlock(nn.Module, ABC):
             router_in = router_in.index_select(0, kept)
         routing = self.route_rows(router_in, tokens_shape, kept)
         if args or kwargs:
-            run = self._side_input_runner(rows.shape[0], args, kwargs)
+            run = self._side_input_runner(tokens_shape, args, kwargs)
         else:
             run = self._run_expert
         y = self.dispatch(rows, routing, run)
         if self.route == "tokens" and len(tokens_shape) != 1:
             y = y.reshape(*tokens_shape, *y.shape[1:])
         self.__dict__["routing"] = routing  # a plain attribute: skip nn.Module.__setattr__'s checks (µs per call)
+        self.set_aux_losses(routing)
+        return y
+
+    def set_aux_losses(self, routing: Routing) -> None:
+        """Compute ``aux_losses`` (name → scalar) and their weighted sum ``aux_loss`` from ``routing``."""
         if self.aux_weights:
             self.aux_losses = {name: AUX_LOSSES[name](routing) for name in self.aux_weights}
             self.aux_loss = sum((c * self.aux_losses[n] for n, c in self.aux_weights.items()),
@@ -185,7 +199,6 @@ class MoEBlock(nn.Module, ABC):
             zero = self.aux_loss
             if zero.dtype != routing.logits.dtype or zero.device != routing.logits.device or zero.requires_grad:
                 self.aux_loss = routing.logits.new_zeros(())
-        return y
 
     def _as_rows(self, x: torch.Tensor):
         if not isinstance(x, torch.Tensor):
@@ -258,11 +271,19 @@ class MoEBlock(nn.Module, ABC):
     def _run_expert(self, e: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(self.experts[e], x)
 
-    def _side_input_runner(self, batch: int, args, kwargs):
-        per_row = self.route == "samples"
+    def _side_input_runner(self, tokens_shape, args, kwargs):
+        lead = len(tokens_shape)
+
+        def per_row(v):  # (*tokens_shape, ...) → (T, ...) rows to slice; anything else is passed whole
+            if isinstance(v, torch.Tensor) and v.dim() >= lead and tuple(v.shape[:lead]) == tuple(tokens_shape):
+                return _Rows(v.reshape(-1, *v.shape[lead:]))
+            return v
+
+        args = [per_row(a) for a in args]
+        kwargs = {n: per_row(v) for n, v in kwargs.items()}
 
         def take(v, rows):
-            return v[rows] if per_row and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+            return v.rows.index_select(0, rows) if isinstance(v, _Rows) else v
 
         def run(e: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             return self.expert_forward(self.experts[e], x, *(take(a, rows) for a in args),

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from .block import MoEBlock
+from .fused import ELEMENTWISE
 
 logger = logging.getLogger(__name__)
 
 Target = Union[str, Sequence[str], Type[nn.Module], Tuple[Type[nn.Module], ...], Callable[[str, nn.Module], bool]]
 
-_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-                nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.PReLU, nn.ReLU6, nn.Dropout, nn.Identity)
+_ELEMENTWISE = ELEMENTWISE + (nn.PReLU, nn.Dropout)  # position-wise, though not fusable
 _POSITION_WISE = (nn.Linear, nn.LayerNorm, *_ELEMENTWISE) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -71,13 +71,6 @@ def infer_routing(module: nn.Module) -> Tuple[str, Optional[int], int]:
 def _check_module(value, name: str) -> None:
     if not isinstance(value, nn.Module):
         raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
-
-
-class _PerToken:
-    """A side input flattened to (T, ...) rows, sliced to each expert's tokens (route="tokens")."""
-
-    def __init__(self, rows: torch.Tensor):
-        self.rows = rows
 
 
 class _Shared:
@@ -155,8 +148,6 @@ class ModuleMixture(MoEBlock):
         self.dense_sources: Optional[Dict[str, str]] = None
         self.dense_root_depth = 1
         self._out_struct = None
-        self._rows: Optional[torch.Tensor] = None
-        self._needs_rows = False
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs):
@@ -164,37 +155,11 @@ class ModuleMixture(MoEBlock):
         if self.conv_ndim is not None and isinstance(x, torch.Tensor) and x.dim() != self.conv_ndim:
             raise ValueError(f"x must be batched, shape (B, C, ...) with {self.conv_ndim} dims, got "
                              f"{tuple(x.shape)}: per-sample routing needs the batch dim")
-        if self.route == "tokens" and (args or kwargs) and isinstance(x, torch.Tensor):
-            lead = x.shape[:-1]
-
-            def per_token(v):
-                if isinstance(v, torch.Tensor) and v.dim() >= len(lead) and v.shape[:len(lead)] == lead:
-                    return _PerToken(v.reshape(-1, *v.shape[len(lead):]))
-                return v
-            args = tuple(per_token(a) for a in args)
-            kwargs = {n: per_token(v) for n, v in kwargs.items()}
-            self._needs_rows = any(isinstance(v, _PerToken) for v in (*args, *kwargs.values()))
         self._out_struct = None
-        try:
-            return self._unpack(super().forward(x, *args, **kwargs))
-        finally:
-            self._needs_rows = False
+        return self._unpack(super().forward(x, *args, **kwargs))
 
-    def dispatch(self, rows: torch.Tensor, routing, run_expert) -> torch.Tensor:
-        if not self._needs_rows:  # leave run_expert as it is (MoEBlock may take its fused path)
-            return super().dispatch(rows, routing, run_expert)
-
-        def run(e: int, x_e: torch.Tensor, rows_e: torch.Tensor) -> torch.Tensor:
-            self._rows = rows_e  # for per-token side inputs
-            try:
-                return run_expert(e, x_e, rows_e)
-            finally:
-                self._rows = None
-        return super().dispatch(rows, routing, run)
-
-    def _side(self, v):
-        if isinstance(v, _PerToken):
-            return v.rows[self._rows]
+    @staticmethod
+    def _side(v):
         return v.value if isinstance(v, _Shared) else v
 
     def expert_forward(self, expert: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

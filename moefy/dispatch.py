@@ -18,7 +18,7 @@ from .routing import Routing
 AGGREGATIONS = ("sum", "mean")
 
 
-def _check_output(out, expert_id: int, rows: int, like: torch.Tensor = None) -> torch.Tensor:
+def check_expert_output(out, expert_id: int, rows: int, like: torch.Tensor = None) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"expert_forward of expert {expert_id} returned {type(out).__name__}; it must return one tensor "
@@ -68,7 +68,7 @@ def dispatch_combine(x: torch.Tensor, routing: Routing,
     if token_index.shape[0] != assigned:  # the hole's assignments are the tail: never run
         token_index = token_index[:assigned]
     if assigned == 0:  # every token dropped, or no tokens: one empty call to learn the output shape
-        empty = _check_output(run_expert(0, x[:0], token_index), 0, 0)
+        empty = check_expert_output(run_expert(0, x[:0], token_index), 0, 0)
         return zero_grad_path(empty.new_zeros((num_tokens, *empty.shape[1:])), experts, range(num_experts))
 
     rows = x.index_select(0, token_index)  # index_select: cheaper than x[idx] forward and backward on CPU
@@ -77,16 +77,32 @@ def dispatch_combine(x: torch.Tensor, routing: Routing,
     else:
         out = _run_each(rows, token_index, counts, run_expert)
     weight = routing.weight if routing.weight.shape[0] == assigned else routing.weight[:assigned]
+    y = combine(out, token_index, weight, num_tokens, aggregation)
+    if 0 in counts and torch.is_grad_enabled():
+        y = zero_grad_path(y, experts, [e for e, n in enumerate(counts) if n == 0])
+    return y
+
+
+def combine(out: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor, num_tokens: int,
+            aggregation: str = "sum") -> torch.Tensor:
+    """Weighted sum of expert outputs back into token order.
+
+    Args:
+        out: (A, *F_out) expert outputs, one row per assignment.
+        token_index: (A,) token of each row.
+        weight: (A,) combine weight of each row.
+        num_tokens: T.
+        aggregation: ``"sum"``, or ``"mean"`` (divided by the number of rows each token received).
+    Returns:
+        y: (T, *F_out); tokens with no row are zero.
+    """
     if weight.dtype != out.dtype:
         weight = weight.to(out.dtype)
     if aggregation == "mean":
         per_token = torch.bincount(token_index, minlength=num_tokens).clamp_(min=1)
         weight = weight / per_token.index_select(0, token_index).to(out.dtype)
     out = out * weight.reshape((-1,) + (1,) * (out.dim() - 1))
-    y = out.new_zeros((num_tokens, *out.shape[1:])).index_add_(0, token_index, out)
-    if 0 in counts and torch.is_grad_enabled():
-        y = zero_grad_path(y, experts, [e for e, n in enumerate(counts) if n == 0])
-    return y
+    return out.new_zeros((num_tokens, *out.shape[1:])).index_add_(0, token_index, out)
 
 
 def _run_each(rows: torch.Tensor, token_index: torch.Tensor, counts: Sequence[int],
@@ -96,5 +112,5 @@ def _run_each(rows: torch.Tensor, token_index: torch.Tensor, counts: Sequence[in
     outs = []
     for e, n in enumerate(counts):
         if n:
-            outs.append(_check_output(run_expert(e, chunks[e], row_ids[e]), e, n, outs[0] if outs else None))
+            outs.append(check_expert_output(run_expert(e, chunks[e], row_ids[e]), e, n, outs[0] if outs else None))
     return torch.cat(outs) if len(outs) > 1 else outs[0]

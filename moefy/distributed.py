@@ -38,9 +38,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .block import MoEBlock
-from .dispatch import zero_grad_path
-from .losses import AUX_LOSSES
-from .routing import Routing
+from .dispatch import check_expert_output, combine, zero_grad_path
+from .routing import Routing, group_by_column
 
 logger = logging.getLogger(__name__)
 
@@ -120,18 +119,16 @@ class ExpertParallel:
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = super().forward(x, *args, **kwargs)
         if self.aux_scope == "global" and self.aux_weights:
-            r = self.global_routing = gather_routing(self.routing, self.rank_tokens, self.ep_group)
-            self.aux_losses = {name: AUX_LOSSES[name](r) for name in self.aux_weights}
-            self.aux_loss = sum((c * self.aux_losses[n] for n, c in self.aux_weights.items()),
-                                r.logits.new_zeros(()))
+            self.global_routing = gather_routing(self.routing, self.rank_tokens, self.ep_group)
+            self.set_aux_losses(self.global_routing)
         return y
 
     def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert) -> torch.Tensor:
         """``rows`` (T, *F) → (T, *F_out): this rank's tokens through experts that may live on other ranks."""
-        if self.route == "samples" and run_expert != self._run_expert:
-            raise ValueError("expert parallelism cannot send per-sample side inputs (extra forward arguments "
-                             "with route='samples') to other ranks; pass them inside x or use route='tokens'")
-        group, world, rank, local = self.ep_group, self.ep_size, self.ep_rank, len(self.experts)
+        if run_expert != self._run_expert:
+            raise ValueError("expert parallelism cannot send side inputs (extra forward arguments) to other "
+                             "ranks; pass them inside x")
+        group, world, local = self.ep_group, self.ep_size, len(self.experts)
         counts = routing.counts[: self.num_experts]
         assigned = sum(counts)
         token_index = routing.token_index[:assigned]
@@ -165,38 +162,25 @@ class ExpertParallel:
                 idle.append(gid)
                 continue
             positions = torch.arange(start, start + n, device=rows.device)
-            outs.append(_check_rows(run_expert(gid, inbox[start:start + n], positions), gid, n))
+            outs.append(check_expert_output(run_expert(gid, inbox[start:start + n], positions), gid, n))
             start += n
         if outs:
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
         else:  # nothing to compute: an empty call still tells the output shape and keeps the graph connected
             gid = self.experts.global_ids[0]
-            out = _check_rows(run_expert(gid, inbox[:0], token_index[:0]), gid, 0)
+            out = check_expert_output(run_expert(gid, inbox[:0], token_index[:0]), gid, 0)
         if order is not None:
             out = out[torch.argsort(order)]
 
         # 4. results back to the tokens' ranks, in the order they were sent
         back = exchange(out, send_splits, recv_splits, group, grad_scale=1.0 / scale)
-        weight = routing.weight[:assigned].to(back.dtype)
-        if self.aggregation == "mean":
-            per_token = torch.bincount(token_index, minlength=rows.shape[0]).clamp_(min=1)
-            weight = weight / per_token[token_index].to(back.dtype)
-        back = back * weight.view(-1, *([1] * (back.dim() - 1)))
-        y = back.new_zeros((rows.shape[0], *back.shape[1:])).index_add_(0, token_index, back)
+        y = combine(back, token_index, routing.weight[:assigned], rows.shape[0], self.aggregation)
         return zero_grad_path(y, self.experts, idle) if idle else y
 
     def extra_repr(self) -> str:
         ids = self.experts.global_ids
         return (f"{super().extra_repr()}, expert_parallel(rank={self.ep_rank}/{self.ep_size}, "
                 f"experts={ids[0]}..{ids[-1]}, aux_scope={self.aux_scope})")
-
-
-def _check_rows(out, expert_id: int, rows: int) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != rows:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"expert_forward of expert {expert_id} returned {got}; expected one tensor with "
-                         f"{rows} rows (one output row per input token)")
-    return out
 
 
 def gather_routing(routing: Routing, rank_tokens: Sequence[int],
@@ -210,7 +194,7 @@ def gather_routing(routing: Routing, rank_tokens: Sequence[int],
     """
     if routing.mode != "token_choice":
         raise ValueError(f"gather_routing needs a token_choice record, got {routing.mode!r}")
-    k, world = routing.indices.shape[1], len(rank_tokens)
+    world = len(rank_tokens)
     parts = [routing.logits, routing.probs, routing.weights, routing.indices.to(routing.probs.dtype)]
     noisy = routing.noisy_logits is not routing.logits
     parts += ([routing.noisy_logits] if noisy else []) + ([routing.noise_std] if routing.noise_std is not None else [])
@@ -222,15 +206,12 @@ def gather_routing(routing: Routing, rank_tokens: Sequence[int],
     noisy_logits = rest.pop(0) if noisy else logits
     noise_std = rest.pop(0) if routing.noise_std is not None else None
     indices = indices.round().long()
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    expert_index = flat[order]
+    token_index, expert_index, weight = group_by_column(indices, weights)
     counts = tuple(torch.bincount(expert_index, minlength=probs.shape[1]).tolist())
     return Routing(
         mode="token_choice", num_experts=routing.num_experts, hole=routing.hole, logits=logits,
         noisy_logits=noisy_logits, noise_std=noise_std, probs=probs, indices=indices, weights=weights,
-        token_index=torch.div(order, k, rounding_mode="floor"), expert_index=expert_index,
-        weight=weights.reshape(-1)[order], counts=counts, tokens_shape=(int(sum(rank_tokens)),),
+        token_index=token_index, expert_index=expert_index, weight=weight, counts=counts, tokens_shape=(int(sum(rank_tokens)),),
         dropped=torch.tensor(counts[routing.num_experts] if routing.hole else 0))
 
 

@@ -170,9 +170,16 @@ def token_choice(probs: torch.Tensor, k: int, normalize: bool = True):
     vals, idx = top_k(probs, k)
     if normalize:
         vals = vals / vals.detach() if k == 1 else vals / vals.sum(dim=-1, keepdim=True)
-    expert_index, order = idx.reshape(-1).sort(stable=True)
+    return (idx, vals, *group_by_column(idx, vals))
+
+
+def group_by_column(indices: torch.Tensor, weights: torch.Tensor):
+    """Flatten token-choice picks (T, k) into assignments grouped by column with one stable sort:
+    ``(token_index, expert_index, weight)``, each (T*k,); tokens keep their order inside a column."""
+    k = indices.shape[1]
+    expert_index, order = indices.reshape(-1).sort(stable=True)
     token_index = order if k == 1 else torch.div(order, k, rounding_mode="floor")
-    return idx, vals, token_index, expert_index, vals.reshape(-1).index_select(0, order)
+    return token_index, expert_index, weights.reshape(-1).index_select(0, order)
 
 
 def top_k(probs: torch.Tensor, k: int):

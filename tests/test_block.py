@@ -267,3 +267,24 @@ def test_checkpoint_that_does_not_fit_names_the_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"at '1\.'"):
         model.load_state_dict({"0.weight": torch.zeros(4, 4), "0.bias": torch.zeros(4),
                                **{"1." + k: v for k, v in sd.items()}})
+
+
+def test_side_inputs_are_sliced_per_token():
+    class Scaled(MoEBlock):
+        def __init__(self):
+            super().__init__(experts=[nn.Linear(4, 3) for _ in range(3)], input_dim=4, k=2)
+
+        def expert_forward(self, expert, x, scale, bias):
+            return expert(x) * scale + bias
+
+    m = Scaled().double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    scale, bias = torch.rand(2, 5, 1, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y = m(x, scale, bias=bias)
+    p = torch.softmax(x.reshape(-1, 4) @ m.router.gate.weight.t(), -1)
+    want = torch.zeros(10, 3, dtype=torch.float64)
+    for t in range(10):
+        top = p[t].topk(2).indices.tolist()
+        for e in top:
+            want[t] += p[t, e] / p[t, top].sum() * (m.experts[e](x.reshape(-1, 4)[t]) * scale.reshape(-1, 1)[t] + bias)
+    torch.testing.assert_close(y.reshape(-1, 3), want)
