@@ -2,10 +2,12 @@
 
     python benchmarks/dispatch.py                     # every case, timings + peak memory, markdown table
     python benchmarks/dispatch.py --cases C latency-1 --repeats 30 --no-memory
+    python benchmarks/dispatch.py --device cuda --dtype bfloat16     # on a GPU (fused: torch._grouped_mm)
 
 Times are medians over interleaved repeats (every variant runs once per round, in a rotating order), so
 load from other processes hits all variants alike; each ratio divides by the floor's median of the same run.
-Peak memory: one forward+backward per fresh process (``benchmarks/memory.py``), ``ru_maxrss``.
+Peak memory: one forward+backward per fresh process (``benchmarks/memory.py``), ``ru_maxrss``; on CUDA,
+``torch.cuda.max_memory_allocated`` of one forward+backward in this process.
 """
 from __future__ import annotations
 
@@ -33,10 +35,14 @@ def _fwd_bwd(model, x, grad):
     model(x).backward(grad)
 
 
-def time_case(case, variants, repeats: int, warmup: int = 2):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def time_case(case, variants, repeats: int, warmup: int = 2, device: str = "cpu", dtype=torch.float32):
     """{variant: {"fwd": [s...], "fwd+bwd": [s...]}} from interleaved rounds."""
-    models = {v: build(case, v) for v in variants}
-    x = make_input(case)
+    models = {v: build(case, v, device=device, dtype=dtype) for v in variants}
+    x = make_input(case, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times = {v: {"fwd": [], "fwd+bwd": []} for v in variants}
     if case.latency:
         for m in models.values():
@@ -56,25 +62,44 @@ def time_case(case, variants, repeats: int, warmup: int = 2):
                     for p in m.parameters():
                         p.grad = None
                     xg.grad = None
+                sync()
                 start = time.perf_counter()
                 for _ in range(inner):
                     _fwd(m, x) if kind == "fwd" else _fwd_bwd(m, xg, grad)
+                sync()
                 elapsed = (time.perf_counter() - start) / inner
                 if r >= warmup:
                     times[v][kind].append(elapsed)
     return times
 
 
-def peak_memory(case_name: str, variant: str) -> dict:
+def peak_memory(case_name: str, variant: str, dtype: str = "float32") -> dict:
     """Peak RSS of one forward+backward, in a fresh process."""
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("memory.py")), case_name, variant],
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("memory.py")), case_name, variant, dtype],
                          check=True, capture_output=True, text=True).stdout
     peak, before = (float(v) for v in out.split())
     return {"peak": peak, "net": peak - before}
 
 
+def cuda_peak_memory(case, variant: str, dtype) -> dict:
+    """Peak CUDA memory of one forward+backward (MB): ``peak`` = max allocated, ``net`` = minus the layer and input."""
+    model = build(case, variant, device="cuda", dtype=dtype)
+    x = make_input(case, device="cuda", dtype=dtype).requires_grad_(True)
+    grad = torch.randn_like(x)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model(x).backward(grad)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del model, x, grad
+    return {"peak": peak / 2**20, "net": (peak - before) / 2**20}
+
+
 def spread(ts):
     """Relative half-width of the middle half: (q3 - q1) / (2 median)."""
+    if len(ts) < 2:
+        return float("nan")
     q = statistics.quantiles(ts, n=4)
     return (q[2] - q[0]) / (2 * statistics.median(ts))
 
@@ -90,7 +115,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds per case (x20 for latency)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible to torch")
+    dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v for v in VARIANTS if v in args.variants]
@@ -99,19 +130,23 @@ def main() -> None:
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    print(f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32, load average before {os.getloadavg()[0]:.2f}")
+    where = f"{torch.cuda.get_device_name()}, host {cpu}" if cuda else \
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    print(f"Machine: {where}, torch {torch.__version__}, {args.dtype}, "
+          f"load average before {os.getloadavg()[0]:.2f}")
     print(f"Command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}".rstrip())
     print()
     header = "| case | variant | fwd | fwd / floor | fwd+bwd | fwd+bwd / floor | ± | peak MB | net MB | net / floor |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     # memory first, while this process is small: a child inherits its parent's ru_maxrss across fork + exec
-    mems = {name: {v: peak_memory(name, v) for v in variants}
+    measure = (lambda name, v: cuda_peak_memory(CASES[name], v, dtype)) if cuda else \
+        (lambda name, v: peak_memory(name, v, args.dtype))
+    mems = {name: {v: measure(name, v) for v in variants}
             for name in args.cases if not args.no_memory and not CASES[name].latency}
     for name in args.cases:
         case = CASES[name]
-        times = time_case(case, variants, args.repeats)
+        times = time_case(case, variants, args.repeats, device=args.device, dtype=dtype)
         med = {v: {k: statistics.median(ts) for k, ts in kinds.items() if ts} for v, kinds in times.items()}
         mem = mems.get(name, {})
         for v in variants:
@@ -131,8 +166,9 @@ def main() -> None:
                 row += ["–", "–", "–"]
             print("| " + " | ".join(row) + " |", flush=True)
     print()
-    print(f"load average after {os.getloadavg()[0]:.2f}; ± = (q3 - q1) / (2 median) of the main timing; "
-          "net MB = peak RSS minus RSS before the forward (the peak includes ~torch's own footprint)")
+    print(f"load average after {os.getloadavg()[0]:.2f}; ± = (q3 - q1) / (2 median) of the main timing; " +
+          ("net MB = peak minus memory before the forward" if cuda else
+           "net MB = peak RSS minus RSS before the forward (the peak includes ~torch's own footprint)"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Peak memory of one forward+backward of one variant, in this (fresh) process.
 
-    python benchmarks/memory.py A generic      # prints "peak_MB rss_before_forward_MB"
+    python benchmarks/memory.py A generic [bfloat16]     # prints "peak_MB rss_before_forward_MB"
 
 ``peak`` is ``ru_maxrss`` after the step; ``before`` is the RSS once the layer and its input exist, so
 ``peak - before`` is what the forward+backward itself added (activations, gradients, dispatch buffers).
@@ -25,8 +25,9 @@ def rss_mb() -> float:
 
 def main() -> None:
     case, variant = CASES[sys.argv[1]], sys.argv[2]
-    model = build(case, variant)
-    x = make_input(case).requires_grad_(True)
+    dtype = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.float32
+    model = build(case, variant, dtype=dtype)
+    x = make_input(case, dtype=dtype).requires_grad_(True)
     grad = torch.randn_like(x)
     before = rss_mb()
     model(x).backward(grad)

@@ -81,8 +81,13 @@ class MaskLoopMoE(nn.Module):
         return y
 
 
-def build(case: Case, variant: str, seed: int = 0) -> nn.Module:
+def build(case: Case, variant: str, seed: int = 0, device: str = "cpu",
+          dtype: torch.dtype = torch.float32) -> nn.Module:
     """The variant's layer for this case; all mixtures share the same router and expert weights."""
+    return _build(case, variant, seed).to(device, dtype)
+
+
+def _build(case: Case, variant: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if variant == "floor":
         return mlp(case.dim, case.k * case.hidden)
@@ -102,12 +107,12 @@ def build(case: Case, variant: str, seed: int = 0) -> nn.Module:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
-def make_input(case: Case, seed: int = 1) -> torch.Tensor:
+def make_input(case: Case, seed: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(T, d) standard normal tokens; the last feature is the constant 1 the skewed router keys on."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(case.tokens, case.dim, generator=g)
     x[:, -1] = 1.0
-    return x
+    return x.to(device, dtype)
 
 
 @torch.no_grad()
