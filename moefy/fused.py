@@ -99,8 +99,9 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
             raise ValueError(f"backend='grouped' needs torch._grouped_mm, a float32 / half dtype (got {x.dtype}) "
                              f"and feature sizes that are multiples of {16 // x.element_size()}")
         if backend == "grouped" or (fast and grouped_ok):
-            if offsets is None:
-                offsets = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
+            if offsets is None:  # end row of each expert, found on the device: no host-to-device copy
+                ends = torch.arange(1, len(counts) + 1, device=x.device, dtype=expert_index.dtype)
+                offsets = torch.searchsorted(expert_index, ends, out_int32=True)
             x = _grouped_linear(x, linears, offsets, expert_index)
         else:
             x = _looped_linear(x, linears, counts)

@@ -173,6 +173,16 @@ def token_choice(probs: torch.Tensor, k: int, normalize: bool = True):
     return (idx, vals, *group_by_column(idx, vals))
 
 
+def count_columns(expert_index: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """(num_columns,) long: assignments per column, on ``expert_index``'s device.
+
+    ``bincount`` on CUDA reads the maximum back to the host first (a synchronisation); ``index_add_`` does not.
+    """
+    if expert_index.is_cuda:
+        return expert_index.new_zeros(num_columns).index_add_(0, expert_index, torch.ones_like(expert_index))
+    return torch.bincount(expert_index, minlength=num_columns)
+
+
 def group_by_column(indices: torch.Tensor, weights: torch.Tensor):
     """Flatten token-choice picks (T, k) into assignments grouped by column with one stable sort:
     ``(token_index, expert_index, weight)``, each (T*k,); tokens keep their order inside a column."""
