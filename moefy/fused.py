@@ -87,24 +87,28 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fast = backend == "auto" and x.is_cuda and x.dtype == torch.bfloat16 and _fast_grouped_mm(x.device)
-    layers = [list(e) if type(e) is nn.Sequential else [e] for e in experts]
+    may_group = backend == "grouped" or fast
+    modules = list(experts)
+    active = range(len(modules)) if may_group else [e for e, n in enumerate(counts) if n]  # the loop skips idle ones
+    sizes = [counts[e] for e in active]
+    layers = [list(modules[e]) if type(modules[e]) is nn.Sequential else [modules[e]] for e in active]
     offsets = None
     for kind, i in layout:
         if kind == "act":
             x = layers[0][i](x)
             continue
         linears: List[nn.Linear] = [expert_layers[i] for expert_layers in layers]
-        grouped_ok = _grouped_mm_ok(x, linears[0])
+        grouped_ok = may_group and _grouped_mm_ok(x, linears[0])
         if backend == "grouped" and not grouped_ok:
             raise ValueError(f"backend='grouped' needs torch._grouped_mm, a float32 / half dtype (got {x.dtype}) "
                              f"and feature sizes that are multiples of {16 // x.element_size()}")
-        if backend == "grouped" or (fast and grouped_ok):
+        if grouped_ok:
             if offsets is None:  # end row of each expert, found on the device: no host-to-device copy
                 ends = torch.arange(1, len(counts) + 1, device=x.device, dtype=expert_index.dtype)
                 offsets = torch.searchsorted(expert_index, ends, out_int32=True)
             x = _grouped_linear(x, linears, offsets, expert_index)
         else:
-            x = _looped_linear(x, linears, counts)
+            x = _looped_linear(x, linears, sizes)
     return x
 
 
@@ -131,9 +135,11 @@ def _grouped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], offsets: torc
     return y
 
 
-def _looped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], counts: Sequence[int]) -> torch.Tensor:
+def _looped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequence[int]) -> torch.Tensor:
+    if len(linears) == 1:
+        return F.linear(x, linears[0].weight, linears[0].bias)
     outs = []
-    for linear, chunk, n in zip(linears, x.split_with_sizes(counts), counts):
+    for linear, chunk, n in zip(linears, x.split_with_sizes(sizes), sizes):
         if n:
             outs.append(F.linear(chunk, linear.weight, linear.bias))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    return torch.cat(outs)
