@@ -138,9 +138,24 @@ def _grouped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], offsets: torc
 
 def _looped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequence[int]) -> torch.Tensor:
     if len(linears) == 1:
-        return F.linear(x, linears[0].weight, linears[0].bias)
+        return _linear(x, linears[0])
     outs = []
     for linear, chunk, n in zip(linears, x.split_with_sizes(sizes), sizes):
         if n:
-            outs.append(F.linear(chunk, linear.weight, linear.bias))
+            outs.append(_linear(chunk, linear))
     return torch.cat(outs)
+
+
+# On CPU, F.linear(x, W) = x @ W.T with a few rows of x repacks all of W on every call, while W @ x.T reads W
+# as it lies: measured 4x faster for 2 rows of a 1024x512 weight, 1.8x for 8, ~1.1x for 32-64, but slower for
+# small weights (256x128) and for a single row (torch 2.13, 2 threads, 16 cold weights).
+_FEW_ROWS, _BIG_WEIGHT = 16, 1 << 18
+
+
+def _linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``F.linear(x, linear.weight, linear.bias)`` for x (n, in) → (n, out), transposed for a few rows on CPU."""
+    weight, bias = linear.weight, linear.bias
+    if 2 <= x.shape[0] <= _FEW_ROWS and not x.is_cuda and weight.numel() >= _BIG_WEIGHT:
+        y = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x.t())
+        return y.t()
+    return F.linear(x, weight, bias)

@@ -3,10 +3,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moefy.block import MoEBlock
-from moefy.fused import fused_experts_forward, fused_layout
+from moefy.fused import _linear, fused_experts_forward, fused_layout
 from moefy.routing import top_k
 
 
@@ -152,3 +153,16 @@ def test_top_k_equals_torch_topk(tokens, columns, k):
     assert torch.equal(vals, want_vals)
     g = torch.randn_like(vals)
     torch.testing.assert_close(torch.autograd.grad(vals, probs, g)[0], torch.autograd.grad(want_vals, probs, g)[0])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 17])
+def test_few_row_linear_equals_f_linear(rows):
+    lin = nn.Linear(512, 512).double()  # 2**18 weights: big enough for the transposed few-row product
+    x = torch.randn(rows, 512, dtype=torch.float64, requires_grad=True)
+    got, want = _linear(x, lin), F.linear(x, lin.weight, lin.bias)
+    assert got.is_contiguous() == (not 2 <= rows <= 16)  # W @ x.T exactly for 2..16 rows
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (x, lin.weight, lin.bias), g),
+                    torch.autograd.grad(want, (x, lin.weight, lin.bias), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
