@@ -16,7 +16,7 @@ from torch import nn
 from .dispatch import AGGREGATIONS, dispatch_combine
 from .fused import fused_layout
 from .losses import AUX_LOSSES
-from .routing import Router, Routing, count_columns, expert_capacity, expert_choice, token_choice
+from .routing import Router, Routing, count_ids, expert_capacity, expert_choice, token_choice
 
 ROUTES = ("tokens", "samples")
 AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
@@ -248,7 +248,7 @@ class MoEBlock(nn.Module, ABC):
             dropped = num_tokens - covered.sum()
         else:
             indices, weights, token_index, expert_index, weight = token_choice(probs, self.k, self.normalize)
-            counts = tuple(count_columns(expert_index, self.num_columns).tolist())  # the one host sync
+            counts = tuple(count_ids(expert_index, self.num_columns).tolist())  # the one host sync
             dropped = torch.tensor(counts[self.num_experts]) if self.hole else _NO_DROPS
         if kept is not None:
             token_index = kept.index_select(0, token_index)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .fused import Layout, fused_experts_forward
-from .routing import Routing
+from .routing import Routing, count_ids
 
 AGGREGATIONS = ("sum", "mean")
 # Up to this many output elements the combine accumulates with index_put_: 2.5 µs against index_add_'s 9 µs
@@ -102,7 +102,7 @@ def combine(out: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor, 
     if weight.dtype != out.dtype:
         weight = weight.to(out.dtype)
     if aggregation == "mean":
-        per_token = torch.bincount(token_index, minlength=num_tokens).clamp_(min=1)
+        per_token = count_ids(token_index, num_tokens).clamp_(min=1)
         weight = weight / per_token.index_select(0, token_index).to(out.dtype)
     out = out * weight.reshape((-1,) + (1,) * (out.dim() - 1))
     y = out.new_zeros((num_tokens, *out.shape[1:]))

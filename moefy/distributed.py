@@ -39,7 +39,7 @@ from torch import nn
 
 from .block import MoEBlock
 from .dispatch import check_expert_output, combine, zero_grad_path
-from .routing import Routing, group_by_column
+from .routing import Routing, count_ids, group_by_column
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def gather_routing(routing: Routing, rank_tokens: Sequence[int],
     noise_std = rest.pop(0) if routing.noise_std is not None else None
     indices = indices.round().long()
     token_index, expert_index, weight = group_by_column(indices, weights)
-    counts = tuple(torch.bincount(expert_index, minlength=probs.shape[1]).tolist())
+    counts = tuple(count_ids(expert_index, probs.shape[1]).tolist())
     return Routing(
         mode="token_choice", num_experts=routing.num_experts, hole=routing.hole, logits=logits,
         noisy_logits=noisy_logits, noise_std=noise_std, probs=probs, indices=indices, weights=weights,

@@ -28,7 +28,7 @@ from typing import Callable, Dict
 import torch
 from torch.distributions import Normal
 
-from .routing import Routing, count_columns
+from .routing import Routing, count_ids
 
 
 def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -68,7 +68,7 @@ def importance(r: Routing) -> torch.Tensor:
 
 def _column_counts(r: Routing) -> torch.Tensor:
     """(E',) assignments per column as floats, computed on the routing's device (no host round trip)."""
-    return count_columns(r.expert_index, r.probs.shape[1]).to(r.probs.dtype)
+    return count_ids(r.expert_index, r.probs.shape[1]).to(r.probs.dtype)
 
 
 @_takes_routing

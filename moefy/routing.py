@@ -173,14 +173,14 @@ def token_choice(probs: torch.Tensor, k: int, normalize: bool = True):
     return (idx, vals, *group_by_column(idx, vals))
 
 
-def count_columns(expert_index: torch.Tensor, num_columns: int) -> torch.Tensor:
-    """(num_columns,) long: assignments per column, on ``expert_index``'s device.
+def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """(size,) long: how often each id in [0, size) occurs in ``ids`` (router columns, tokens), on its device.
 
     ``bincount`` on CUDA reads the maximum back to the host first (a synchronisation); ``index_add_`` does not.
     """
-    if expert_index.is_cuda:
-        return expert_index.new_zeros(num_columns).index_add_(0, expert_index, torch.ones_like(expert_index))
-    return torch.bincount(expert_index, minlength=num_columns)
+    if ids.is_cuda:
+        return ids.new_zeros(size).index_add_(0, ids, torch.ones_like(ids))
+    return torch.bincount(ids, minlength=size)
 
 
 def group_by_column(indices: torch.Tensor, weights: torch.Tensor):

@@ -49,8 +49,10 @@ def test_cuda_float32_matches_cpu_float64(options):
         assert rel_err(p.grad, p_ref.grad) < 1e-4, name
 
 
-def test_one_host_sync_per_token_choice_forward():
-    block = Mixture(mlps(8), 64, k=2).cuda()
+@pytest.mark.parametrize("options", [dict(k=2), dict(k=2, aggregation="mean", aux_criterion=["switch", "z"]),
+                                     dict(k=1, fused=True)])
+def test_one_host_sync_per_token_choice_forward(options):
+    block = Mixture(mlps(8), 64, **options).cuda()
     x = torch.randn(256, 64, device="cuda")
     block(x)  # warm up: lazy initialisation may synchronise
     torch.cuda.synchronize()
