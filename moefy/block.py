@@ -178,10 +178,7 @@ class MoEBlock(nn.Module, ABC):
             kept = self._kept_rows(token_mask, tokens_shape)
             router_in = router_in.index_select(0, kept)
         routing = self.route_rows(router_in, tokens_shape, kept)
-        if args or kwargs:
-            run = self._side_input_runner(tokens_shape, args, kwargs)
-        else:
-            run = self._run_expert
+        run = self._side_input_runner(tokens_shape, args, kwargs) if args or kwargs else None
         y = self.dispatch(rows, routing, run)
         if self.route == "tokens" and len(tokens_shape) != 1:
             y = y.reshape(*tokens_shape, *y.shape[1:])
@@ -242,14 +239,16 @@ class MoEBlock(nn.Module, ABC):
         if self.expert_choice:
             c = expert_capacity(num_tokens, self.num_columns, self.k, self.capacity_factor, self.capacity)
             indices, weights, token_index, expert_index, weight = expert_choice(probs, c)
-            counts = (c,) * self.num_columns
+            host_counts = (c,) * self.num_columns
+            count = torch.full((self.num_columns,), c, dtype=torch.long, device=x.device)
             covered = torch.zeros(num_tokens, dtype=torch.bool, device=x.device)
             covered[token_index[: c * self.num_experts]] = True
             dropped = num_tokens - covered.sum()
         else:
             indices, weights, token_index, expert_index, weight = token_choice(probs, self.k, self.normalize)
-            counts = tuple(count_ids(expert_index, self.num_columns).tolist())  # the one host sync
-            dropped = torch.tensor(counts[self.num_experts]) if self.hole else _NO_DROPS
+            count = count_ids(expert_index, self.num_columns)
+            host_counts = None if count.is_cuda else tuple(count.tolist())  # on a GPU: read back when needed
+            dropped = count[self.num_experts] if self.hole else _NO_DROPS
         if kept is not None:
             token_index = kept.index_select(0, token_index)
             if self.expert_choice:
@@ -257,16 +256,19 @@ class MoEBlock(nn.Module, ABC):
         return Routing(
             mode="expert_choice" if self.expert_choice else "token_choice", num_experts=self.num_experts,
             hole=self.hole, logits=logits, noisy_logits=noisy, noise_std=std, probs=probs, indices=indices,
-            weights=weights, token_index=token_index, expert_index=expert_index, weight=weight, counts=counts,
-            tokens_shape=tuple(tokens_shape if tokens_shape is not None else (num_tokens,)), dropped=dropped)
+            weights=weights, token_index=token_index, expert_index=expert_index, weight=weight, count=count,
+            tokens_shape=tuple(tokens_shape if tokens_shape is not None else (num_tokens,)), dropped=dropped,
+            host_counts=host_counts)
 
-    def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert) -> torch.Tensor:
+    def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert=None) -> torch.Tensor:
         """Send ``rows`` (T, *F) to the experts the record names and combine: → (T, *F_out).
 
-        ``run_expert(e, x_e, rows_e)`` runs expert e; expert parallelism overrides this method.
+        ``run_expert(e, x_e, rows_e)`` runs expert e with the call's side inputs; None (no side inputs) runs
+        :meth:`expert_forward`, fused where the block is. Expert parallelism overrides this method.
         """
-        fused = self._fused_layout if run_expert == self._run_expert else None  # not with side inputs
-        return dispatch_combine(rows, routing, run_expert, self.experts, self.aggregation, fused=fused)
+        fused = self._fused_layout if run_expert is None else None
+        return dispatch_combine(rows, routing, run_expert or self._run_expert, self.experts, self.aggregation,
+                                fused=fused)
 
     def _run_expert(self, e: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(self.experts[e], x)
@@ -330,7 +332,7 @@ class MoEBlock(nn.Module, ABC):
     @torch.no_grad()
     def abs_experts_load(self) -> torch.Tensor:
         """(E',) long: tokens each router column received in the last forward."""
-        return torch.tensor(self._last().counts, dtype=torch.long)
+        return self._last().count.to("cpu", torch.long)
 
     @property
     def fused(self) -> bool:

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .fused import Layout, fused_experts_forward
+from .fused import Layout, fused_experts_forward, runs_grouped
 from .routing import Routing, count_ids
 
 AGGREGATIONS = ("sum", "mean")
@@ -65,6 +65,13 @@ def dispatch_combine(x: torch.Tensor, routing: Routing,
         y: (T, *F_out).
     """
     num_tokens, num_experts = x.shape[0], routing.num_experts
+    if (fused is not None and x.dim() == 2 and num_tokens and routing.mode == "token_choice" and not routing.hole
+            and runs_grouped(experts, fused, x)):
+        # every assignment reaches a real expert and grouped mm finds the expert boundaries on the device: no
+        # host counts, so no synchronisation; idle experts get zero gradients through the stacked weights
+        out = fused_experts_forward(experts, fused, x.index_select(0, routing.token_index), None,
+                                    routing.expert_index)
+        return combine(out, routing.token_index, routing.weight, num_tokens, aggregation)
     counts = routing.counts[:num_experts]
     assigned = sum(counts)
     token_index = routing.token_index

@@ -123,9 +123,9 @@ class ExpertParallel:
             self.set_aux_losses(self.global_routing)
         return y
 
-    def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert) -> torch.Tensor:
+    def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert=None) -> torch.Tensor:
         """``rows`` (T, *F) → (T, *F_out): this rank's tokens through experts that may live on other ranks."""
-        if run_expert != self._run_expert:
+        if run_expert is not None:
             raise ValueError("expert parallelism cannot send side inputs (extra forward arguments) to other "
                              "ranks; pass them inside x")
         group, world, local = self.ep_group, self.ep_size, len(self.experts)
@@ -162,13 +162,13 @@ class ExpertParallel:
                 idle.append(gid)
                 continue
             positions = torch.arange(start, start + n, device=rows.device)
-            outs.append(check_expert_output(run_expert(gid, inbox[start:start + n], positions), gid, n))
+            outs.append(check_expert_output(self._run_expert(gid, inbox[start:start + n], positions), gid, n))
             start += n
         if outs:
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
         else:  # nothing to compute: an empty call still tells the output shape and keeps the graph connected
             gid = self.experts.global_ids[0]
-            out = check_expert_output(run_expert(gid, inbox[:0], token_index[:0]), gid, 0)
+            out = check_expert_output(self._run_expert(gid, inbox[:0], token_index[:0]), gid, 0)
         if order is not None:
             out = out[torch.argsort(order)]
 
@@ -207,12 +207,13 @@ def gather_routing(routing: Routing, rank_tokens: Sequence[int],
     noise_std = rest.pop(0) if routing.noise_std is not None else None
     indices = indices.round().long()
     token_index, expert_index, weight = group_by_column(indices, weights)
-    counts = tuple(count_ids(expert_index, probs.shape[1]).tolist())
+    count = count_ids(expert_index, probs.shape[1])
     return Routing(
         mode="token_choice", num_experts=routing.num_experts, hole=routing.hole, logits=logits,
         noisy_logits=noisy_logits, noise_std=noise_std, probs=probs, indices=indices, weights=weights,
-        token_index=token_index, expert_index=expert_index, weight=weight, counts=counts, tokens_shape=(int(sum(rank_tokens)),),
-        dropped=torch.tensor(counts[routing.num_experts] if routing.hole else 0))
+        token_index=token_index, expert_index=expert_index, weight=weight, count=count,
+        tokens_shape=(int(sum(rank_tokens)),),
+        dropped=count[routing.num_experts] if routing.hole else count.new_zeros(()))
 
 
 _CLASSES: Dict[type, type] = {}

@@ -70,15 +70,25 @@ def _plain(module: nn.Module) -> bool:
 BACKENDS = ("auto", "grouped", "loop")
 
 
+def runs_grouped(experts: Sequence[nn.Module], layout: Layout, x: torch.Tensor) -> bool:
+    """Whether the ``"auto"`` backend runs every Linear of ``experts`` on ``x`` (A, D) as one grouped mm, which
+    needs no host-side counts."""
+    first = experts[0]
+    layers = list(first) if type(first) is nn.Sequential else [first]
+    return _auto_groups(x) and all(_grouped_mm_ok(x, layers[i]) for kind, i in layout if kind == "linear")
+
+
 def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch.Tensor,
-                          counts: Sequence[int], expert_index: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+                          counts: Optional[Sequence[int]], expert_index: torch.Tensor,
+                          backend: str = "auto") -> torch.Tensor:
     """Run every expert on its rows of ``x``.
 
     Args:
         experts: E experts with the structure ``layout`` describes.
         layout: from :func:`fused_layout`.
         x: (A, D) rows grouped by expert, ``counts[e]`` rows for expert e, in expert order.
-        counts: E host ints, ``sum(counts) == A``.
+        counts: E host ints, ``sum(counts) == A``; may be None where every layer runs grouped
+            (:func:`runs_grouped`), which finds the expert boundaries on the device.
         expert_index: (A,) long, the expert of each row (non-decreasing).
         backend: ``"auto"``, ``"grouped"`` (``torch._grouped_mm``; float32 / half dtypes, feature sizes
             that keep 16-byte alignment) or ``"loop"``.
@@ -87,11 +97,12 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    fast = backend == "auto" and x.is_cuda and x.dtype == torch.bfloat16 and _fast_grouped_mm(x.device)
-    may_group = backend == "grouped" or fast
+    may_group = backend == "grouped" or (backend == "auto" and _auto_groups(x))
     modules = list(experts)
+    if counts is None and not may_group:
+        raise ValueError("counts=None needs the grouped backend (see runs_grouped)")
     active = range(len(modules)) if may_group else [e for e, n in enumerate(counts) if n]  # the loop skips idle ones
-    sizes = [counts[e] for e in active]
+    sizes = None if counts is None else [counts[e] for e in active]
     layers = [list(modules[e]) if type(modules[e]) is nn.Sequential else [modules[e]] for e in active]
     offsets = None
     for kind, i in layout:
@@ -105,16 +116,20 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
                              f"and feature sizes that are multiples of {16 // x.element_size()}")
         if grouped_ok:
             if offsets is None:  # end row of each expert, found on the device: no host-to-device copy
-                ends = torch.arange(1, len(counts) + 1, device=x.device, dtype=expert_index.dtype)
+                ends = torch.arange(1, len(modules) + 1, device=x.device, dtype=expert_index.dtype)
                 offsets = torch.searchsorted(expert_index, ends, out_int32=True)
             x = _grouped_linear(x, linears, offsets, expert_index)
+        elif sizes is None:
+            raise ValueError(f"counts=None needs every Linear to run grouped; this one cannot ({linears[0]})")
         else:
             x = _looped_linear(x, linears, sizes)
     return x
 
 
-def _fast_grouped_mm(device: torch.device) -> bool:
-    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device) >= (9, 0)
+def _auto_groups(x: torch.Tensor) -> bool:
+    """Where ``torch._grouped_mm`` has a fast kernel: CUDA, bfloat16, compute capability ≥ 9.0."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
 def _grouped_mm_ok(x: torch.Tensor, linear: nn.Linear) -> bool:

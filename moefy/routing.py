@@ -7,7 +7,7 @@ A = number of (token, expert) assignments.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -38,10 +38,13 @@ class Routing:
         token_index: (A,) token id of each assignment, grouped by column in column order.
         expert_index: (A,) router column of each assignment, non-decreasing.
         weight: (A,) combine weight of each assignment.
-        counts: E' host ints, assignments per router column (``counts[E]`` is the hole's).
+        count: (E',) long, assignments per router column (``count[E]`` is the hole's), on the routing's device.
         tokens_shape: leading shape of the routed input, ``prod(tokens_shape) == T``.
         dropped: 0-dim long tensor; token choice: slots sent to the hole; expert choice: tokens that no
             real expert picked. Every token slot is either processed or counted here.
+        host_counts: ``count`` as host ints when the router already has them; else read back on first use of
+            :attr:`counts` (on a GPU that read is the forward's one synchronisation, and a fused grouped-mm
+            forward never makes it).
     """
 
     mode: str
@@ -56,13 +59,21 @@ class Routing:
     token_index: torch.Tensor
     expert_index: torch.Tensor
     weight: torch.Tensor
-    counts: Tuple[int, ...]
+    count: torch.Tensor
     tokens_shape: Tuple[int, ...]
     dropped: torch.Tensor
+    host_counts: Optional[Tuple[int, ...]] = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (f"Routing({self.mode}, tokens={self.num_tokens}, experts={self.num_experts}, hole={self.hole}, "
                 f"counts={list(self.counts)}, dropped={int(self.dropped)})")
+
+    @property
+    def counts(self) -> Tuple[int, ...]:
+        """E' host ints, assignments per router column (``counts[E]`` is the hole's)."""
+        if self.host_counts is None:
+            object.__setattr__(self, "host_counts", tuple(self.count.tolist()))  # a cache, not a new value
+        return self.host_counts
 
     @property
     def num_tokens(self) -> int:

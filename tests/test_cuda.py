@@ -49,22 +49,51 @@ def test_cuda_float32_matches_cpu_float64(options):
         assert rel_err(p.grad, p_ref.grad) < 1e-4, name
 
 
-@pytest.mark.parametrize("options", [dict(k=2), dict(k=2, aggregation="mean", aux_criterion=["switch", "z"]),
-                                     dict(k=1, fused=True)])
-def test_one_host_sync_per_token_choice_forward(options):
-    block = Mixture(mlps(8), 64, **options).cuda()
-    x = torch.randn(256, 64, device="cuda")
+def grouped_mm_here() -> bool:
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.parametrize("options,dtype,syncs", [
+    (dict(k=2), torch.float32, 1),
+    (dict(k=2, aggregation="mean", aux_criterion=["switch", "z"]), torch.float32, 1),
+    (dict(k=1, fused=True), torch.float32, 1),  # fused, but no grouped mm in float32: counts for the loop
+    (dict(k=2, fused=True, hole=True), torch.bfloat16, 1),  # the hole's tail is cut with host counts
+    (dict(k=2, fused=True, aux_criterion="switch"), torch.bfloat16, 0),  # grouped mm: no host counts at all
+])
+def test_host_syncs_per_forward_and_backward(options, dtype, syncs):
+    if syncs == 0 and not grouped_mm_here():
+        pytest.skip("grouped mm needs compute capability >= 9.0")
+    block = Mixture(mlps(8), 64, **options).to("cuda", dtype)
+    x = torch.randn(256, 64, device="cuda", dtype=dtype)
     block(x)  # warm up: lazy initialisation may synchronise
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            block(x).sum().backward()
+            block(x).float().sum().add(block.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    found = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(found) == syncs, found
+    r = block.routing  # the host counts are read back on demand
+    assert sum(r.counts[:block.num_experts]) + int(r.dropped) == 256 * block.k
+
+
+def test_grouped_mm_gives_idle_experts_zero_gradients():
+    if not grouped_mm_here():
+        pytest.skip("grouped mm needs compute capability >= 9.0")
+    block = Mixture(mlps(4), 64, k=1, fused=True).to("cuda", torch.bfloat16)
+    with torch.no_grad():  # every token to expert 2
+        block.router.gate.weight.zero_()
+        block.router.gate.weight[2, 0] = 5.0
+    x = torch.rand(32, 64, device="cuda", dtype=torch.bfloat16) + 1
+    block(x).float().sum().backward()
+    assert block.routing.counts == (0, 0, 32, 0)
+    for e in (0, 1, 3):
+        for p in block.experts[e].parameters():
+            assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+    assert torch.count_nonzero(block.experts[2][0].weight.grad) > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -15,9 +15,9 @@ def routing(logits, k=1, noise_std=None, noisy=None):
     noisy = logits if noisy is None else torch.as_tensor(noisy, dtype=torch.float64)
     probs = noisy.softmax(-1)
     idx, w, tok, exp, flat_w = token_choice(probs, k)
-    counts = tuple(torch.bincount(exp, minlength=logits.shape[1]).tolist())
+    count = torch.bincount(exp, minlength=logits.shape[1])
     return Routing("token_choice", logits.shape[1], False, logits, noisy, noise_std, probs, idx, w, tok, exp,
-                   flat_w, counts, (logits.shape[0],), torch.tensor(0))
+                   flat_w, count, (logits.shape[0],), torch.tensor(0))
 
 
 LOGITS = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 1.0], [0.0, 0.0, 0.5]]
