@@ -23,6 +23,11 @@ AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
 _NO_DROPS = torch.zeros((), dtype=torch.long)  # shared: a new tensor per forward costs ~5 µs at batch size 1
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling is not None and is_compiling())
+
+
 def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
     if aux_criterion is None or aux_criterion == "none":
         return {}
@@ -192,9 +197,11 @@ class MoEBlock(nn.Module, ABC):
             self.aux_losses = {name: AUX_LOSSES[name](routing) for name in self.aux_weights}
             self.aux_loss = sum((c * self.aux_losses[n] for n, c in self.aux_weights.items()),
                                 routing.logits.new_zeros(()))
-        else:  # no loss: keep one zero per dtype / device instead of a new tensor every call
+        else:  # no loss: keep one zero per dtype / device instead of a new tensor every call, except under
+            # torch.compile, where reading the last call's tensor would read a CUDA graph's recycled output
             zero = self.aux_loss
-            if zero.dtype != routing.logits.dtype or zero.device != routing.logits.device or zero.requires_grad:
+            if _compiling() or zero.dtype != routing.logits.dtype or zero.device != routing.logits.device or \
+                    zero.requires_grad:
                 self.aux_loss = routing.logits.new_zeros(())
 
     def _as_rows(self, x: torch.Tensor):

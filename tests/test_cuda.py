@@ -118,3 +118,28 @@ def test_fused_matches_generic_on_cuda(dtype, monkeypatch):
     y_f.backward(g)
     for (name, p_g), p_f in zip(generic.named_parameters(), fused.parameters()):
         assert rel_err(p_f.grad, p_g.grad) < tol * 2, name
+
+
+def test_fused_grouped_forward_compiles_to_one_graph_with_cuda_graphs():
+    if not grouped_mm_here():
+        pytest.skip("grouped mm needs compute capability >= 9.0")
+    torch.manual_seed(0)
+    block = Mixture(mlps(8), 64, k=2, fused=True).to("cuda", torch.bfloat16)
+    compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)  # fullgraph: no break, no sync
+    x = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for _ in range(3):  # warm-up runs, then CUDA graph replays
+        torch.compiler.cudagraph_mark_step_begin()
+        for p in block.parameters():
+            p.grad = None
+        x.grad = None
+        y = compiled(x)
+        y.float().sum().backward()
+    got_y, got_grad = y.detach().clone(), block.experts[0][0].weight.grad.clone()
+    counts = block.routing.counts
+    for p in block.parameters():
+        p.grad = None
+    want = block(x)
+    want.float().sum().backward()
+    assert block.routing.counts == counts
+    assert rel_err(got_y, want) < 2e-2
+    assert rel_err(got_grad, block.experts[0][0].weight.grad) < 2e-2
