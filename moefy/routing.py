@@ -207,18 +207,18 @@ def top_k(probs: torch.Tensor, k: int):
     """``probs.topk(k, dim=-1)`` for (T, E') scores ≥ 0: (values, indices), best first.
 
     On CPU, ``topk`` over many short rows costs 10-20x a ``max`` over them (12.8 ms vs 0.6 ms at T=8192,
-    E'=64), so for small k it takes k maxima instead, masking each winner before the next.
+    E'=64), so for small k it takes k maxima instead, masking each winner before the next (``max``, not
+    ``argmax``: 4x faster on rows of 8). On CUDA ``topk`` is one kernel.
     """
     if k == 1:
         return probs.max(dim=-1, keepdim=True)
-    if k > 4 or probs.numel() < 4096:
+    if k > 4 or probs.numel() < 4096 or probs.is_cuda:
         return probs.topk(k, dim=-1)
-    masked = probs.detach().clone()
-    picks = []
-    for _ in range(k):
-        pick = masked.argmax(dim=-1, keepdim=True)
-        masked.scatter_(-1, pick, -1.0)  # scores are >= 0: a masked winner is never picked again
-        picks.append(pick)
+    masked, picks = probs.detach(), []
+    for j in range(k):
+        picks.append(masked.max(dim=-1, keepdim=True).indices)
+        if j + 1 < k:  # scores are >= 0: a masked winner is never picked again
+            masked = masked.scatter(-1, picks[-1], -1.0)
     idx = torch.cat(picks, dim=-1)
     return probs.gather(-1, idx), idx
 
