@@ -6,6 +6,10 @@
 
 Times are medians over interleaved repeats (every variant runs once per round, in a rotating order), so
 load from other processes hits all variants alike; each ratio divides by the floor's median of the same run.
+The script re-runs itself with glibc's malloc thresholds fixed (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``; ``--default-malloc`` keeps the defaults). With glibc adapting them as it goes, the
+floor's own time moved by up to 25 % from one process to the next (likely: some processes return its large
+activations to the OS and fault them back in every step); with them fixed, by 1-2 %.
 Peak memory: one forward+backward per fresh process (``benchmarks/memory.py``), ``ru_maxrss``; on CUDA,
 ``torch.cuda.max_memory_allocated`` of one forward+backward in this process.
 """
@@ -35,6 +39,7 @@ def _fwd_bwd(model, x, grad):
     model(x).backward(grad)
 
 
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -117,7 +122,10 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds")
     args = parser.parse_args()
+    if not args.default_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible to torch")
@@ -132,7 +140,8 @@ def main() -> None:
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     where = f"{torch.cuda.get_device_name()}, host {cpu}" if cuda else \
         f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"Machine: {where}, torch {torch.__version__}, {args.dtype}, "
+    malloc = "default malloc" if args.default_malloc else " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+    print(f"Machine: {where}, torch {torch.__version__}, {args.dtype}, {malloc}, "
           f"load average before {os.getloadavg()[0]:.2f}")
     print(f"Command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}".rstrip())
     print()
