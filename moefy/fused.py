@@ -12,9 +12,9 @@ layers and parameter-free elementwise activations, with the same shapes and the 
 ``"auto"`` picks ``"grouped"`` only where it has a fast kernel: CUDA, bfloat16 (torch ≥ 2.8 on compute
 capability ≥ 9.0); on an H100 that measured 1.6-4x faster than one module call per expert (README).
 Everywhere else ``torch._grouped_mm`` falls back to a loop of matmuls, and on top of that stacking copies
-every expert's weights each forward: on CPU (torch 2.13, float32) it measured 1.16x the
-loop's time on benchmark A and 1.1x on C. The experts keep owning their parameters either way, so optimisers,
-``state_dict`` and ``moefy()``'s merge see nothing new.
+every expert's weights each forward: on CPU (torch 2.13, float32) it measured 1.16x the loop's time on
+benchmark A and 1.1x on C. The experts keep owning their parameters either way, so optimisers, ``state_dict``
+and ``moefy()``'s merge see nothing new.
 """
 from __future__ import annotations
 
