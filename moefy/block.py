@@ -339,7 +339,7 @@ class MoEBlock(nn.Module, ABC):
     @torch.no_grad()
     def abs_experts_load(self) -> torch.Tensor:
         """(E',) long: tokens each router column received in the last forward."""
-        return self._last().count.to("cpu", torch.long)
+        return self._last().count.to("cpu", torch.long, copy=True)
 
     @property
     def fused(self) -> bool:
