@@ -65,16 +65,15 @@ def dispatch_combine(x: torch.Tensor, routing: Routing,
         y: (T, *F_out).
     """
     num_tokens, num_experts = x.shape[0], routing.num_experts
-    if (fused is not None and x.dim() == 2 and num_tokens and routing.mode == "token_choice" and not routing.hole
+    token_index = routing.token_index
+    if (fused is not None and x.dim() == 2 and routing.mode == "token_choice" and not routing.hole
             and runs_grouped(experts, fused, x)):
         # every assignment reaches a real expert and grouped mm finds the expert boundaries on the device: no
         # host counts, so no synchronisation; idle experts get zero gradients through the stacked weights
-        out = fused_experts_forward(experts, fused, x.index_select(0, routing.token_index), None,
-                                    routing.expert_index)
-        return combine(out, routing.token_index, routing.weight, num_tokens, aggregation)
-    counts = routing.counts[:num_experts]
-    assigned = sum(counts)
-    token_index = routing.token_index
+        counts, assigned = None, token_index.shape[0]
+    else:
+        counts = routing.counts[:num_experts]
+        assigned = sum(counts)
     if token_index.shape[0] != assigned:  # the hole's assignments are the tail: never run
         token_index = token_index[:assigned]
     if assigned == 0:  # every token dropped, or no tokens: one empty call to learn the output shape
@@ -88,7 +87,7 @@ def dispatch_combine(x: torch.Tensor, routing: Routing,
         out = _run_each(rows, token_index, counts, run_expert)
     weight = routing.weight if routing.weight.shape[0] == assigned else routing.weight[:assigned]
     y = combine(out, token_index, weight, num_tokens, aggregation)
-    if 0 in counts and torch.is_grad_enabled():
+    if counts is not None and 0 in counts and torch.is_grad_enabled():
         y = zero_grad_path(y, experts, [e for e, n in enumerate(counts) if n == 0])
     return y
 

@@ -28,7 +28,7 @@ from typing import Callable, Dict
 import torch
 from torch.distributions import Normal
 
-from .routing import Routing, count_ids
+from .routing import Routing
 
 
 def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -66,11 +66,6 @@ def importance(r: Routing) -> torch.Tensor:
     return r.weight.new_zeros(r.probs.shape[1]).index_add(0, r.expert_index, r.weight)
 
 
-def _column_counts(r: Routing) -> torch.Tensor:
-    """(E',) assignments per column as floats, computed on the routing's device (no host round trip)."""
-    return count_ids(r.expert_index, r.probs.shape[1]).to(r.probs.dtype)
-
-
 @_takes_routing
 def smooth_load(r: Routing) -> torch.Tensor:
     """(E',): Shazeer's differentiable load, ``Σ_t P(column e stays in token t's top-k | new noise)``.
@@ -81,7 +76,7 @@ def smooth_load(r: Routing) -> torch.Tensor:
     num_columns = r.probs.shape[1]
     k = r.indices.shape[1] if r.mode == "token_choice" else 0
     if r.noise_std is None or r.mode != "token_choice" or k >= num_columns or r.num_tokens == 0:
-        return _column_counts(r)
+        return r.count.to(r.probs.dtype)
     top = r.noisy_logits.topk(k + 1, dim=-1).values
     threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
     is_in = r.noisy_logits > threshold_if_in
@@ -109,7 +104,7 @@ def cv2_loss(r: Routing) -> torch.Tensor:
 
 @_takes_routing
 def switch_loss(r: Routing) -> torch.Tensor:
-    counts = _column_counts(r)
+    counts = r.count.to(r.probs.dtype)
     frac = counts / counts.sum().clamp_min(1)
     return counts.numel() * (frac * _mean_probs(r)).sum()
 
