@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moefy.block import MoEBlock
-from moefy.fused import _linear, fused_experts_forward, fused_layout
+from moefy.fused import _linear, _LoopedLinear, _looped_linear, fused_experts_forward, fused_layout
 from moefy.routing import top_k
 
 
@@ -159,10 +159,46 @@ def test_top_k_equals_torch_topk(tokens, columns, k):
 def test_few_row_linear_equals_f_linear(rows):
     lin = nn.Linear(512, 512).double()  # 2**18 weights: big enough for the transposed few-row product
     x = torch.randn(rows, 512, dtype=torch.float64, requires_grad=True)
-    got, want = _linear(x, lin), F.linear(x, lin.weight, lin.bias)
+    got, want = _linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias)
     assert got.is_contiguous() == (not 2 <= rows <= 16)  # W @ x.T exactly for 2..16 rows
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, (x, lin.weight, lin.bias), g),
                     torch.autograd.grad(want, (x, lin.weight, lin.bias), g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_looped_linear_gradcheck(bias):
+    """The slice-by-slice Function against finite differences, an idle slice included."""
+    sizes = [3, 0, 4, 2]
+    x = torch.randn(sum(sizes), 5, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(6, 5, dtype=torch.float64, requires_grad=True) for _ in sizes]
+    biases = [torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in sizes] if bias else []
+    assert torch.autograd.gradcheck(lambda x, *p: _LoopedLinear.apply(x, sizes, *p), (x, *weights, *biases))
+    want = torch.cat([F.linear(x_e, w, b) for x_e, w, b in
+                      zip(x.split(sizes), weights, biases or [None] * len(sizes))])
+    torch.testing.assert_close(_LoopedLinear.apply(x, sizes, *weights, *biases), want, rtol=0, atol=1e-12)
+
+
+def test_looped_linear_frozen_weights_and_no_grad_agree():
+    linears = [nn.Linear(4, 3).double() for _ in range(3)]
+    linears[1].weight.requires_grad_(False)  # a frozen expert weight gets no gradient, the rest do
+    sizes = [2, 5, 1]
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    y = _looped_linear(x, linears, sizes)
+    y.sum().backward()
+    assert linears[1].weight.grad is None and linears[1].bias.grad is not None
+    torch.testing.assert_close(linears[0].weight.grad, torch.ones(3, 2, dtype=torch.float64) @ x[:2].detach())
+    torch.testing.assert_close(x.grad[2:7], torch.ones(5, 3, dtype=torch.float64) @ linears[1].weight)
+    with torch.no_grad():
+        torch.testing.assert_close(_looped_linear(x, linears, sizes), y, rtol=0, atol=0)
+
+
+def test_fused_under_autocast_matches_generic_dtype():
+    generic, fused = pair(mlps(4), dtype=torch.float32, k=2)
+    x = torch.randn(40, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yg, yf = generic(x), fused(x)
+    assert yf.dtype == yg.dtype
+    torch.testing.assert_close(yf, yg)
