@@ -156,13 +156,15 @@ def _looped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequenc
     """Linear ``e`` on the ``sizes[e]`` rows of expert e: (A, in) → (A, out)."""
     if len(linears) == 1:
         return _linear(x, linears[0].weight, linears[0].bias)
-    weights = [l.weight for l in linears]
-    biases = [l.bias for l in linears] if linears[0].bias is not None else []
-    if _autocast_on(x.device.type):  # autocast casts F.linear, not the out= matmuls below
-        return torch.cat([_linear(x_e, w, l.bias) for x_e, w, l in zip(x.split_with_sizes(sizes), weights, linears)])
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in weights + biases)):
-        return _LoopedLinear.apply(x, list(sizes), *weights, *biases)
-    return _linears_into(x, weights, biases, sizes)
+    grad = torch.is_grad_enabled()
+    # autocast casts F.linear, not the out= matmuls; a few rows per expert (eval): cat of tiny products is cheaper
+    if (grad or x.shape[0] > _FEW_ROWS * len(linears)) and not _autocast_on(x.device.type):
+        weights = [l.weight for l in linears]
+        biases = [l.bias for l in linears] if linears[0].bias is not None else []
+        if grad and (x.requires_grad or any(p.requires_grad for p in weights + biases)):
+            return _LoopedLinear.apply(x, list(sizes), *weights, *biases)
+        return _linears_into(x, weights, biases, sizes)
+    return torch.cat([_linear(x_e, l.weight, l.bias) for x_e, l in zip(x.split_with_sizes(sizes), linears)])
 
 
 def _linears_into(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],

@@ -184,15 +184,18 @@ def test_looped_linear_gradcheck(bias):
 def test_looped_linear_frozen_weights_and_no_grad_agree():
     linears = [nn.Linear(4, 3).double() for _ in range(3)]
     linears[1].weight.requires_grad_(False)  # a frozen expert weight gets no gradient, the rest do
-    sizes = [2, 5, 1]
-    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    sizes = [20, 33, 1]  # more than 16 rows per expert: eval also writes slices instead of cat
+    x = torch.randn(54, 4, dtype=torch.float64, requires_grad=True)
     y = _looped_linear(x, linears, sizes)
     y.sum().backward()
     assert linears[1].weight.grad is None and linears[1].bias.grad is not None
-    torch.testing.assert_close(linears[0].weight.grad, torch.ones(3, 2, dtype=torch.float64) @ x[:2].detach())
-    torch.testing.assert_close(x.grad[2:7], torch.ones(5, 3, dtype=torch.float64) @ linears[1].weight)
+    torch.testing.assert_close(linears[0].weight.grad, torch.ones(3, 20, dtype=torch.float64) @ x[:20].detach())
+    torch.testing.assert_close(linears[2].bias.grad, torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(x.grad[20:53], torch.ones(33, 3, dtype=torch.float64) @ linears[1].weight)
     with torch.no_grad():
         torch.testing.assert_close(_looped_linear(x, linears, sizes), y, rtol=0, atol=0)
+        few = torch.cat([F.linear(x_e, l.weight, l.bias) for x_e, l in zip(x[:8].split([2, 5, 1]), linears)])
+        torch.testing.assert_close(_looped_linear(x[:8], linears, [2, 5, 1]), few, rtol=0, atol=0)
 
 
 def test_fused_under_autocast_matches_generic_dtype():
