@@ -170,12 +170,13 @@ def test_few_row_linear_equals_f_linear(rows):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_looped_linear_gradcheck(bias):
-    """The slice-by-slice Function against finite differences, an idle slice included."""
+    """The slice-by-slice Function against finite differences (twice), an idle slice included."""
     sizes = [3, 0, 4, 2]
     x = torch.randn(sum(sizes), 5, dtype=torch.float64, requires_grad=True)
     weights = [torch.randn(6, 5, dtype=torch.float64, requires_grad=True) for _ in sizes]
     biases = [torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in sizes] if bias else []
     assert torch.autograd.gradcheck(lambda x, *p: _LoopedLinear.apply(x, sizes, *p), (x, *weights, *biases))
+    assert torch.autograd.gradgradcheck(lambda x, *p: _LoopedLinear.apply(x, sizes, *p), (x, *weights, *biases))
     want = torch.cat([F.linear(x_e, w, b) for x_e, w, b in
                       zip(x.split(sizes), weights, biases or [None] * len(sizes))])
     torch.testing.assert_close(_LoopedLinear.apply(x, sizes, *weights, *biases), want, rtol=0, atol=1e-12)
