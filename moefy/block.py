@@ -156,6 +156,18 @@ class MoEBlock(nn.Module, ABC):
             expert.expert_id = i
             expert.mixture_id = self.moe_name
 
+    # the last forward's record: a view of one call (holding its autograd graph), not state of the block
+    _LAST_FORWARD = ("routing", "aux_losses", "aux_loss")
+
+    def __getstate__(self) -> dict:
+        """Copies (``copy.deepcopy``, ``pickle``) start as if no forward had run: the last forward's routing
+        record and aux losses hold that call's graph, which cannot be deep-copied and is not the block's."""
+        state = super().__getstate__()
+        state.update(routing=None, aux_losses={}, aux_loss=torch.zeros(()))
+        for name in self._LAST_FORWARD[3:]:
+            state[name] = None
+        return state
+
     @abstractmethod
     def expert_forward(self, expert: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Run one expert on its tokens: ``x`` (n, *F) → (n, *F_out), one output row per input row.
