@@ -1,19 +1,23 @@
-"""moefy's main demo: a tiny ViT whose MLPs are moefied (token choice, k=1, one hole expert), trained on real images.
+"""moefy's main demo: a tiny ViT whose MLPs are moefied (token choice, k=1, one hole expert), trained on real
+images, next to the same ViT with dense MLPs of the same active FLOPs trained the same way.
 
-    python examples/vit_demo.py [--epochs 3] [--train-size 20000] [--images images] [--out runs/vit_demo]
+    python examples/vit_demo.py [--data-dir DIR] [--epochs N] [--train-size N] [--images images]
 
-Data: Fashion-MNIST from /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist), the
-IDX / CIFAR-10 files in --data-dir, else scikit-learn's 8x8 digits; nothing is downloaded. Every block's
-MLP becomes a mixture of its copies (moefy.convert.moefy) with a hole column: a patch routed to the hole
-skips that MLP (its residual passes through). After training it writes to --images: the expert load per
-patch position over the test set, the layer × expert load heatmap, which patches of a few test images and of
-matplotlib's grace_hopper.jpg went to which expert, and the training-log dashboard; the JSON-lines log
-goes to --out. Prints the test accuracy and where the pictures are.
+Data: the IDX / CIFAR-10 files in --data-dir, else Fashion-MNIST from /usr/share/datasets/fashion-mnist
+(Debian's dataset-fashion-mnist; `make demo` installs it where it can), else scikit-learn's bundled 8x8 digits;
+nothing is downloaded. Each data set has its own defaults (epochs, patch size, ...: PRESETS), the ones the
+README's numbers come from. Every block's MLP becomes a mixture of 4 copies of it (moefy.convert.moefy) with
+a hole column: a patch routed to the hole skips that MLP (its residual passes through); the switch balance
+loss keeps every expert in use. After training it writes to --images, with the data set in every file name
+(vit_<data>_*.png): the expert load per patch position over the test set, the layer x expert load heatmap,
+which patches of a few test images and of matplotlib's grace_hopper.jpg went to which expert, and the
+training-log dashboard; the JSON-lines log goes to --out/<data>. Prints both models' test accuracy.
 """
 import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 import matplotlib.image as mpimg
 import torch
@@ -80,102 +84,177 @@ def photo(height: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recorder: RoutingRecorder, batch: int = 500):
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recorder: Optional[RoutingRecorder] = None,
+             batch: int = 500) -> float:
+    """Test accuracy; with a recorder, the routing statistics of the test set (labels: one per image)."""
     model.eval()
-    recorder.reset()
+    if recorder is not None:
+        recorder.reset()
     correct = 0
     for i in range(0, len(y), batch):
-        recorder.labels = y[i:i + batch]  # per-image labels, spread over its patches: class × expert affinity
+        if recorder is not None:
+            recorder.labels = y[i:i + batch]  # per-image labels, spread over its patches: class x expert affinity
         correct += int((model(x[i:i + batch]).argmax(-1) == y[i:i + batch]).sum())
     return correct / len(y)
+
+
+def train(model: nn.Module, data, args, label: str, recorder: Optional[RoutingRecorder] = None,
+          log: Optional[TrainingLogWriter] = None) -> Tuple[float, float]:
+    """AdamW + one-cycle schedule on ``data``'s training split, the batches drawn with ``args.seed``: the
+    same for every model. Returns (test accuracy, seconds of training)."""
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    batches = -(-len(data.train_y) // args.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=args.lr, total_steps=args.epochs * batches,
+                                                pct_start=0.15)
+    gen = torch.Generator().manual_seed(args.seed)
+    seconds, acc = 0.0, 0.0
+    bar = tqdm(total=args.epochs * batches, desc=label, leave=False)
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        if recorder is not None:
+            recorder.enabled = False
+        order = torch.randperm(len(data.train_y), generator=gen)
+        total, seen = 0.0, 0
+        for i in range(0, len(order), args.batch):
+            idx = order[i:i + args.batch]
+            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+            optim.zero_grad()
+            (loss + aux_loss(model)).backward()
+            optim.step()
+            sched.step()
+            total, seen = total + loss.item() * len(idx), seen + len(idx)
+            bar.update()
+            bar.set_postfix(epoch=epoch, loss=f"{total / seen:.3f}")
+        seconds += time.perf_counter() - start
+        last = epoch == args.epochs
+        if recorder is not None:
+            recorder.enabled = True
+        if last or log is not None:  # the MoE run logs every epoch; the dense one is only tested at the end
+            acc = evaluate(model, data.test_x, data.test_y, recorder)
+        if log is not None:
+            entry = log.write(epoch, recorder, {"train_loss": total / seen, "test_accuracy": acc})
+            if last or epoch % max(1, args.epochs // 5) == 0:
+                bar.write(f"{label} epoch {epoch}: train loss {total / seen:.4f}, test accuracy {100 * acc:.2f} %, "
+                          f"hole share {entry['utilization'][-1]:.3f}")
+    bar.close()
+    return acc, seconds
+
+
+def mlp_flops_per_token(model: nn.Module) -> int:
+    """Multiply-adds per token of one MLP (its two Linears), the FLOPs a token's routed expert costs."""
+    mlp = model.blocks[0].mlp
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    if hasattr(mlp, "experts"):
+        linears = [m for m in mlp.experts[0].modules() if isinstance(m, nn.Linear)]
+    return sum(l.in_features * l.out_features for l in linears)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="IDX or CIFAR-10 directory (default: Fashion-MNIST)")
     parser.add_argument("--images", default="images", help="where the pictures go")
-    parser.add_argument("--out", default="runs/vit_demo", help="where the training log goes")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=20000, help="random training subset (0: all)")
+    parser.add_argument("--out", default="runs/vit_demo", help="where the training log goes (a folder per data set)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the data set's preset")
+    parser.add_argument("--train-size", type=int, default=None, help="random training subset (0: all)")
     parser.add_argument("--test-size", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--patch", type=int, default=None, help="patch size (default: 4, or 2 for 8x8 images)")
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--patch", type=int, default=None, help="patch size")
+    parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--aux-coef", type=float, default=0.01, help="weight of the switch balance loss")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     parser.add_argument("--photo-height", type=int, default=96, help="grace_hopper.jpg is resized to this")
     parser.add_argument("--show", type=int, default=2, help="test images to draw the patch routing of")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(args.seed)
-    images, out = Path(args.images), Path(args.out)
+
+    begin = time.perf_counter()
+    data = load_images(args.data_dir)
+    key = data_key(data)
+    for name, value in PRESETS.get(key, PRESETS["default"]).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    data = data.subset(args.train_size or None, args.test_size, seed=args.seed)
+    print(f"data: {data.name}: {len(data.train_y)} train / {len(data.test_y)} test images {data.image_shape}")
+    images, out = Path(args.images), Path(args.out) / key
     images.mkdir(parents=True, exist_ok=True)
 
-    data = load_images(args.data_dir).subset(args.train_size or None, args.test_size, seed=args.seed)
-    print(f"data: {data.name}: {len(data.train_y)} train / {len(data.test_y)} test images {data.image_shape}")
-    patch = args.patch or (4 if min(data.image_shape[1:]) >= 16 else 2)
-    model = TinyViT(data.image_shape, data.num_classes, patch=patch, dim=args.dim, depth=args.depth,
-                    heads=4, hidden=2 * args.dim)
-    # every block's MLP → a mixture of 4 copies of it + a hole; k=1; a little noise breaks the copies' symmetry
+    def build() -> TinyViT:
+        torch.manual_seed(args.seed)  # the MoE's experts start as copies of the dense model's MLPs
+        return TinyViT(data.image_shape, data.num_classes, patch=args.patch, dim=args.dim, depth=args.depth,
+                       heads=4, hidden=2 * args.dim)
+
+    model = build()
+    # every block's MLP -> a mixture of 4 copies of it + a hole; k=1; a little noise breaks the copies' symmetry
     moefy(model, num_experts=args.num_experts, k=1, target="blocks.*.mlp", hole=True,
           aux_criterion={"switch": args.aux_coef}, expert_noise=0.1)
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {patch}x{patch} patches, "
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {args.patch}x{args.patch} patches, "
           f"{len(moe_blocks(model))} moefied MLPs:\n  " + "\n  ".join(b.moe_name for b in moe_blocks(model)))
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    steps = args.epochs * -(-len(data.train_y) // args.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=args.lr, total_steps=steps, pct_start=0.1)
     recorder = RoutingRecorder(model, num_classes=data.num_classes)
-    gen = torch.Generator().manual_seed(args.seed)
-    start = time.time()
     with TrainingLogWriter(out / "train_log.jsonl") as log, recorder:
-        for epoch in range(1, args.epochs + 1):
-            model.train()
-            recorder.enabled = False
-            order = torch.randperm(len(data.train_y), generator=gen)
-            total, seen = 0.0, 0
-            bar = tqdm(range(0, len(order), args.batch), desc=f"epoch {epoch}/{args.epochs}", leave=False)
-            for i in bar:
-                idx = order[i:i + args.batch]
-                loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
-                optim.zero_grad()
-                (loss + aux_loss(model)).backward()
-                optim.step()
-                sched.step()
-                total, seen = total + loss.item() * len(idx), seen + len(idx)
-                bar.set_postfix(loss=f"{total / seen:.3f}")
-            recorder.enabled = True
-            acc = evaluate(model, data.test_x, data.test_y, recorder)
-            entry = log.write(epoch, recorder, {"train_loss": total / seen, "test_accuracy": acc})
-            print(f"epoch {epoch}: train loss {total / seen:.4f}, test accuracy {100 * acc:.2f} %, "
-                  f"routing accuracy {entry['routing_acc']}, hole share {entry['utilization'][-1]:.3f}")
-    print(f"trained in {time.time() - start:.0f} s")
+        acc, seconds = train(model, data, args, "MoE", recorder, log)
+    utilization = {name: s.utilization for name, s in recorder.stats.items()}
+    results = {"moe": {"accuracy": acc, "seconds": seconds, "params": _params(model)}}
+    if not args.no_dense:
+        dense = build()
+        dense_acc, dense_seconds = train(dense, data, args, "dense")
+        results["dense"] = {"accuracy": dense_acc, "seconds": dense_seconds, "params": _params(dense)}
 
     written = []
 
     def save(fig, name):
-        fig.savefig(images / name, dpi=110)
-        written.append(images / name)
+        path = images / f"vit_{key}_{name}.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
 
     for name, block in recorder.blocks.items():  # load per patch position over the whole test set
-        save(plot_experts_load(block, recorder.stats[name].position_load), f"vit_expert_load_layer{block.layer_id}.png")
-    save(plot_load_heatmap(recorder), "vit_load_heatmap.png")
+        save(plot_experts_load(block, recorder.stats[name].position_load), f"expert_load_layer{block.layer_id}")
+    save(plot_load_heatmap(recorder), "load_heatmap")
     for j in range(min(args.show, len(data.test_y))):
-        for block, fig in zip(moe_blocks(model), image_through_experts(data.test_x[j], model, patch)):
-            save(fig, f"vit_patch_routing_test{j}_layer{block.layer_id}.png")
-    hopper = photo(args.photo_height // patch * patch)
-    hopper = hopper[:, :, : hopper.shape[2] // patch * patch]
+        for block, fig in zip(moe_blocks(model), image_through_experts(data.test_x[j], model, args.patch)):
+            save(fig, f"patch_routing_test{j}_layer{block.layer_id}")
+    hopper = photo(args.photo_height // args.patch * args.patch)
+    hopper = hopper[:, :, : hopper.shape[2] // args.patch * args.patch]
     gray = (lambda x: x.mean(dim=1, keepdim=True)) if data.image_shape[0] == 1 else None
-    for block, fig in zip(moe_blocks(model), image_through_experts(hopper, model, patch, preprocess=gray)):
-        save(fig, f"vit_patch_routing_grace_hopper_layer{block.layer_id}.png")
-    save(plot_dashboard(read_log(out / "train_log.jsonl")), "vit_dashboard.png")
+    for block, fig in zip(moe_blocks(model), image_through_experts(hopper, model, args.patch, preprocess=gray)):
+        save(fig, f"patch_routing_grace_hopper_layer{block.layer_id}")
+    save(plot_dashboard(read_log(out / "train_log.jsonl")), "dashboard")
 
-    print(f"test accuracy: {100 * acc:.2f} % on {len(data.test_y)} {data.name} test images")
-    print(f"training log: {out / 'train_log.jsonl'}")
+    flops = mlp_flops_per_token(model)
+    print(f"\n{len(data.test_y)} {data.name} test images, {args.epochs} epochs of {len(data.train_y)}:")
+    print(f"  {'model':<42} {'parameters':>10} {'MLP MACs/token':>14} {'test acc':>9} {'train time':>10}")
+    rows = [("moe", f"ViT, MoE MLPs ({args.num_experts} experts + hole, k=1)")]
+    rows += [("dense", "ViT, dense MLPs (same active FLOPs)")] if "dense" in results else []
+    for key_, label in rows:
+        r = results[key_]
+        print(f"  {label:<42} {r['params']:>10,} {flops:>14,} {100 * r['accuracy']:>8.2f}% {r['seconds']:>9.0f}s")
+    for name, u in utilization.items():
+        print(f"  final routing of {name}: " + ", ".join(f"{100 * v:.1f}%" for v in u[:-1]) +
+              f" of patches to the experts, {100 * u[-1]:.1f}% to the hole")
+    print(f"training log: {out / 'train_log.jsonl'}; whole run {time.perf_counter() - begin:.0f} s")
     print("pictures:\n  " + "\n  ".join(str(p) for p in written))
-    return {"accuracy": acc, "pictures": [str(p) for p in written], "log": str(out / "train_log.jsonl")}
+    return {"accuracy": acc, "data": key, "results": results, "utilization": utilization,
+            "pictures": [str(p) for p in written], "log": str(out / "train_log.jsonl")}
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def data_key(data) -> str:
+    """A short name for the data set, used in file names: ``fashion-mnist``, ``mnist``, ``cifar-10``, ``digits``."""
+    return "digits" if data.name.startswith("sklearn") else data.name.split()[0]
+
+
+# Per data set: settings that reach a result worth showing in a few minutes on 2 CPU cores (README table).
+PRESETS = {
+    "digits": dict(epochs=40, train_size=0, batch=32, lr=3e-3, patch=2, dim=64),
+    "default": dict(epochs=3, train_size=20000, batch=64, lr=2e-3, patch=4, dim=64),
+}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import csv
 import importlib.util
 import json
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -72,24 +73,50 @@ def test_mutual_distillation(capsys):
     assert all(0 <= a <= 1 for a in result["moe"] + result["mode"])
 
 
-@pytest.mark.parametrize("fallback", [False, True])
-def test_vit_demo(tmp_path, monkeypatch, capsys, fallback):
-    if fallback:  # no IDX files: the demo trains on scikit-learn's 8x8 digits with 2x2 patches
-        from moefy import data
-        monkeypatch.setattr(data, "IDX_DIRS", (str(tmp_path / "none"),))
+def write_idx_dataset(directory: Path, train: int = 60, test: int = 30, size: int = 28) -> None:
+    """Four small MNIST-style IDX files (random 28x28 images, labels 0-9), as Fashion-MNIST ships them."""
+    gen = torch.Generator().manual_seed(0)
+    directory.mkdir(parents=True)
+    for split, n in (("train", train), ("t10k", test)):
+        images = torch.randint(0, 256, (n, size, size), generator=gen, dtype=torch.uint8)
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        (directory / f"{split}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + struct.pack(">3I", n, size, size) + images.numpy().tobytes())
+        (directory / f"{split}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 8, 1]) + struct.pack(">I", n) + labels.numpy().tobytes())
+
+
+@pytest.mark.parametrize("source", ["digits", "idx"])
+def test_vit_demo(tmp_path, monkeypatch, capsys, source):
+    """Both data paths, whatever this machine has installed: no IDX files (scikit-learn's 8x8 digits, 2x2
+    patches) or a small IDX directory written here (28x28, 4x4 patches)."""
+    from moefy import data
+    monkeypatch.setattr(data, "IDX_DIRS", (str(tmp_path / "none"),))
+    extra = []
+    if source == "idx":
+        write_idx_dataset(tmp_path / "fashion-mnist")
+        extra = ["--data-dir", str(tmp_path / "fashion-mnist")]
     images, out = tmp_path / "images", tmp_path / "run"
     result = load("vit_demo").main(
         ["--epochs", "1", "--train-size", "200", "--test-size", "100", "--dim", "16", "--show", "1",
-         "--photo-height", "32", "--images", str(images), "--out", str(out)])
+         "--photo-height", "32", "--images", str(images), "--out", str(out), *extra])
     printed = capsys.readouterr().out
-    assert "test accuracy:" in printed and "pictures:" in printed
-    assert 0 <= result["accuracy"] <= 1
-    names = sorted(p.name for p in images.iterdir())
+    key = {"digits": "digits", "idx": "fashion-mnist"}[source]
+    assert result["data"] == key and ("sklearn digits" in printed) == (source == "digits")
+    assert "ViT, MoE MLPs" in printed and "ViT, dense MLPs (same active FLOPs)" in printed
+    for model in ("moe", "dense"):
+        assert 0 <= result["results"][model]["accuracy"] <= 1
+    # the MoE model holds 4 copies of each MLP and two routers; the dense one its plain MLPs
+    moe, dense = result["results"]["moe"]["params"], result["results"]["dense"]["params"]
+    mlp = 2 * (16 * 32 + 32 + 32 * 16 + 16)  # depth 2, dim 16, hidden 32
+    assert moe - dense == 3 * mlp + 2 * 16 * 5  # 3 more copies per MLP + routers (5 columns: 4 + hole)
+    names = sorted(p.name for p in images.iterdir())  # every picture names its data set
     for layer in (0, 1):
-        for stem in ("vit_expert_load", "vit_patch_routing_test0", "vit_patch_routing_grace_hopper"):
-            assert f"{stem}_layer{layer}.png" in names
-    assert {"vit_load_heatmap.png", "vit_dashboard.png"} <= set(names)
-    assert all((images / n).stat().st_size > 2000 for n in names)
-    line = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
-    assert len(line["utilization"]) == 5 and line["hole"] is True  # 4 experts + the hole
-    assert ("sklearn digits" in printed) == fallback
+        for stem in ("expert_load", "patch_routing_test0", "patch_routing_grace_hopper"):
+            assert f"vit_{key}_{stem}_layer{layer}.png" in names
+    assert {f"vit_{key}_load_heatmap.png", f"vit_{key}_dashboard.png"} <= set(names)
+    assert all(n.startswith(f"vit_{key}_") and (images / n).stat().st_size > 2000 for n in names)
+    lines = [json.loads(l) for l in (out / key / "train_log.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and len(lines[0]["utilization"]) == 5 and lines[0]["hole"] is True  # 4 experts + hole
+    for name, utilization in result["utilization"].items():
+        assert len(utilization) == 5 and math.isclose(sum(utilization), 1.0), name
