@@ -1,15 +1,16 @@
 """moefy: turn any PyTorch module into a Mixture of Experts, and see what the router does."""
-from . import data, metrics
+from . import data
 from .block import MoEBlock, aux_loss, moe_blocks
-from .convert import (AttentionMixture, ModuleMixture, load_dense_state_dict, merge, moefy, moefy_chain,
-                      unmoefy)
-from .distill import mode_loss, mutual_distillation_loss
-from .distributed import expert_parallel, full_state_dict, merge_state_dicts, sharded_names
-from .log import TrainingLogWriter, read_log
-from .losses import AUX_LOSSES, cv_squared
-from .routing import Router, Routing
-from .sparse_moe import MoE
-from .stats import RoutingRecorder
+from .convert.mixture import (AttentionMixture, ModuleMixture, load_dense_state_dict, merge, moefy, moefy_chain,
+                              unmoefy)
+from .observe.log import TrainingLogWriter, read_log
+from .observe.recorder import RoutingRecorder
+from .parallel.expert_parallel import expert_parallel, full_state_dict, merge_state_dicts, sharded_names
+from .recipes import metrics
+from .recipes.distill import mode_loss, mutual_distillation_loss
+from .recipes.sparse_moe import MoE
+from .routing.losses import AUX_LOSSES, cv_squared
+from .routing.record import Router, Routing
 
 __all__ = [
     "MoEBlock", "Routing", "Router", "aux_loss", "moe_blocks", "AUX_LOSSES", "cv_squared",

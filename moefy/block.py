@@ -13,10 +13,10 @@ import torch
 from einops import reduce
 from torch import nn
 
-from .dispatch import AGGREGATIONS, dispatch_combine
-from .fused import fused_layout
-from .losses import AUX_LOSSES
-from .routing import Router, Routing, count_ids, expert_capacity, expert_choice, token_choice
+from .dispatch.combine import AGGREGATIONS, dispatch_combine
+from .dispatch.fused import fused_layout
+from .routing.losses import AUX_LOSSES
+from .routing.record import Router, Routing, count_ids, expert_capacity, expert_choice, token_choice
 
 ROUTES = ("tokens", "samples")
 AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]

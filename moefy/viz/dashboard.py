@@ -12,7 +12,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..log import LayerSeries, TrainingLog
+from ..observe.log import LayerSeries, TrainingLog
 from ._common import HOLE_COLOR, expert_colors, new_figure
 
 

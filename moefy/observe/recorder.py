@@ -19,8 +19,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .block import MoEBlock
-from .routing import Routing
+from ..block import MoEBlock
+from ..routing.record import Routing
 
 
 @dataclass

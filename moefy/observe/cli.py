@@ -45,7 +45,7 @@ def plot_log(log_path: str, out: str, dpi: int = 120) -> List[Path]:
         OSError: ``out`` cannot be written.
     """
     from .log import read_log
-    from .viz import dashboard
+    from ..viz import dashboard
 
     log = read_log(log_path)
     out_dir = Path(out)

@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .block import MoEBlock
-from .dispatch import check_expert_output, combine, zero_grad_path
-from .routing import Routing, count_ids, group_by_column
+from ..block import MoEBlock
+from ..dispatch.combine import check_expert_output, combine, zero_grad_path
+from ..routing.record import Routing, count_ids, group_by_column
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Typ
 import torch
 from torch import nn
 
-from .block import MoEBlock
-from .fused import ELEMENTWISE
+from ..block import MoEBlock
+from ..dispatch.fused import ELEMENTWISE
 
 logger = logging.getLogger(__name__)
 
