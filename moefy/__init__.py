@@ -1,16 +1,12 @@
 """moefy: turn any PyTorch module into a Mixture of Experts, and see what the router does."""
 from . import data
 from .block import MoEBlock, aux_loss, moe_blocks
-from .convert.mixture import (AttentionMixture, ModuleMixture, load_dense_state_dict, merge, moefy, moefy_chain,
-                              unmoefy)
-from .observe.log import TrainingLogWriter, read_log
-from .observe.recorder import RoutingRecorder
-from .parallel.expert_parallel import expert_parallel, full_state_dict, merge_state_dicts, sharded_names
-from .recipes import metrics
-from .recipes.distill import mode_loss, mutual_distillation_loss
-from .recipes.sparse_moe import MoE
-from .routing.losses import AUX_LOSSES, cv_squared
-from .routing.record import Router, Routing
+from .convert import (AttentionMixture, ModuleMixture, load_dense_state_dict, merge, moefy, moefy_chain,
+                      unmoefy)
+from .observe import RoutingRecorder, TrainingLogWriter, read_log
+from .parallel import expert_parallel, full_state_dict, merge_state_dicts, sharded_names
+from .recipes import MoE, metrics, mode_loss, mutual_distillation_loss
+from .routing import AUX_LOSSES, Router, Routing, cv_squared
 
 __all__ = [
     "MoEBlock", "Routing", "Router", "aux_loss", "moe_blocks", "AUX_LOSSES", "cv_squared",
