@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moefy.distributed import expert_parallel
+from moefy.parallel import expert_parallel
 from models import MLPMixture  # benchmarks/models.py
 
 

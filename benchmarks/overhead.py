@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dispatch import MALLOC_ENV  # noqa: E402
 from models import CASES, build, make_input  # noqa: E402
 
-from moefy.dispatch import combine  # noqa: E402
-from moefy.fused import fused_experts_forward  # noqa: E402
+from moefy.dispatch.combine import combine  # noqa: E402
+from moefy.dispatch.fused import fused_experts_forward  # noqa: E402
 
 
 def medians(fns: dict, repeats: int, warmup: int = 2) -> dict:

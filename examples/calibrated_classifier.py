@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from moefy.block import MoEBlock
 from moefy.data import load_images
-from moefy.log import TrainingLogWriter
-from moefy.metrics import classification_report, reliability_bins
-from moefy.reliability import plot_reliability
-from moefy.stats import RoutingRecorder
+from moefy.observe.log import TrainingLogWriter
+from moefy.recipes.metrics import classification_report, reliability_bins
+from moefy.recipes.reliability import plot_reliability
+from moefy.observe.recorder import RoutingRecorder
 
 
 class Backbone(nn.Module):

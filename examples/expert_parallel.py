@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from moefy.block import MoEBlock
-from moefy.distributed import expert_parallel, merge_state_dicts, sharded_names
+from moefy.parallel import expert_parallel, merge_state_dicts, sharded_names
 
 
 class MLPMixture(MoEBlock):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moefy.convert import merge
-from moefy.upcycle_hf import encode, load_bert, moefy_bert_ffn
+from moefy.convert.hf import encode, load_bert, moefy_bert_ffn
 
 POSITIVE = ["I loved this film, the acting was wonderful.", "What a great day at the beach with friends.",
             "The food was delicious and the staff were kind.", "This book is a joy to read.",

@@ -3,9 +3,9 @@
     python examples/mutual_distillation.py [--seeds 0 1 2] [--epochs 4] [--train-size 10000] [--alpha 0.5]
 
 For every seed both models start from the same weights and see the same batches: a sparsely-gated MoE of
-MLP experts on flat pixels (moefy.sparse_moe.MoE, top-k of E, noisy gate, cv² loss). MoE trains on
+MLP experts on flat pixels (moefy.recipes.sparse_moe.MoE, top-k of E, noisy gate, cv² loss). MoE trains on
 ``CE + aux``; MoDE on ``(1 − α) · CE + α · L_KD + aux``, where L_KD pulls every expert towards the others'
-temperature-softened predictions on every sample of the batch (moefy.distill). Prints both test accuracies
+temperature-softened predictions on every sample of the batch (moefy.recipes.distill). Prints both test accuracies
 per seed side by side, and their mean ± standard deviation over the seeds.
 """
 import argparse
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moefy.data import load_images
-from moefy.distill import block_distillation_loss, mode_loss
-from moefy.metrics import accuracy
-from moefy.sparse_moe import MoE
+from moefy.recipes.distill import block_distillation_loss, mode_loss
+from moefy.recipes.metrics import accuracy
+from moefy.recipes.sparse_moe import MoE
 
 
 def train_and_test(data, seed: int, distill: bool, args) -> float:

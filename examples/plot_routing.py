@@ -22,9 +22,9 @@ from torch import nn
 from tqdm import tqdm
 
 from moefy.block import MoEBlock, aux_loss
-from moefy.cli import plot_log
-from moefy.log import TrainingLogWriter
-from moefy.stats import RoutingRecorder
+from moefy.observe.cli import plot_log
+from moefy.observe.log import TrainingLogWriter
+from moefy.observe.recorder import RoutingRecorder
 from moefy.viz import image_through_experts, plot_experts_load, plot_load_heatmap, plot_total_load
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from moefy.sparse_moe import MoE
+from moefy.recipes.sparse_moe import MoE
 
 
 def main(argv=None) -> dict:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moefy.data import load_images
-from moefy.metrics import classification_report
-from moefy.sparse_moe import MoE
+from moefy.recipes.metrics import classification_report
+from moefy.recipes.sparse_moe import MoE
 
 
 def evaluate(model: MoE, x: torch.Tensor, y: torch.Tensor, batch: int = 1000):

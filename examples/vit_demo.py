@@ -30,8 +30,8 @@ from tqdm import tqdm
 from moefy.block import aux_loss, moe_blocks
 from moefy.convert import moefy
 from moefy.data import load_images
-from moefy.log import TrainingLogWriter, read_log
-from moefy.stats import RoutingRecorder
+from moefy.observe.log import TrainingLogWriter, read_log
+from moefy.observe.recorder import RoutingRecorder
 from moefy.viz import image_through_experts, plot_dashboard, plot_experts_load, plot_load_heatmap
 
 

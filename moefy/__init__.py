@@ -1,15 +1,12 @@
 """moefy: turn any PyTorch module into a Mixture of Experts, and see what the router does."""
-from . import data, metrics
+from . import data
 from .block import MoEBlock, aux_loss, moe_blocks
 from .convert import (AttentionMixture, ModuleMixture, load_dense_state_dict, merge, moefy, moefy_chain,
                       unmoefy)
-from .distill import mode_loss, mutual_distillation_loss
-from .distributed import expert_parallel, full_state_dict, merge_state_dicts, sharded_names
-from .log import TrainingLogWriter, read_log
-from .losses import AUX_LOSSES, cv_squared
-from .routing import Router, Routing
-from .sparse_moe import MoE
-from .stats import RoutingRecorder
+from .observe import RoutingRecorder, TrainingLogWriter, read_log
+from .parallel import expert_parallel, full_state_dict, merge_state_dicts, sharded_names
+from .recipes import MoE, metrics, mode_loss, mutual_distillation_loss
+from .routing import AUX_LOSSES, Router, Routing, cv_squared
 
 __all__ = [
     "MoEBlock", "Routing", "Router", "aux_loss", "moe_blocks", "AUX_LOSSES", "cv_squared",

@@ -13,10 +13,12 @@ import torch
 from einops import reduce
 from torch import nn
 
-from .dispatch import AGGREGATIONS, dispatch_combine
-from .fused import fused_layout
-from .losses import AUX_LOSSES
-from .routing import Router, Routing, count_ids, expert_capacity, expert_choice, token_choice
+from .dispatch.combine import AGGREGATIONS, dispatch_combine
+from .dispatch.fused import fused_layout
+from .routing.losses import AUX_LOSSES
+from .routing.record import Routing
+from .routing.router import Router
+from .routing.select import count_ids, expert_capacity, expert_choice, token_choice
 
 ROUTES = ("tokens", "samples")
 AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
@@ -67,7 +69,7 @@ class MoEBlock(nn.Module, ABC):
         hole: add a router column E whose tokens are dropped (zero output) and counted in ``dropped``.
         noise: None, ``"gumbel"``, ``"gaussian"`` (learned std) or ``"jitter"``; training only.
         aux_criterion: None, a loss name, a list of names or ``{name: coefficient}``; names in
-            :data:`moefy.losses.AUX_LOSSES`.
+            :data:`moefy.routing.losses.AUX_LOSSES`.
         aggregation: ``"sum"`` or ``"mean"`` of the weighted expert outputs of a token.
         expert_choice: experts pick their top-C tokens instead of tokens picking top-k experts.
         route: ``"tokens"`` routes every vector of ``x`` (..., D); ``"samples"`` routes every sample of
@@ -80,7 +82,7 @@ class MoEBlock(nn.Module, ABC):
         score_func: ``"softmax"`` or ``"sigmoid"`` router scores.
         feature_dim: with ``route="samples"``, the dim of ``x`` that holds the D features (1 for NCHW).
         num_experts: optional check that ``len(experts)`` is what the caller expects.
-        fused: run the experts as one pass per layer over stacked weights (:mod:`moefy.fused`) instead of
+        fused: run the experts as one pass per layer over stacked weights (:mod:`moefy.dispatch.fused`) instead of
             one ``expert_forward`` call each. Only for experts that are identical plain ``nn.Linear`` or
             ``nn.Sequential(Linear, activation, ..., Linear)`` and an ``expert_forward`` that is just
             ``expert(x)``; other experts raise ValueError. Same outputs and gradients as unfused (to float

@@ -8,6 +8,7 @@ standard library, never a hang. ``test_every_public_name_is_swept`` keeps the ta
 import json
 import signal
 import struct
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,15 @@ from torch import nn
 import moefy
 import moefy.viz
 from conftest import LinearMixture
-from moefy import convert, data, distill, distributed, losses, metrics, noise, reliability, stats, upcycle_hf
-from moefy import log as moelog
-from moefy.log import LogFormatError
-from moefy.routing import Router
-from moefy.sparse_moe import MoE
+from moefy import convert, data
+from moefy.convert import hf as upcycle_hf
+from moefy.observe import log as moelog
+from moefy.observe import recorder as stats
+from moefy.observe.log import LogFormatError
+from moefy.recipes import distill, metrics, reliability
+from moefy.recipes.sparse_moe import MoE
+from moefy.routing import losses, noise
+from moefy.routing.router import Router
 from moefy.viz import patches
 
 CASES = []
@@ -124,7 +129,7 @@ def dense_checkpoint(**shape):
 
 IMG = np.zeros((4, 4), dtype=np.float32)
 BLOCK_PY = "moefy/block.py is not mine to edit"
-ROUTING_PY = "moefy/routing.py is not mine to edit"
+ROUTING_PY = "moefy/routing/ is not mine to edit"
 
 # ------------------------------------------------------------------------------ MoEBlock (block.py)
 case("MoEBlock", lambda t: lin(k=0), ValueError, r"\bk must be")
@@ -170,7 +175,7 @@ case("MoEBlock", lambda t: lin(expert_choice=True, capacity=True), ValueError, r
 case("MoEBlock", lambda t: lin(route="samples", feature_dim=5)(torch.randn(2, 4)), ValueError, r"feature_dim")
 case("MoEBlock", lambda t: lin().route_rows(torch.randn(3, 5)), ValueError, r"x must have shape")
 
-# ---------------------------------------------------------------------------- Router (routing.py)
+# ----------------------------------------------------------------------- Router (routing/router.py)
 case("Router", lambda t: Router(4, 3, noise="normal"), ValueError, r"noise must be one of")
 case("Router", lambda t: Router(4, 3, score_func="tanh"), ValueError, r"score_func must be one of")
 case("Router", lambda t: Router(4, 3, temperature=0), ValueError, r"temperature must be")
@@ -184,7 +189,7 @@ case("Router", lambda t: Router(4, 3)(torch.randn(2, 5)), ValueError, r"x must h
 case("aux_loss", lambda t: moefy.aux_loss("model"), TypeError, r"model must be")
 case("moe_blocks", lambda t: moefy.moe_blocks(None), TypeError, r"model must be")
 
-# --------------------------------------------------------------------------------- losses.py
+# -------------------------------------------------------------------------------- routing/losses.py
 case("cv_squared", lambda t: losses.cv_squared([1.0, 2.0]), TypeError, r"v must be a (torch\.)?[Tt]ensor")
 case("cv_squared", lambda t: losses.cv_squared(torch.ones(3), eps=-1.0), ValueError, r"eps must be")
 for _name in losses.AUX_LOSSES:
@@ -193,7 +198,7 @@ for _name in losses.AUX_LOSSES:
 case("importance", lambda t: losses.importance(None), TypeError, r"r must be a Routing")
 case("smooth_load", lambda t: losses.smooth_load(torch.ones(3)), TypeError, r"r must be a Routing")
 
-# ----------------------------------------------------------------------------- noise.py
+# --------------------------------------------------------------------------------- routing/noise.py
 case("validate_noise", lambda t: noise.validate_noise("Gumbel"), ValueError, r"noise must be one of")
 case("gumbel_like", lambda t: noise.gumbel_like([0.0]), TypeError, r"t must be a")
 case("gumbel_like", lambda t: noise.gumbel_like(torch.zeros(3, dtype=torch.long)), TypeError, r"t must be a")
@@ -201,7 +206,7 @@ case("GaussianNoiseStd", lambda t: noise.GaussianNoiseStd("4", 3), ValueError, r
 case("GaussianNoiseStd", lambda t: noise.GaussianNoiseStd(4, 0), ValueError, r"num_columns must be")
 case("GaussianNoiseStd", lambda t: noise.GaussianNoiseStd(4, 3, min_std=0.0), ValueError, r"min_std must be")
 
-# ---------------------------------------------------------------------- moefy, mixtures (convert.py)
+# ----------------------------------------------------------------------- moefy, mixtures (convert/)
 case("moefy", lambda t: moefy.moefy("linear"), TypeError, r"module must be an nn.Module")
 case("moefy", lambda t: moefy.moefy(nn.Linear(4, 4), num_experts=0), ValueError, r"num_experts must be")
 case("moefy", lambda t: moefy.moefy(nn.Linear(4, 4), num_experts="4"), ValueError, r"num_experts must be")
@@ -280,7 +285,7 @@ case("load_dense_state_dict", lambda t: moefy.load_dense_state_dict(dense_checkp
 case("infer_routing", lambda t: convert.infer_routing("linear"), TypeError, r"module must be an nn.Module")
 case("dense_key_map", lambda t: convert.dense_key_map(None), TypeError, r"model must be an nn.Module")
 
-# ------------------------------------------------------------------------------ MoE (sparse_moe.py)
+# ---------------------------------------------------------------------- MoE (recipes/sparse_moe.py)
 case("MoE", lambda t: MoE(0, 2, 3, 8), ValueError, r"input_size must be")
 case("MoE", lambda t: MoE(4, 2.0, 3, 8), ValueError, r"output_size must be")
 case("MoE", lambda t: MoE(4, 2, True, 8), ValueError, r"num_experts must be")
@@ -295,7 +300,7 @@ case("MoE", lambda t: MoE(4, 2, 3, 8, k=2, aux_criterion="prob", noisy_gating=Fa
 case("MoE", lambda t: MoE(4, 2, 3, 8, k=2)(torch.randn(3, 5)), ValueError, r"x must have shape")
 case("MoE", lambda t: MoE(4, 2, 3, 8, k=2)(torch.ones(3, 4, dtype=torch.long)), TypeError, r"x must be a floating")
 
-# ------------------------------------------------------------------------------- distill.py
+# ------------------------------------------------------------------------------- recipes/distill.py
 case("mutual_distillation_loss", lambda t: moefy.mutual_distillation_loss([[1.0]], torch.ones(1, 1)), ValueError,
      r"expert_logits must be")
 case("mutual_distillation_loss", lambda t: moefy.mutual_distillation_loss(torch.randn(2, 5), torch.ones(5, 2)),
@@ -334,7 +339,7 @@ case("block_distillation_loss", lambda t: distill.block_distillation_loss(ran(),
 case("block_distillation_loss", lambda t: distill.block_distillation_loss(ran(), torch.randn(4, 4), 0), ValueError,
      r"temperature must be")
 
-# ------------------------------------------------------------------------------- metrics.py
+# ------------------------------------------------------------------------------- recipes/metrics.py
 for _fn in (metrics.accuracy, metrics.nll, metrics.ece, metrics.reliability_bins, metrics.classification_report):
     _n = f"metrics.{_fn.__name__}"
     case(_n, lambda t, f=_fn: f([[0.5, 0.5]], torch.tensor([0])), ValueError, r"probs must be")
@@ -393,7 +398,7 @@ case("ImageDataset.subset", lambda t: dataset().subset(train="2"), ValueError, r
 case("ImageDataset.subset", lambda t: dataset().subset(train=1.5), ValueError, r"train must be a positive int")
 case("ImageDataset.subset", lambda t: dataset().subset(seed="0"), TypeError, r"seed must be an int")
 
-# ----------------------------------------------------------------------------------- stats.py
+# ------------------------------------------------------------------------------ observe/recorder.py
 case("RoutingRecorder", lambda t: moefy.RoutingRecorder("model"), TypeError, r"model must be an nn.Module")
 case("RoutingRecorder", lambda t: moefy.RoutingRecorder(nn.Linear(4, 4)), ValueError, r"model contains no MoEBlock")
 case("RoutingRecorder", lambda t: moefy.RoutingRecorder(lin(), num_classes=0), ValueError, r"num_classes must be")
@@ -417,7 +422,7 @@ case("labels_per_token", lambda t: stats.labels_per_token(torch.zeros(4, dtype=t
      r"routing must be a Routing")
 case("layer_summary", lambda t: stats.layer_summary({"name": "x"}), TypeError, r"s must be a LayerStats")
 
-# -------------------------------------------------------------------------------------- log.py
+# ----------------------------------------------------------------------------------- observe/log.py
 case("read_log", lambda t: moefy.read_log(3), TypeError, r"path must be")
 case("read_log", lambda t: moefy.read_log(Path(t) / "missing.jsonl"), LogFormatError, r"cannot read the log")
 case("read_log", lambda t: moefy.read_log(t), LogFormatError, r"cannot read the log")
@@ -531,7 +536,7 @@ case("viz.affinity_csv", lambda t: moefy.viz.affinity_csv(a_log(t)), TypeError, 
 case("viz.affinity_csv", lambda t: moefy.viz.affinity_csv(a_log(t).layers["model"]), ValueError,
      r"layer 'model' logged no affinity")
 
-# --------------------------------------------------------------------------- distributed.py
+# ---------------------------------------------------------------------------------------- parallel/
 case("expert_parallel", lambda t: moefy.expert_parallel("model"), TypeError, r"module must be an nn.Module")
 case("expert_parallel", lambda t: moefy.expert_parallel(lin(), aux_scope="world"), ValueError,
      r"aux_scope must be one of \('global', 'local'\)")
@@ -556,7 +561,7 @@ case("merge_state_dicts", lambda t: moefy.merge_state_dicts([{"w": torch.ones(2)
      ValueError, r"shards: replicated entry 'w' differs")
 case("sharded_names", lambda t: moefy.sharded_names("model"), TypeError, r"model must be an nn.Module")
 
-# --------------------------------------------------------------------------- upcycle_hf.py
+# ------------------------------------------------------------------------------------ convert/hf.py
 case("moefy_bert_ffn", lambda t: upcycle_hf.moefy_bert_ffn("bert"), TypeError, r"model must be an nn.Module")
 case("moefy_bert_ffn", lambda t: upcycle_hf.moefy_bert_ffn(nn.Linear(4, 4)), ValueError,
      r"model: Linear has no BERT-style layer")
@@ -599,7 +604,8 @@ def test_bad_input(target, call, error, match, tmp_path):
     # raised by moefy itself: not an error surfacing from deep inside torch / numpy / the standard library
     assert type(info.value) is error or (error is ValueError and type(info.value) is LogFormatError)
     frame = Path(str(info.traceback[-1].path))
-    assert frame.parent.name in ("moefy", "viz") and "moefy" in frame.parts, (frame, info.value)
+    assert frame.parent.name in ("moefy", "viz", "routing", "dispatch", "convert", "observe", "parallel", "recipes") \
+        and "moefy" in frame.parts, (frame, info.value)
 
 
 def _public(module, names=None):
@@ -619,11 +625,18 @@ NOT_SWEPT = {
 }
 
 
+# the modules that convert.py and distributed.py were split into (import_module: moefy.convert.merge, read as an
+# attribute, is the function merge)
+CONVERT_MODULES = [import_module(f"moefy.convert.{m}") for m in ("mixture", "surgery", "merge", "checkpoint")]
+PARALLEL_MODULES = [import_module(f"moefy.parallel.{m}") for m in ("expert_parallel", "checkpoint")]
+
+
 def test_every_public_name_is_swept():
     targets = {c.values[0].split(".")[-1] for c in CASES} | {c.values[0] for c in CASES}
     public = (_public(moefy) | _public(moefy.viz) | _public(metrics) | _public(data) | _public(stats)
-              | _public(moelog) | _public(losses) | _public(noise) | _public(distill) | _public(convert)
-              | _public(upcycle_hf) | _public(distributed) | _public(reliability))
+              | _public(moelog) | _public(losses) | _public(noise) | _public(distill)
+              | set().union(*map(_public, CONVERT_MODULES)) | _public(upcycle_hf)
+              | set().union(*map(_public, PARALLEL_MODULES)) | _public(reliability))
     missing = sorted(public - targets - NOT_SWEPT)
     assert not missing, f"public names without a bad-input case: {missing}"
     assert len(CASES) >= 300, len(CASES)

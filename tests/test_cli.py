@@ -16,9 +16,9 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 from conftest import LinearMixture
-from moefy.cli import main
-from moefy.log import TrainingLogWriter
-from moefy.stats import RoutingRecorder
+from moefy.observe.cli import main
+from moefy.observe.log import TrainingLogWriter
+from moefy.observe.recorder import RoutingRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"epoch": 1, "routing_acc": 0.5, "entropy": 1.0, "utilization": [0.25, 0.75], "metrics": {"loss": 1.0}}
@@ -100,7 +100,7 @@ def test_bad_logs_fail_with_the_line_number(case, tmp_path, capsys):
 
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "moefy.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "moefy.observe.cli", *args], capture_output=True, text=True, env=env,
                           timeout=120)
 
 

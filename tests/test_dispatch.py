@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moefy.block import MoEBlock
-from moefy.fused import _linear, _LoopedLinear, _looped_linear, fused_experts_forward, fused_layout
-from moefy.routing import top_k
+from moefy.dispatch.fused import _linear, _LoopedLinear, _looped_linear, fused_experts_forward, fused_layout
+from moefy.routing.select import top_k
 
 
 class Mixture(MoEBlock):

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import LinearMixture
-from moefy.distill import (block_distillation_loss, expert_logits, mode_loss,
-                           mutual_distillation_loss)
+from moefy.recipes.distill import (block_distillation_loss, expert_logits, mode_loss,
+                                   mutual_distillation_loss)
 
 
 def double_loop(outputs, gates, temperature):

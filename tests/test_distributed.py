@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moefy.block import MoEBlock
-from moefy.distributed import (ShardedExperts, expert_parallel, full_state_dict, merge_state_dicts,
-                               sharded_names)
+from moefy.parallel import (ShardedExperts, expert_parallel, full_state_dict, merge_state_dicts,
+                            sharded_names)
 
 COLLECTIVE_TIMEOUT = 30
 JOIN_TIMEOUT = 120

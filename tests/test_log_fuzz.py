@@ -1,4 +1,4 @@
-"""Fuzz of the JSON-lines training-log parser (:func:`moefy.log.read_log`) and of ``moefy plot``.
+"""Fuzz of the JSON-lines training-log parser (:func:`moefy.observe.log.read_log`) and of ``moefy plot``.
 
 Whatever the bytes, ``read_log`` either returns a log whose records are valid (increasing int epochs, one
 utilization row of the same width per epoch, finite numbers) or raises ``LogFormatError`` naming the file
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moefy.cli import main
-from moefy.log import LogFormatError, read_log
+from moefy.observe.cli import main
+from moefy.observe.log import LogFormatError, read_log
 from moefy.viz.dashboard import safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +250,7 @@ def test_unicode_names_survive(tmp_path):
 def test_cli_subprocess_on_a_fuzzed_log(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_bytes(lines(good()) + b'{"epoch": ' + b"9" * 5000 + b"}\n")
-    proc = subprocess.run([sys.executable, "-m", "moefy.cli", "plot", str(path), "--out", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "-m", "moefy.observe.cli", "plot", str(path), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from moefy import MoEBlock, Routing
-from moefy.losses import (balance_loss, cv2_loss, cv_squared, entropy_loss, importance, prob_loss,
-                          smooth_load, switch_loss, z_loss)
-from moefy.routing import token_choice
+from moefy.routing.losses import (balance_loss, cv2_loss, cv_squared, entropy_loss, importance, prob_loss,
+                                  smooth_load, switch_loss, z_loss)
+from moefy.routing.select import token_choice
 
 
 def routing(logits, k=1, noise_std=None, noisy=None):

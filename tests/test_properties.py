@@ -3,7 +3,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moefy.losses import AUX_LOSSES
+from moefy.routing.losses import AUX_LOSSES
 from conftest import LinearMixture
 
 NONNEGATIVE = {"entropy", "prob", "cv2", "switch", "z", "balance"}

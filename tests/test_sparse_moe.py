@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moefy import aux_loss
-from moefy.sparse_moe import MoE
+from moefy.recipes.sparse_moe import MoE
 
 
 def phi(z: float) -> float:
@@ -117,7 +117,7 @@ def test_bad_arguments(kwargs, match):
 
 def test_token_mask_reaches_the_seed_layer():
     import torch
-    from moefy.sparse_moe import MoE
+    from moefy.recipes.sparse_moe import MoE
 
     moe = MoE(8, 3, num_experts=4, hidden_size=16, k=2).eval()
     x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import LinearMixture
-from moefy.log import LogFormatError, TrainingLogWriter, read_log
-from moefy.stats import RoutingRecorder, labels_per_token, token_entropy
+from moefy.observe.log import LogFormatError, TrainingLogWriter, read_log
+from moefy.observe.recorder import RoutingRecorder, labels_per_token, token_entropy
 
 
 def identity_router_block(num_experts=3, hole=False, **kw):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moefy.stats import RoutingRecorder
+from moefy.observe.recorder import RoutingRecorder
 from conftest import LinearMixture
 
 

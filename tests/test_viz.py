@@ -12,8 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torch import nn
 
 from conftest import LinearMixture
-from moefy.log import TrainingLogWriter, read_log
-from moefy.stats import RoutingRecorder
+from moefy.observe.log import TrainingLogWriter, read_log
+from moefy.observe.recorder import RoutingRecorder
 from moefy.viz import (display_abs_experts_load, display_experts_load, image_through_experts, plot_affinity,
                        plot_dashboard, plot_entropy, plot_experts_load, plot_load_heatmap, plot_metrics,
                        plot_patch_routing, plot_routing_accuracy, plot_total_load, plot_utilization, route_image)

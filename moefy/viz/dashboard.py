@@ -1,5 +1,5 @@
 """Training-log dashboards (seed 004): expert utilization over epochs, router entropy, routing accuracy,
-the class × expert affinity heatmap and the metric curves, from a :class:`moefy.log.TrainingLog`."""
+the class × expert affinity heatmap and the metric curves, from a :class:`moefy.observe.log.TrainingLog`."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..log import LayerSeries, TrainingLog
+from ..observe.log import LayerSeries, TrainingLog
 from ._common import HOLE_COLOR, expert_colors, new_figure
 
 

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..block import MoEBlock
-from ..stats import RoutingRecorder
+from ..observe.recorder import RoutingRecorder
 from ._common import HOLE_COLOR, column_names, expert_colors, new_figure
 
 ArrayLike = Union[torch.Tensor, np.ndarray]

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..block import MoEBlock
-from ..routing import Routing
+from ..routing.record import Routing
 from ._common import column_names, new_figure
 
 log = logging.getLogger(__name__)

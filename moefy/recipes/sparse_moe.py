@@ -19,7 +19,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from .block import MoEBlock
+from ..block import MoEBlock
 
 
 class MLPExpert(nn.Sequential):

@@ -25,8 +25,9 @@ Recipe with DDP (``torchrun --nproc_per_node=W``; the same seed on every rank)::
     loss = loss_fn(ddp(x_local), y_local) + coef * moefy.aux_loss(model)
 
 The experts exchange on their own group so their all-to-alls never interleave with DDP's all-reduces.
-Checkpoints: ``model.state_dict()`` on each rank names experts by global id; :func:`merge_state_dicts` of
-all ranks' dicts (or :func:`full_state_dict`) loads into the unsharded model or on any number of ranks.
+Checkpoints: ``model.state_dict()`` on each rank names experts by global id;
+:func:`~moefy.parallel.checkpoint.merge_state_dicts` of all ranks' dicts (or
+:func:`~moefy.parallel.checkpoint.full_state_dict`) loads into the unsharded model or on any number of ranks.
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .block import MoEBlock
-from .dispatch import check_expert_output, combine, zero_grad_path
-from .routing import Routing, count_ids, group_by_column
+from ..block import MoEBlock
+from ..dispatch.combine import check_expert_output, combine, zero_grad_path
+from ..routing.record import Routing
+from ..routing.select import count_ids, group_by_column
 
 logger = logging.getLogger(__name__)
 
@@ -297,57 +299,3 @@ def _check_model(model, name: str) -> None:
 def _check_initialised(what: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{what} needs torch.distributed initialised (dist.init_process_group)")
-
-
-def sharded_names(model: nn.Module) -> List[str]:
-    """Fully qualified names of the parameters and buffers that :func:`expert_parallel` sharded: the ones
-    DDP must leave alone (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``)."""
-    _check_model(model, "model")
-    prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, ShardedExperts))
-    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    return [n for n in names if n.startswith(prefixes)] if prefixes else []
-
-
-def merge_state_dicts(shards: Sequence[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Union of per-rank state dicts (``model.state_dict()`` saved on each rank) into one full state dict
-    that loads into the unsharded model or an expert-parallel one on any number of ranks.
-
-    Raises:
-        ValueError: a key present in several shards (a replicated tensor) differs between them: the ranks
-            diverged, and no shard can be trusted to speak for the others.
-    """
-    if isinstance(shards, (Mapping, str)) or not isinstance(shards, Sequence):
-        raise TypeError(f"shards must be a sequence of state dicts (one per rank), got {type(shards).__name__}")
-    if not shards:
-        raise ValueError("shards must be a non-empty sequence of state dicts")
-    merged: Dict[str, torch.Tensor] = {}
-    for i, shard in enumerate(shards):
-        if not isinstance(shard, Mapping):
-            raise TypeError(f"shards[{i}] must be a mapping (a state dict), got {type(shard).__name__}")
-        for key, value in shard.items():
-            if key in merged and not _same(merged[key], value):
-                raise ValueError(f"shards: replicated entry {key!r} differs between shard 0..{i - 1} and shard {i}")
-            merged.setdefault(key, value)
-    return merged
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return False
-    return bool(a == b)
-
-
-def full_state_dict(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> Dict[str, torch.Tensor]:
-    """The unsharded state dict (every expert, replicated entries once), on every rank of ``group``.
-    Collective; the experts' tensors travel through ``all_gather_object`` and come back on the CPU."""
-    _check_model(model, "model")
-    _check_initialised("full_state_dict")
-    state = model.state_dict()
-    sharded = set(sharded_names(model))
-    mine = {k: v.detach().cpu() for k, v in state.items() if k in sharded}
-    everyone: List[Optional[dict]] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    replicated = {k: v for k, v in state.items() if k not in sharded}
-    return merge_state_dicts([replicated, *everyone])

@@ -28,7 +28,7 @@ from typing import Callable, Dict
 import torch
 from torch.distributions import Normal
 
-from .routing import Routing
+from .record import Routing
 
 
 def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

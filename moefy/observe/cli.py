@@ -2,7 +2,7 @@
 
     moefy plot LOG --out DIR [--dpi 120]
 
-turns a JSON-lines training log (see :mod:`moefy.log`) into PNG dashboards and the affinity CSV.
+turns a JSON-lines training log (see :mod:`moefy.observe.log`) into PNG dashboards and the affinity CSV.
 Exit status: 0 on success, 1 for a bad log or an unwritable output folder (one line on stderr naming the
 file and line, no traceback), 2 for bad arguments.
 """
@@ -41,11 +41,11 @@ def plot_log(log_path: str, out: str, dpi: int = 120) -> List[Path]:
     """Write the dashboards of ``log_path`` into ``out``; returns the files written.
 
     Raises:
-        moefy.log.LogFormatError: the log is malformed (names the line).
+        moefy.observe.log.LogFormatError: the log is malformed (names the line).
         OSError: ``out`` cannot be written.
     """
     from .log import read_log
-    from .viz import dashboard
+    from ..viz import dashboard
 
     log = read_log(log_path)
     out_dir = Path(out)

@@ -100,7 +100,7 @@ class TrainingLogWriter:
 
         Args:
             epoch: epoch number (strictly increasing).
-            layers: a :class:`moefy.stats.RoutingRecorder` or its ``summary()`` (one dict per layer).
+            layers: a :class:`moefy.observe.recorder.RoutingRecorder` or its ``summary()`` (one dict per layer).
             metrics: name → number (accuracy, loss, ...).
         Returns:
             the object written.
@@ -124,7 +124,7 @@ class TrainingLogWriter:
 
 
 def log_entry(epoch: int, layers: Sequence[dict], metrics: Optional[Dict[str, float]] = None) -> dict:
-    """The log object of one epoch from per-layer summaries (:func:`moefy.stats.layer_summary`)."""
+    """The log object of one epoch from per-layer summaries (:func:`moefy.observe.recorder.layer_summary`)."""
     if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence) or not all(
             isinstance(layer, Mapping) for layer in layers):
         raise TypeError(f"layers must be a RoutingRecorder or a list of layer summaries (dicts), got {layers!r:.80}")

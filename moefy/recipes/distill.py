@@ -22,7 +22,7 @@ import math
 import torch
 from einops import rearrange
 
-from .block import MoEBlock
+from ..block import MoEBlock
 
 
 def mutual_distillation_loss(expert_logits: torch.Tensor, gates: torch.Tensor,

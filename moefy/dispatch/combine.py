@@ -3,7 +3,7 @@
 The routing record already lists assignments grouped by router column, so dispatch is one gather into
 contiguous per-expert slices, one call per expert that received tokens, one weighted ``index_add_`` back
 into token order. The hole is the last column, so its assignments are a tail that is simply never run. Homogeneous experts
-may instead run fused (:mod:`moefy.fused`): one pass per layer over all experts' rows.
+may instead run fused (:mod:`moefy.dispatch.fused`): one pass per layer over all experts' rows.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .fused import Layout, fused_experts_forward, runs_grouped
-from .routing import Routing, count_ids
+from ..routing.record import Routing
+from ..routing.select import count_ids
 
 AGGREGATIONS = ("sum", "mean")
 # Up to this many output elements the combine accumulates with index_put_: 2.5 µs against index_add_'s 9 µs
@@ -59,7 +60,7 @@ def dispatch_combine(x: torch.Tensor, routing: Routing,
         experts: the E expert modules (for the zero-gradient path of idle experts).
         aggregation: ``"sum"``: ``y_t = sum_i w_ti f_i(x_t)``; ``"mean"``: that sum divided by the number
             of real experts that processed token t (tokens nobody processed stay zero).
-        fused: a :func:`moefy.fused.fused_layout` of ``experts``: run them all at once on (T, D) rows
+        fused: a :func:`moefy.dispatch.fused.fused_layout` of ``experts``: run them all at once on (T, D) rows
             instead of calling ``run_expert`` per expert (the caller vouches that it is plain ``expert(x)``).
     Returns:
         y: (T, *F_out).

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .block import MoEBlock
-from .routing import Routing
+from ..block import MoEBlock
+from ..routing.record import Routing
 
 
 @dataclass
@@ -225,7 +225,7 @@ class RoutingRecorder:
 
 
 def layer_summary(s: LayerStats) -> dict:
-    """The JSON fields of one layer (see :mod:`moefy.log`)."""
+    """The JSON fields of one layer (see :mod:`moefy.observe.log`)."""
     if not isinstance(s, LayerStats):
         raise TypeError(f"s must be a LayerStats (RoutingRecorder.stats[name]), got {type(s).__name__}")
     out = {"layer": s.name or "model", "routing_acc": _round(s.routing_acc), "entropy": _round(s.entropy),

@@ -1,0 +1,134 @@
+"""moefy(): clone an existing module into a mixture of its copies (sparse upcycling), or convert chosen
+submodules of a whole model in place, PEFT-style (target matching by name pattern, type or predicate);
+:func:`moefy_chain` makes one expert of several sibling modules.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable, Optional, Sequence, Tuple, Type, Union
+
+from torch import nn
+
+from ..block import MoEBlock
+from .mixture import AttentionMixture, ModuleMixture, _check_module
+
+logger = logging.getLogger(__name__)
+
+Target = Union[str, Sequence[str], Type[nn.Module], Tuple[Type[nn.Module], ...], Callable[[str, nn.Module], bool]]
+
+
+def _mixture(module: nn.Module, **options) -> ModuleMixture:
+    cls = AttentionMixture if isinstance(module, nn.MultiheadAttention) else ModuleMixture
+    return cls(module, **options)
+
+
+def _glob_regex(pattern: str) -> "re.Pattern":
+    """``*`` matches inside one name component, ``**`` across dots; a pattern also matches any suffix of
+    the dotted module name that starts at a component (``"output.dense"`` matches ``"layer.0.output.dense"``)."""
+    body = re.escape(pattern).replace(r"\*\*", "\0").replace(r"\*", r"[^.]*").replace(r"\?", r"[^.]")
+    return re.compile(r"(?:.*\.)?" + body.replace("\0", ".*"))
+
+
+def _matcher(target: Target) -> Callable[[str, nn.Module], bool]:
+    if isinstance(target, str):
+        target = [target]
+    if isinstance(target, type) or (isinstance(target, tuple) and target and
+                                    all(isinstance(t, type) for t in target)):
+        if not all(issubclass(t, nn.Module) for t in (target if isinstance(target, tuple) else (target,))):
+            raise TypeError(f"target: module types must subclass nn.Module, got {target!r}")
+        return lambda name, m: isinstance(m, target)
+    if callable(target):
+        return lambda name, m: bool(target(name, m))
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, str) for t in target):
+        regexes = [_glob_regex(t) for t in target]
+        return lambda name, m: any(r.fullmatch(name) for r in regexes)
+    raise TypeError("target must be a name pattern, a list of name patterns, an nn.Module type (or tuple "
+                    f"of types), or a predicate (name, module) -> bool; got {target!r}")
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def moefy(module: nn.Module, num_experts: int = 4, k: int = 1, *, target: Optional[Target] = None,
+          **options) -> nn.Module:
+    """Upcycle a module into a mixture of its copies, or every ``target`` submodule of a model in place.
+
+    Args:
+        module: without ``target``, the module to clone (left untouched); with ``target``, the model whose
+            matching submodules are replaced in place.
+        num_experts: E ≥ 1 experts per mixture.
+        k: experts per token, 1 ≤ k ≤ E.
+        target: which submodules to convert: a name pattern or a list of them (``"intermediate"`` matches
+            every module whose dotted name ends with that component path; ``*`` matches within a component,
+            ``**`` across components), an ``nn.Module`` type or tuple of types, or a predicate
+            ``(name, module) -> bool``. The outermost match wins; the model itself is never a target.
+        **options: ``route``, ``input_dim``, ``feature_dim``, ``expert_noise`` (see :class:`ModuleMixture`)
+            and every :class:`MoEBlock` routing option. Without ``route`` each match gets its own
+            (:func:`infer_routing`): per token for Linear / MLP, per sample for conv, attention and the rest.
+            Without ``layer_id`` the mixtures of a model are numbered 0, 1, ... in module order.
+
+    Returns:
+        the mixture (no ``target``) or ``module`` itself, converted (with ``target``).
+    Raises:
+        ValueError: bad ``num_experts`` / ``k``, or ``target`` matches nothing.
+    """
+    if target is None:
+        return _mixture(module, num_experts=num_experts, k=k, **options)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    match, names, skip = _matcher(target), [], []
+    for name, m in module.named_modules():
+        if not name or any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(m, MoEBlock):
+            skip.append(name)
+        elif match(name, m):
+            names.append(name)
+            skip.append(name)
+    if not names:
+        some = [n for n, _ in module.named_modules() if n][:12]
+        raise ValueError(f"target {target!r} matched no submodule of {type(module).__name__}; "
+                         f"module names look like {some}")
+    for i, name in enumerate(names):
+        opts = dict(options)
+        opts.setdefault("layer_id", i)
+        try:
+            mixture = _mixture(module.get_submodule(name), num_experts=num_experts, k=k, **opts)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"moefy target {name!r}: {err}") from err
+        _set_submodule(module, name, mixture)
+        logger.info("moefy: %s -> %d experts, k=%d, route=%s", name, num_experts, k, mixture.route)
+    return module
+
+
+def moefy_chain(parent: nn.Module, names: Sequence[str], num_experts: int = 4, k: int = 1,
+                **options) -> ModuleMixture:
+    """Upcycle sibling modules that run one after the other as ONE expert with one router.
+
+    ``parent.<names[0]>`` becomes a mixture of copies of ``nn.Sequential(names[0], names[1], ...)`` and the
+    other names become ``nn.Identity``. Exact only where ``parent`` computes ``names[-1](...(names[0](x)))``
+    with nothing between them (in BERT, ``intermediate`` then ``output.dense``: dropout, residual and norm
+    come after). :func:`load_dense_state_dict` and :func:`unmoefy` know where each part came from.
+
+    Returns:
+        the new mixture (already in place).
+    """
+    _check_module(parent, "parent")
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) < 1:
+        raise ValueError(f"names must be a non-empty list of submodule paths, got {names!r}")
+    parts = []
+    for name in names:
+        try:
+            parts.append(parent.get_submodule(name))
+        except AttributeError as err:
+            raise ValueError(f"names: {type(parent).__name__} has no submodule {name!r}") from err
+    mixture = _mixture(nn.Sequential(*parts), num_experts=num_experts, k=k, **options)
+    mixture.dense_sources = {str(i): name for i, name in enumerate(names)}
+    mixture.dense_root_depth = len(names[0].split("."))
+    _set_submodule(parent, names[0], mixture)
+    for name in names[1:]:
+        _set_submodule(parent, name, nn.Identity())
+    return mixture

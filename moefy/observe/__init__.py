@@ -1,0 +1,16 @@
+"""Observation: routing statistics over many batches and the JSON-lines training log.
+
+- ``recorder``: :class:`RoutingRecorder`, which hooks every MoEBlock of a model, and its per-layer stats.
+- ``log``: the training log's writer (:class:`TrainingLogWriter`) and strict parser (:func:`read_log`).
+- ``cli``: the ``moefy`` command (``moefy plot LOG --out DIR``); not imported here, so that
+  ``python -m moefy.observe.cli`` runs without a double import.
+"""
+from .log import (MAX_ABS, MAX_EPOCH, REQUIRED, ROUTING_FIELDS, LayerSeries, LogFormatError, PathLike, TrainingLog,
+                  TrainingLogWriter, log_entry, read_log)
+from .recorder import LayerStats, RoutingRecorder, labels_per_token, layer_summary, token_entropy
+
+__all__ = [
+    "RoutingRecorder", "LayerStats", "token_entropy", "labels_per_token", "layer_summary",
+    "TrainingLogWriter", "TrainingLog", "LayerSeries", "LogFormatError", "log_entry", "read_log",
+    "REQUIRED", "ROUTING_FIELDS", "MAX_EPOCH", "MAX_ABS", "PathLike",
+]

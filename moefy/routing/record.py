@@ -1,0 +1,89 @@
+"""The record of what the router decided: :class:`Routing`.
+
+Shapes: T tokens (or samples, with per-sample routing), D features, E experts, E' = E + 1 router columns
+with a hole expert (column E is the hole), k experts per token, C tokens per expert (expert choice),
+A = number of (token, expert) assignments.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Routing:
+    """What the router decided in one forward. Read by dispatch, aux losses, statistics and plots.
+
+    Attributes:
+        mode: ``"token_choice"`` or ``"expert_choice"``.
+        num_experts: E, real experts (the hole is not one of them).
+        hole: whether router column E is a hole expert.
+        logits: (T, E') clean router logits, float32.
+        noisy_logits: (T, E') logits after training noise (the same tensor as ``logits`` without noise).
+        noise_std: (T, E') learned Gaussian noise std, or None.
+        probs: (T, E') scores that selection used: softmax (or sigmoid) of ``noisy_logits / temperature``.
+        indices: token choice: (T, k) chosen router columns per token, best first (E = hole);
+            expert choice: (E', C) chosen token ids per column.
+        weights: same shape as ``indices``: the combine weight of each choice.
+        token_index: (A,) token id of each assignment, grouped by column in column order.
+        expert_index: (A,) router column of each assignment, non-decreasing.
+        weight: (A,) combine weight of each assignment.
+        count: (E',) long, assignments per router column (``count[E]`` is the hole's), on the routing's device.
+        tokens_shape: leading shape of the routed input, ``prod(tokens_shape) == T``.
+        dropped: 0-dim long tensor; token choice: slots sent to the hole; expert choice: tokens that no
+            real expert picked. Every token slot is either processed or counted here.
+        host_counts: ``count`` as host ints when the router already has them; else read back on first use of
+            :attr:`counts` (on a GPU that read is the forward's one synchronisation, and a fused grouped-mm
+            forward never makes it).
+    """
+
+    mode: str
+    num_experts: int
+    hole: bool
+    logits: torch.Tensor
+    noisy_logits: torch.Tensor
+    noise_std: Optional[torch.Tensor]
+    probs: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    weight: torch.Tensor
+    count: torch.Tensor
+    tokens_shape: Tuple[int, ...]
+    dropped: torch.Tensor
+    host_counts: Optional[Tuple[int, ...]] = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return (f"Routing({self.mode}, tokens={self.num_tokens}, experts={self.num_experts}, hole={self.hole}, "
+                f"counts={list(self.counts)}, dropped={int(self.dropped)})")
+
+    @property
+    def counts(self) -> Tuple[int, ...]:
+        """E' host ints, assignments per router column (``counts[E]`` is the hole's)."""
+        if self.host_counts is None:
+            object.__setattr__(self, "host_counts", tuple(self.count.tolist()))  # a cache, not a new value
+        return self.host_counts
+
+    @property
+    def num_tokens(self) -> int:
+        """T: tokens routed (masked-out padding excluded)."""
+        return self.logits.shape[0]
+
+    @property
+    def num_inputs(self) -> int:
+        """Tokens in the input, ``prod(tokens_shape)``; token ids in the record index these."""
+        return math.prod(self.tokens_shape)
+
+    @property
+    def load(self) -> torch.Tensor:
+        """(E,) long: tokens each real expert processed."""
+        return torch.tensor(self.counts[: self.num_experts], dtype=torch.long)
+
+    @property
+    def num_assigned(self) -> int:
+        """Assignments that reach a real expert: ``sum(load)``."""
+        return sum(self.counts[: self.num_experts])

@@ -1,0 +1,80 @@
+"""The router: a linear gate with optional training noise (:mod:`moefy.routing.noise`), run in float32 or wider.
+
+Shapes as in :mod:`moefy.routing.record`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .noise import GaussianNoiseStd, gumbel_like, validate_noise
+
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+_ROUTER_DTYPES = (torch.float32, torch.float64)
+
+
+class Router(nn.Module):
+    """Linear gate with optional training noise.
+
+    Args:
+        input_dim: D.
+        num_columns: E' router columns.
+        noise: None, ``"gumbel"``, ``"gaussian"`` or ``"jitter"`` (see :mod:`moefy.routing.noise`).
+        temperature: logits are divided by it before the score function (seed 001's gate temperature).
+        score_func: ``"softmax"`` over columns, or an independent ``"sigmoid"`` per column.
+        jitter_eps: half-width of the multiplicative input jitter.
+    """
+
+    def __init__(self, input_dim: int, num_columns: int, noise: Optional[str] = None,
+                 temperature: float = 1.0, score_func: str = "softmax", jitter_eps: float = 1e-2):
+        super().__init__()
+        self.noise = validate_noise(noise)
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+        for name, value in (("input_dim", input_dim), ("num_columns", num_columns)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if isinstance(jitter_eps, bool) or not isinstance(jitter_eps, (int, float)) or not 0 <= jitter_eps < 1:
+            raise ValueError(f"jitter_eps must be a number in [0, 1), got {jitter_eps!r}")
+        self.gate = nn.Linear(input_dim, num_columns, bias=False)
+        self.noise_std = GaussianNoiseStd(input_dim, num_columns) if self.noise == "gaussian" else None
+        self.temperature = float(temperature)
+        self.score_func = score_func
+        self.jitter_eps = jitter_eps
+
+    def forward(self, x: torch.Tensor):
+        """``x``: (T, D) → ``(logits, noisy_logits, noise_std, probs)``, each (T, E'), float32 or wider."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.gate.in_features:
+            raise ValueError(f"x must have shape (T, input_dim={self.gate.in_features}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        weight = self.gate.weight
+        dtype = x.dtype if x.dtype in _ROUTER_DTYPES else router_dtype(x.dtype)
+        if weight.dtype != dtype or x.dtype != dtype:
+            weight, x = weight.to(dtype), x.to(dtype)
+        logits = F.linear(x, weight)
+        noisy, std = logits, None
+        if self.noise == "gaussian":
+            std = self.noise_std(x)
+            if self.training:
+                noisy = logits + torch.randn_like(logits) * std
+        elif self.training and self.noise == "gumbel":
+            noisy = logits + gumbel_like(logits)
+        elif self.training and self.noise == "jitter":
+            jitter = torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            noisy = F.linear(x * jitter, weight)
+        scaled = noisy / self.temperature if self.temperature != 1.0 else noisy
+        probs = scaled.softmax(dim=-1) if self.score_func == "softmax" else scaled.sigmoid()
+        return logits, noisy, std, probs
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Router math runs in float32, or float64 for float64 inputs: never in half precision."""
+    return torch.promote_types(dtype, torch.float32)
