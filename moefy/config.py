@@ -1,0 +1,214 @@
+"""The routing options of a mixture, as one validated, frozen config.
+
+:class:`RoutingConfig` holds every routing option of :class:`~moefy.block.MoEBlock` except the structural
+ones (``experts``, ``input_dim``, ``num_experts``). Each field is documented once, in its ``metadata``
+(``"values"``: what it accepts, default first; ``"doc"``: what it means); :meth:`RoutingConfig.options_table`
+renders them as the README's "Routing options" table. All checks and normalisation happen in
+``__post_init__``; the one check that needs the number of experts is :meth:`RoutingConfig.check_columns`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+from .checks import check_bool, check_choice, check_int, check_number
+
+NOISES = ("gumbel", "gaussian", "jitter")
+AGGREGATIONS = ("sum", "mean")
+ROUTES = ("tokens", "samples")
+SCORE_FUNCS = ("softmax", "sigmoid")
+AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
+
+
+def _option(default: Any, values: str, doc: str) -> Any:
+    """A config field: its default, what it accepts (default first) and what it means."""
+    return field(default=default, metadata={"values": values, "doc": doc})
+
+
+def _aux_loss_names() -> tuple:
+    try:  # lazy: the losses import the routing record, which must not need this module first
+        from .losses import AUX_LOSSES
+    except ImportError:
+        from .routing.losses import AUX_LOSSES
+    return tuple(AUX_LOSSES)
+
+
+def _k_message(k: Any, columns: Optional[int], hole: bool) -> str:
+    top = columns if columns is not None else ("E + 1" if hole else "E")
+    return f"k must be a number in [1, {top}] (the number of experts{' + hole' if hole else ''}), got {k!r}"
+
+
+def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
+    """``aux_criterion`` → ``{loss name: coefficient}``; names must be in ``moefy.losses.AUX_LOSSES``."""
+    if aux_criterion is None:
+        return {}
+    if isinstance(aux_criterion, str):
+        pairs = [(aux_criterion, 1.0)]
+    elif isinstance(aux_criterion, (list, tuple)):
+        pairs = [(name, 1.0) for name in aux_criterion]
+    elif isinstance(aux_criterion, Mapping):
+        pairs = list(aux_criterion.items())
+    else:
+        raise ValueError(f"aux_criterion must be None, a loss name, a list of names or {{name: coefficient}}, "
+                         f"got {aux_criterion!r}")
+    allowed = _aux_loss_names()
+    for name, _ in pairs:
+        if not isinstance(name, str) or name not in allowed:
+            raise ValueError(f"aux_criterion: unknown loss {name!r}; allowed: {sorted(allowed)}")
+    return {name: check_number(coef, f"aux_criterion: coefficient of {name!r}", low=0, what="a number >= 0")
+            for name, coef in pairs}
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(sorted(value.items())) if isinstance(value, Mapping) else value
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How a mixture routes: one validated, immutable set of routing options.
+
+    Build it with keywords (``RoutingConfig(k=2, noise="gumbel")``) or :meth:`from_options`; each field's
+    meaning is in its ``metadata`` and in :meth:`options_table` (the README's "Routing options" table).
+    Bad values raise ValueError / TypeError naming the option. Normalised on construction: ``route="images"``
+    becomes ``"samples"``, ``noise="none"`` and ``aux_criterion="none"`` become None, a token-choice ``k``
+    becomes an int, a list of loss names a tuple, ``capacity_factor`` and ``temperature`` floats.
+    """
+
+    k: float = _option(1, "`1` … E'", "token choice: experts per token, an int (E' = E, plus one with a hole). "
+                       "Expert choice: average experts per token in the capacity, any number in (0, E'].")
+    hole: bool = _option(False, "`False`, `True`", "one extra router column E. A token slot routed there "
+                         "contributes zero and is counted in `routing.dropped`; with `normalize`, its weight "
+                         "still takes part in the renormalisation (a token half-sent to the hole gets half the "
+                         "output).")
+    noise: Optional[str] = _option(None, "`None`, `'gumbel'`, `'gaussian'`, `'jitter'`", "training only; eval "
+                                   "routing is deterministic. `gumbel`: Gumbel(0,1) added to the logits (top-k "
+                                   "then samples without replacement from the softmax). `gaussian`: Shazeer et al. "
+                                   "2017, `x·W_g + ε·softplus(x·W_noise)`, a learned input-dependent std (W_noise "
+                                   "starts at 0, std ≥ 0.01). `jitter`: Switch's multiplicative input jitter "
+                                   "`U(0.99, 1.01)`.")
+    aux_criterion: AuxCriterion = _option(None, "`None`, a name, a list, `{name: coef}`", "auxiliary losses "
+                                          "(names in `moefy.losses.AUX_LOSSES`), summed with their coefficients "
+                                          "into `block.aux_loss`; each one alone in `block.aux_losses`. Computed "
+                                          "in train and eval. `'prob'` needs `noise='gaussian'` and token choice.")
+    aggregation: str = _option("sum", "`'sum'`, `'mean'`", "`sum`: `y_t = Σ_i w_ti f_i(x_t)`; `mean`: that sum "
+                               "divided by the number of real experts that processed token t.")
+    expert_choice: bool = _option(False, "`False`, `True`", "each expert takes its top-C tokens, "
+                                  "`C = ceil(capacity_factor · T · k / E')` (or `capacity`), capped at T; combine "
+                                  "weights are the raw scores. Tokens no real expert picked get zero output and "
+                                  "are counted in `routing.dropped`. It is **non-causal**: which tokens an expert "
+                                  "takes depends on the whole batch, so it leaks across positions in "
+                                  "autoregressive models.")
+    route: str = _option("tokens", "`'tokens'`, `'samples'`", "`tokens`: every vector of `x (..., D)` is routed. "
+                         "`samples` (alias `'images'`): every sample of `x (B, ...)` is routed as a whole on its "
+                         "mean feature vector, for experts that need the whole sequence or image (attention, "
+                         "conv); `feature_dim` says where the D features are (`1` for NCHW).")
+    layer_id: Optional[int] = _option(None, "`None`, an int ≥ 0", "the block's place in a bigger model, used in "
+                                      "names, plots and logs.")
+    capacity_factor: float = _option(1.0, "`1.0`, a number > 0", "expert-choice capacity factor in "
+                                     "`C = ceil(capacity_factor · T · k / E')`.")
+    capacity: Optional[int] = _option(None, "`None`, an int ≥ 1", "expert-choice capacity C (tokens per expert, "
+                                      "capped at T); an explicit `capacity` wins over `capacity_factor`.")
+    normalize: bool = _option(True, "`True`, `False`", "token choice: renormalise the k chosen scores to sum to 1 "
+                              "(what keeps a mixture of identical experts exact). `False` keeps the raw scores, as "
+                              "the original MoEfy did. At `k=1` the renormalised weight is the constant 1, so "
+                              "moefy uses `p / stopgrad(p)`: value exactly 1, gradient of `p`, and the router "
+                              "still learns.")
+    temperature: float = _option(1.0, "`1.0`, a number > 0", "logits are divided by it before the score "
+                                 "function.")
+    score_func: str = _option("softmax", "`'softmax'`, `'sigmoid'`", "router scores: a softmax over the router "
+                              "columns, or an independent sigmoid per column.")
+    feature_dim: int = _option(-1, "`-1`, a dim of `x`", "with `route='samples'`, the dim of `x` that holds the "
+                               "D features (`1` for NCHW).")
+    fused: bool = _option(False, "`False`, `True`", "run the experts as one pass per layer over stacked weights "
+                          "(`moefy.fused`) instead of one `expert_forward` call each. Only for identical plain "
+                          "`nn.Linear` experts or `nn.Sequential(Linear, activation, ..., Linear)` ones and an "
+                          "`expert_forward` that is just `expert(x)`; other experts raise ValueError. Same outputs "
+                          "and gradients as unfused (to float rounding); calls with extra forward arguments, and "
+                          "dispatch overrides, run unfused.")
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)  # frozen: normalised values bypass __setattr__
+        for flag in ("hole", "expert_choice", "normalize", "fused"):
+            check_bool(getattr(self, flag), flag)
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < float("inf"):
+            raise ValueError(_k_message(k, None, self.hole))
+        if not self.expert_choice:
+            if int(k) != k:
+                raise ValueError(f"k must be an int for token choice, got {k!r}")
+            set_("k", int(k))
+        noise = check_choice(self.noise, "noise", ("none",) + NOISES, optional=True)
+        set_("noise", None if noise == "none" else noise)
+        aux = self.aux_criterion  # stored as given, but "none" → None, list → tuple, mapping → a dict copy
+        if isinstance(aux, str) and aux == "none":
+            aux = None
+        elif isinstance(aux, (list, Mapping)):
+            aux = tuple(aux) if isinstance(aux, list) else dict(aux)
+        set_("aux_criterion", aux)
+        set_("_aux_weights", _parse_aux(aux))
+        if "prob" in self._aux_weights and (self.noise != "gaussian" or self.expert_choice):
+            raise ValueError("aux_criterion 'prob' is Shazeer's smooth load estimator: it needs "
+                             "noise='gaussian' and token choice (expert_choice=False)")
+        check_choice(self.aggregation, "aggregation", AGGREGATIONS)
+        if isinstance(self.route, str) and self.route == "images":  # the original MoEfy's name
+            set_("route", "samples")
+        check_choice(self.route, "route", ROUTES)
+        check_int(self.layer_id, "layer_id", min=0, optional=True)
+        set_("capacity_factor", check_number(self.capacity_factor, "capacity_factor", low=0, low_open=True))
+        check_int(self.capacity, "capacity", min=1, optional=True)
+        set_("temperature", check_number(self.temperature, "temperature", low=0, low_open=True,
+                                         what="a positive finite number"))
+        check_choice(self.score_func, "score_func", SCORE_FUNCS)
+        check_int(self.feature_dim, "feature_dim", what="an int (a dim of x)", type_error=TypeError)
+
+    def __hash__(self) -> int:  # a dict aux_criterion is hashed by its items
+        return hash(tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    @property
+    def aux_weights(self) -> Dict[str, float]:
+        """``{loss name: coefficient}`` of ``aux_criterion`` (a fresh dict; empty without aux losses)."""
+        return dict(self._aux_weights)
+
+    def check_columns(self, num_experts: int) -> int:
+        """E' = ``num_experts`` + hole router columns, after checking that ``k`` fits in them."""
+        columns = check_int(num_experts, "num_experts", min=1) + int(self.hole)
+        if self.k > columns:
+            raise ValueError(_k_message(self.k, columns, self.hole))
+        return columns
+
+    @classmethod
+    def from_options(cls, config: Optional[RoutingConfig] = None, **options: Any) -> RoutingConfig:
+        """A config from keyword options, or ``config`` with the given options replaced."""
+        if config is not None and not isinstance(config, RoutingConfig):
+            raise TypeError(f"config must be a RoutingConfig or None, got {type(config).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TypeError(f"{cls.__name__} got unknown option(s) {unknown}; allowed: {allowed}")
+        if config is None:
+            return cls(**options)
+        return dataclasses.replace(config, **options) if options else config
+
+    def summary(self, num_experts: Optional[int] = None) -> str:
+        """One line for a block's repr: layer, experts, hole, mode, noise, aux losses, aggregation, route,
+        then any of temperature, score_func, feature_dim, fused that differ from their defaults."""
+        mode = (f"expert_choice(k={self.k}, capacity={self.capacity or f'{self.capacity_factor}x'})"
+                if self.expert_choice else f"token_choice(k={self.k}, normalize={self.normalize})")
+        parts = [f"layer_id={self.layer_id}"] + ([f"experts={num_experts}"] if num_experts is not None else [])
+        parts += [f"hole={self.hole}", mode, f"noise={self.noise}", f"aux={self._aux_weights or None}",
+                  f"aggregation={self.aggregation}", f"route={self.route}"]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        parts += [f"{name}={getattr(self, name)}" for name in ("temperature", "score_func", "feature_dim", "fused")
+                  if getattr(self, name) != defaults[name]]
+        return ", ".join(parts)
+
+    @classmethod
+    def options_table(cls) -> str:
+        """The markdown table of the options, one row per field, from the fields' metadata."""
+        rows = ["| option | values (default first) | meaning |", "| --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            cells = (f"`{f.name}`", f.metadata["values"], f.metadata["doc"])
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        return "\n".join(rows) + "\n"
