@@ -1,28 +1,28 @@
 """MoEBlock: the abstract mixture. Subclasses define experts and ``expert_forward``; the block routes.
 
-forward = route → dispatch → experts → combine (see :mod:`moefy.routing` and :mod:`moefy.dispatch`).
+forward = route (:mod:`moefy.routing`) → dispatch → experts → combine (:mod:`moefy.dispatch`); the options
+live in one :class:`~moefy.config.RoutingConfig`.
 """
 from __future__ import annotations
 
-import inspect
-import math
+import dataclasses
 from abc import ABC, abstractmethod
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
-from einops import reduce
 from torch import nn
 
-from .dispatch.combine import AGGREGATIONS, dispatch_combine
+from .checks import check_int
+from .config import RoutingConfig
+from .dispatch.combine import dispatch
+from .dispatch.experts import FusedExperts, LoopedExperts, RunExpert
 from .dispatch.fused import fused_layout
+from .dispatch.rows import as_rows, kept_rows, with_side_inputs
+from .fastpaths import set_plain_attribute
 from .routing.losses import AUX_LOSSES
 from .routing.record import Routing
+from .routing.route import route as make_routing
 from .routing.router import Router
-from .routing.select import count_ids, expert_capacity, expert_choice, token_choice
-
-ROUTES = ("tokens", "samples")
-AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
-_NO_DROPS = torch.zeros((), dtype=torch.long)  # shared: a new tensor per forward costs ~5 µs at batch size 1
 
 
 def _compiling() -> bool:
@@ -30,145 +30,60 @@ def _compiling() -> bool:
     return bool(is_compiling is not None and is_compiling())
 
 
-def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
-    if aux_criterion is None or aux_criterion == "none":
-        return {}
-    if isinstance(aux_criterion, str):
-        aux_criterion = {aux_criterion: 1.0}
-    elif isinstance(aux_criterion, (list, tuple)):
-        aux_criterion = {name: 1.0 for name in aux_criterion}
-    elif not isinstance(aux_criterion, Mapping):
-        raise ValueError(f"aux_criterion must be None, a loss name, a list of names or {{name: coefficient}}, "
-                         f"got {aux_criterion!r}")
-    for name, coef in aux_criterion.items():
-        if name not in AUX_LOSSES:
-            raise ValueError(f"aux_criterion: unknown loss {name!r}; allowed: {sorted(AUX_LOSSES)}")
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < math.inf:
-            raise ValueError(f"aux_criterion: coefficient of {name!r} must be a number >= 0, got {coef!r}")
-    return {name: float(coef) for name, coef in aux_criterion.items()}
-
-
-class _Rows:
-    """A side input flattened to one row per routed token / sample."""
-
-    def __init__(self, rows: torch.Tensor):
-        self.rows = rows
-
-
 class MoEBlock(nn.Module, ABC):
     """A mixture of experts over any expert modules.
 
-    Subclass it: build the experts, pass them to ``super().__init__(experts=..., input_dim=..., **routing)``
+    Subclass it: build the experts, pass them to ``super().__init__(experts=..., input_dim=..., **options)``
     and override :meth:`expert_forward`.
 
     Args:
         experts: E expert modules (a list or ``nn.ModuleList``).
         input_dim: D, the feature size the router reads.
-        k: token choice: experts per token, 1 ≤ k ≤ E'; expert choice: average experts per token used in
-            the capacity ``C = ceil(capacity_factor · T · k / E')``.
-        hole: add a router column E whose tokens are dropped (zero output) and counted in ``dropped``.
-        noise: None, ``"gumbel"``, ``"gaussian"`` (learned std) or ``"jitter"``; training only.
-        aux_criterion: None, a loss name, a list of names or ``{name: coefficient}``; names in
-            :data:`moefy.routing.losses.AUX_LOSSES`.
-        aggregation: ``"sum"`` or ``"mean"`` of the weighted expert outputs of a token.
-        expert_choice: experts pick their top-C tokens instead of tokens picking top-k experts.
-        route: ``"tokens"`` routes every vector of ``x`` (..., D); ``"samples"`` routes every sample of
-            ``x`` (B, ...) as a whole (for attention or conv experts), using its mean feature vector.
-        layer_id: the block's position in a bigger model, for plots and logs.
-        capacity_factor, capacity: expert choice capacity (an explicit ``capacity`` wins).
-        normalize: token choice: renormalise the top-k weights to sum to one (default); False keeps the
-            raw scores, as the original MoEfy did.
-        temperature: router logits are divided by it.
-        score_func: ``"softmax"`` or ``"sigmoid"`` router scores.
-        feature_dim: with ``route="samples"``, the dim of ``x`` that holds the D features (1 for NCHW).
+        config: a :class:`~moefy.config.RoutingConfig`; keyword ``options`` (its field names: ``k``, ``hole``,
+            ``noise``, ``aux_criterion``, ``aggregation``, ``expert_choice``, ``route``, ``layer_id``, ...)
+            build one or replace fields of ``config``. Every option is documented on RoutingConfig.
         num_experts: optional check that ``len(experts)`` is what the caller expects.
-        fused: run the experts as one pass per layer over stacked weights (:mod:`moefy.dispatch.fused`) instead of
-            one ``expert_forward`` call each. Only for experts that are identical plain ``nn.Linear`` or
-            ``nn.Sequential(Linear, activation, ..., Linear)`` and an ``expert_forward`` that is just
-            ``expert(x)``; other experts raise ValueError. Same outputs and gradients as unfused (to float
-            rounding); calls with extra forward arguments, and dispatch overrides, run unfused.
+
+    The options are readable as attributes (``block.k``, ``block.hole``, ...; ``block.config`` holds them all).
+    After a forward: ``block.routing`` (the :class:`~moefy.routing.record.Routing` record), ``block.aux_losses``
+    (name → scalar) and ``block.aux_loss`` (their weighted sum).
     """
 
-    def __init__(self, experts: Iterable[nn.Module], input_dim: int, k: float = 1, hole: bool = False,
-                 noise: Optional[str] = None, aux_criterion: AuxCriterion = None, aggregation: str = "sum",
-                 expert_choice: bool = False, route: str = "tokens", layer_id: Optional[int] = None,
-                 capacity_factor: float = 1.0, capacity: Optional[int] = None, normalize: bool = True,
-                 temperature: float = 1.0, score_func: str = "softmax", feature_dim: int = -1,
-                 num_experts: Optional[int] = None, fused: bool = False, **unknown):
+    def __init__(self, experts: Iterable[nn.Module], input_dim: int, config: Optional[RoutingConfig] = None,
+                 num_experts: Optional[int] = None, **options: Any):
         super().__init__()
-        if unknown:
-            allowed = [p for p in inspect.signature(MoEBlock.__init__).parameters if p not in ("self", "unknown")]
-            raise TypeError(f"MoEBlock got unknown option(s) {sorted(unknown)}; allowed: {allowed}")
+        self.config = RoutingConfig.from_options(config, **options)
         if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList) or not isinstance(
                 experts, Iterable):
             raise TypeError(f"experts must be a non-empty list of nn.Module, got {type(experts).__name__}")
-        experts = list(experts) if not isinstance(experts, nn.ModuleList) else experts
+        experts = experts if isinstance(experts, nn.ModuleList) else list(experts)
         if len(experts) == 0 or not all(isinstance(e, nn.Module) for e in experts):
             raise TypeError("experts must be a non-empty list of nn.Module")
         if num_experts is not None and num_experts != len(experts):
             raise ValueError(f"num_experts={num_experts} but {len(experts)} experts were given")
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
-        num_columns = len(experts) + int(bool(hole))
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= num_columns:
-            raise ValueError(f"k must be a number in [1, {num_columns}] (the number of experts"
-                             f"{' + hole' if hole else ''}), got {k!r}")
-        if not expert_choice and int(k) != k:
-            raise ValueError(f"k must be an int for token choice, got {k!r}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        route = "samples" if route == "images" else route  # the original MoEfy's name
-        if route not in ROUTES:
-            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-        for flag, value in (("hole", hole), ("expert_choice", expert_choice), ("normalize", normalize)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
-        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or \
-                not 0 < capacity_factor < math.inf:
-            raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
-        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int):
-            raise TypeError(f"feature_dim must be an int (a dim of x), got {feature_dim!r}")
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-            raise ValueError(f"capacity must be a positive int or None, got {capacity!r}")
-        if not isinstance(fused, bool):
-            raise TypeError(f"fused must be True or False, got {fused!r}")
-        self._fused_layout = fused_layout(experts) if fused else None
-        if fused and self._fused_layout is None:
+        check_int(input_dim, "input_dim", min=1)
+        self.num_columns = self.config.check_columns(len(experts))
+        self.input_dim, self.num_experts = input_dim, len(experts)
+        self._fused_layout = fused_layout(experts) if self.config.fused else None
+        if self.config.fused and self._fused_layout is None:
             raise ValueError("fused=True needs identical experts, each a plain nn.Linear or an nn.Sequential of "
                              "nn.Linear layers and elementwise activations (same shapes, no hooks); "
                              "use fused=False for these experts")
-        self.aux_weights = _parse_aux(aux_criterion)
-        if "prob" in self.aux_weights and (noise != "gaussian" or expert_choice):
-            raise ValueError("aux_criterion 'prob' is Shazeer's smooth load estimator: it needs "
-                             "noise='gaussian' and token choice (expert_choice=False)")
 
-        self.router = Router(input_dim, num_columns, noise=noise, temperature=temperature, score_func=score_func)
+        c = self.config
+        self.router = Router(input_dim, self.num_columns, noise=c.noise, temperature=c.temperature,
+                             score_func=c.score_func)
         self.experts = experts if isinstance(experts, nn.ModuleList) else nn.ModuleList(experts)
-        self.input_dim, self.num_experts, self.num_columns = input_dim, len(experts), num_columns
-        self.k = int(k) if not expert_choice else k
-        self.hole, self.noise, self.aggregation = bool(hole), self.router.noise, aggregation
-        self.expert_choice, self.route, self.layer_id = bool(expert_choice), route, layer_id
-        self.capacity_factor, self.capacity, self.normalize = capacity_factor, capacity, bool(normalize)
-        self.feature_dim = feature_dim
-        self.aux_criterion = aux_criterion
+        # the expert-execution seam: how the experts run on their slices (see _execution)
+        self._looped = LoopedExperts(self.experts)
+        self._fused = FusedExperts(self.experts, self._fused_layout) if self._fused_layout else None
+        self.parallel = None  # set by moefy.parallel.expert_parallel: experts sharded over ranks
         self.routing: Optional[Routing] = None
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.aux_loss = torch.zeros(())
         for i, expert in enumerate(self.experts):
             expert.expert_id = i
             expert.mixture_id = self.moe_name
-
-    # the last forward's record: a view of one call (holding its autograd graph), not state of the block
-    _LAST_FORWARD = ("routing", "aux_losses", "aux_loss")
-
-    def __getstate__(self) -> dict:
-        """Copies (``copy.deepcopy``, ``pickle``) start as if no forward had run: the last forward's routing
-        record and aux losses hold that call's graph, which cannot be deep-copied and is not the block's."""
-        state = super().__getstate__()
-        state.update(routing=None, aux_losses={}, aux_loss=torch.zeros(()))
-        for name in self._LAST_FORWARD[3:]:
-            state[name] = None
-        return state
 
     @abstractmethod
     def expert_forward(self, expert: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -191,60 +106,24 @@ class MoEBlock(nn.Module, ABC):
         the routed shape (``x.shape[:-1]`` per token, (B,) per sample) are sliced per row like ``x``;
         everything else is passed unchanged.
         """
-        rows, router_in, tokens_shape = self._as_rows(x)
+        # 1. rows: what the experts get (T, *F) and what the router reads (T, D); padding is not routed
+        rows, router_in, tokens_shape = as_rows(x, self.route, self.input_dim, self.feature_dim)
         kept = None
         if token_mask is not None:
-            kept = self._kept_rows(token_mask, tokens_shape)
+            kept = kept_rows(token_mask, tokens_shape)
             router_in = router_in.index_select(0, kept)
+        # 2. route: the record of who goes where
         routing = self.route_rows(router_in, tokens_shape, kept)
-        run = self._side_input_runner(tokens_shape, args, kwargs) if args or kwargs else None
+        # 3. dispatch → experts → combine: gather each expert's rows, run them, weighted sum back: (T, *F_out)
+        run = with_side_inputs(self.expert_forward, self.experts, tokens_shape, args, kwargs) \
+            if args or kwargs else None
         y = self.dispatch(rows, routing, run)
         if self.route == "tokens" and len(tokens_shape) != 1:
             y = y.reshape(*tokens_shape, *y.shape[1:])
-        self.__dict__["routing"] = routing  # a plain attribute: skip nn.Module.__setattr__'s checks (µs per call)
-        self.set_aux_losses(routing)
+        # 4. keep the record; aux losses from it (from the whole group's with expert parallelism)
+        set_plain_attribute(self, "routing", routing)
+        self.set_aux_losses(self.parallel.loss_routing(routing) if self.parallel and self.aux_weights else routing)
         return y
-
-    def set_aux_losses(self, routing: Routing) -> None:
-        """Compute ``aux_losses`` (name → scalar) and their weighted sum ``aux_loss`` from ``routing``."""
-        if self.aux_weights:
-            self.aux_losses = {name: AUX_LOSSES[name](routing) for name in self.aux_weights}
-            self.aux_loss = sum((c * self.aux_losses[n] for n, c in self.aux_weights.items()),
-                                routing.logits.new_zeros(()))
-        else:  # no loss: keep one zero per dtype / device instead of a new tensor every call, except under
-            # torch.compile, where reading the last call's tensor would read a CUDA graph's recycled output
-            zero = self.aux_loss
-            if _compiling() or zero.dtype != routing.logits.dtype or zero.device != routing.logits.device or \
-                    zero.requires_grad:
-                self.aux_loss = routing.logits.new_zeros(())
-
-    def _as_rows(self, x: torch.Tensor):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if self.route == "tokens":
-            if x.dim() == 0 or x.shape[-1] != self.input_dim:
-                raise ValueError(f"x must have shape (..., input_dim={self.input_dim}), got {tuple(x.shape)}")
-            rows = x.reshape(-1, self.input_dim)
-            return rows, rows, tuple(x.shape[:-1])
-        if not -x.dim() <= self.feature_dim < x.dim():
-            raise ValueError(f"feature_dim={self.feature_dim} is not a dim of x with shape {tuple(x.shape)}")
-        if x.dim() < 2 or x.shape[self.feature_dim] != self.input_dim:
-            raise ValueError(f"x must have shape (B, ...) with input_dim={self.input_dim} features on dim "
-                             f"{self.feature_dim} for route='samples', got {tuple(x.shape)}")
-        feats = reduce(x.movedim(self.feature_dim, -1), "b ... d -> b d", "mean") if x.dim() > 2 else x
-        return x, feats, (x.shape[0],)
-
-    @staticmethod
-    def _kept_rows(token_mask: torch.Tensor, tokens_shape) -> torch.Tensor:
-        if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
-            raise TypeError(f"token_mask must be a bool tensor (True = real token), got "
-                            f"{getattr(token_mask, 'dtype', type(token_mask).__name__)}")
-        if tuple(token_mask.shape) != tuple(tokens_shape):
-            raise ValueError(f"token_mask must have the tokens' shape {tuple(tokens_shape)}, "
-                             f"got {tuple(token_mask.shape)}")
-        return token_mask.reshape(-1).nonzero().squeeze(1)
 
     def route_rows(self, x: torch.Tensor, tokens_shape=None, kept: Optional[torch.Tensor] = None) -> Routing:
         """Route T rows ``x`` (T, D) and return the record (does not run experts).
@@ -255,63 +134,57 @@ class MoEBlock(nn.Module, ABC):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"x must have shape (T, input_dim={self.input_dim}), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        logits, noisy, std, probs = self.router(x)
-        num_tokens = x.shape[0]
-        if self.expert_choice:
-            c = expert_capacity(num_tokens, self.num_columns, self.k, self.capacity_factor, self.capacity)
-            indices, weights, token_index, expert_index, weight = expert_choice(probs, c)
-            host_counts = (c,) * self.num_columns
-            count = torch.full((self.num_columns,), c, dtype=torch.long, device=x.device)
-            covered = torch.zeros(num_tokens, dtype=torch.bool, device=x.device)
-            covered[token_index[: c * self.num_experts]] = True
-            dropped = num_tokens - covered.sum()
-        else:
-            indices, weights, token_index, expert_index, weight = token_choice(probs, self.k, self.normalize)
-            count = count_ids(expert_index, self.num_columns)
-            host_counts = None if count.is_cuda else tuple(count.tolist())  # on a GPU: read back when needed
-            dropped = count[self.num_experts] if self.hole else _NO_DROPS
-        if kept is not None:
-            token_index = kept.index_select(0, token_index)
-            if self.expert_choice:
-                indices = kept[indices]
-        return Routing(
-            mode="expert_choice" if self.expert_choice else "token_choice", num_experts=self.num_experts,
-            hole=self.hole, logits=logits, noisy_logits=noisy, noise_std=std, probs=probs, indices=indices,
-            weights=weights, token_index=token_index, expert_index=expert_index, weight=weight, count=count,
-            tokens_shape=tuple(tokens_shape if tokens_shape is not None else (num_tokens,)), dropped=dropped,
-            host_counts=host_counts)
+        return make_routing(self.router, x, self.config, self.num_experts, tokens_shape, kept)
 
-    def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert=None) -> torch.Tensor:
+    def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert: Optional[RunExpert] = None) -> torch.Tensor:
         """Send ``rows`` (T, *F) to the experts the record names and combine: → (T, *F_out).
 
-        ``run_expert(e, x_e, rows_e)`` runs expert e with the call's side inputs; None (no side inputs) runs
-        :meth:`expert_forward`, fused where the block is. Expert parallelism overrides this method.
+        ``run_expert(e, x_e, token_ids_e)`` runs expert e with the call's side inputs; None (no side inputs)
+        runs :meth:`expert_forward`.
         """
-        fused = self._fused_layout if run_expert is None else None
-        return dispatch_combine(rows, routing, run_expert or self._run_expert, self.experts, self.aggregation,
-                                fused=fused)
+        experts = self._execution(rows, side_inputs=run_expert is not None)
+        return dispatch(rows, routing, experts, run_expert or self._run_expert, self.aggregation)
 
-    def _run_expert(self, e: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _execution(self, rows: torch.Tensor, side_inputs: bool):
+        """The one place that decides how the experts run: sharded over ranks (expert parallelism), fused
+        (identical Linear / MLP experts, 2-D rows, no side inputs), or one module call per expert."""
+        if self.parallel is not None:
+            if side_inputs:
+                raise ValueError("expert parallelism cannot send side inputs (extra forward arguments) to other "
+                                 "ranks; pass them inside x")
+            return self.parallel
+        if self._fused is not None and not side_inputs and rows.dim() == 2:
+            return self._fused
+        return self._looped
+
+    def _run_expert(self, e: int, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(self.experts[e], x)
 
-    def _side_input_runner(self, tokens_shape, args, kwargs):
-        lead = len(tokens_shape)
+    def set_aux_losses(self, routing: Routing) -> None:
+        """Compute ``aux_losses`` (name → scalar) and their weighted sum ``aux_loss`` from ``routing``."""
+        weights = self.aux_weights
+        if weights:
+            self.aux_losses = {name: AUX_LOSSES[name](routing) for name in weights}
+            self.aux_loss = sum((c * self.aux_losses[n] for n, c in weights.items()), routing.logits.new_zeros(()))
+        else:  # no loss: keep one zero per dtype / device instead of a new tensor every call, except under
+            # torch.compile, where reading the last call's tensor would read a CUDA graph's recycled output
+            zero = self.aux_loss
+            if _compiling() or zero.dtype != routing.logits.dtype or zero.device != routing.logits.device or \
+                    zero.requires_grad:
+                self.aux_loss = routing.logits.new_zeros(())
 
-        def per_row(v):  # (*tokens_shape, ...) → (T, ...) rows to slice; anything else is passed whole
-            if isinstance(v, torch.Tensor) and v.dim() >= lead and tuple(v.shape[:lead]) == tuple(tokens_shape):
-                return _Rows(v.reshape(-1, *v.shape[lead:]))
-            return v
+    @property
+    def aux_weights(self) -> Dict[str, float]:
+        """``{loss name: coefficient}`` of the configured aux losses."""
+        return self.config._aux_weights
 
-        args = [per_row(a) for a in args]
-        kwargs = {n: per_row(v) for n, v in kwargs.items()}
-
-        def take(v, rows):
-            return v.rows.index_select(0, rows) if isinstance(v, _Rows) else v
-
-        def run(e: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            return self.expert_forward(self.experts[e], x, *(take(a, rows) for a in args),
-                                       **{n: take(v, rows) for n, v in kwargs.items()})
-        return run
+    # ------------------------------------------------------------------ copies and checkpoints
+    def __getstate__(self) -> dict:
+        """Copies (``copy.deepcopy``, ``pickle``) start as if no forward had run: the last forward's routing
+        record and aux losses hold that call's graph, which cannot be deep-copied and is not the block's."""
+        state = super().__getstate__()
+        state.update(routing=None, aux_losses={}, aux_loss=torch.zeros(()))
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -356,22 +229,21 @@ class MoEBlock(nn.Module, ABC):
         return self._last().count.to("cpu", torch.long, copy=True)
 
     @property
-    def fused(self) -> bool:
-        """Whether the experts run fused (``fused=True`` at construction)."""
-        return self._fused_layout is not None
-
-    @property
     def moe_name(self) -> str:
         layer = self.layer_id if self.layer_id is not None else "?"
         return f"layer {layer} / {type(self).__name__} ({self.num_experts} experts{' + hole' if self.hole else ''})"
 
     def extra_repr(self) -> str:
-        mode = (f"expert_choice(k={self.k}, capacity={self.capacity or f'{self.capacity_factor}x'})"
-                if self.expert_choice else f"token_choice(k={self.k}, normalize={self.normalize})")
-        parts = [f"layer_id={self.layer_id}", f"experts={self.num_experts}", f"hole={self.hole}", mode,
-                 f"noise={self.noise}", f"aux={self.aux_weights or None}", f"aggregation={self.aggregation}",
-                 f"route={self.route}"]
-        return ", ".join(parts)
+        text = self.config.summary(self.num_experts)
+        return text if self.parallel is None else f"{text}, {self.parallel}"
+
+
+def _config_view(name: str) -> property:
+    return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (read-only).")
+
+
+for _field in dataclasses.fields(RoutingConfig):  # block.k, block.hole, ...: read-only views of the config
+    setattr(MoEBlock, _field.name, _config_view(_field.name))
 
 
 def moe_blocks(model: nn.Module) -> List[MoEBlock]:

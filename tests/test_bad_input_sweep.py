@@ -620,7 +620,7 @@ def _public(module, names=None):
 NOT_SWEPT = {
     "Routing", "AUX_LOSSES", "data", "metrics", "ReliabilityBins", "ImageDataset", "LayerStats", "LayerSeries",
     "TrainingLog", "LogFormatError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
-    "ExpertParallel", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
+    "ExpertParallelExperts", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
     "layer_loads",
 }
 

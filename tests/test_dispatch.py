@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moefy.block import MoEBlock
-from moefy.dispatch.fused import _linear, _LoopedLinear, _looped_linear, fused_experts_forward, fused_layout
-from moefy.routing.select import top_k
+from moefy.dispatch.fused import _LoopedLinear, _looped_linear, fused_experts_forward, fused_layout
+from moefy.fastpaths import linear as _linear
+from moefy.fastpaths import top_k
 
 
 class Mixture(MoEBlock):

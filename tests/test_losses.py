@@ -7,6 +7,7 @@ import torch
 from moefy import MoEBlock, Routing
 from moefy.routing.losses import (balance_loss, cv2_loss, cv_squared, entropy_loss, importance, prob_loss,
                                   smooth_load, switch_loss, z_loss)
+from moefy.config import RoutingConfig
 from moefy.routing.select import token_choice
 
 
@@ -14,10 +15,12 @@ def routing(logits, k=1, noise_std=None, noisy=None):
     logits = torch.as_tensor(logits, dtype=torch.float64)
     noisy = logits if noisy is None else torch.as_tensor(noisy, dtype=torch.float64)
     probs = noisy.softmax(-1)
-    idx, w, tok, exp, flat_w = token_choice(probs, k)
-    count = torch.bincount(exp, minlength=logits.shape[1])
-    return Routing("token_choice", logits.shape[1], False, logits, noisy, noise_std, probs, idx, w, tok, exp,
-                   flat_w, count, (logits.shape[0],), torch.tensor(0))
+    picked = token_choice(probs, RoutingConfig(k=k), logits.shape[1])
+    count = torch.bincount(picked.expert_index, minlength=logits.shape[1])
+    assert torch.equal(picked.count, count)
+    return Routing("token_choice", logits.shape[1], False, logits, noisy, noise_std, probs, picked.indices,
+                   picked.weights, picked.token_index, picked.expert_index, picked.weight, count,
+                   (logits.shape[0],), torch.tensor(0))
 
 
 LOGITS = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 1.0], [0.0, 0.0, 0.5]]

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from ..block import MoEBlock
+from ..checks import check_int, check_number
+from ..config import RoutingConfig
 from ..dispatch.fused import ELEMENTWISE
 
 
@@ -87,34 +89,37 @@ class ModuleMixture(MoEBlock):
     Args:
         module: the module to copy; left untouched.
         num_experts: E ≥ 1 copies.
-        k: experts per token (token choice), 1 ≤ k ≤ E (+1 with a hole).
+        k: experts per token (token choice), 1 ≤ k ≤ E (+1 with a hole); default ``config.k`` (1).
         input_dim: D, the features the router reads; inferred from the module (``in_features``,
             ``in_channels``, ``embed_dim``, ...) when None.
-        route, feature_dim: as in :class:`MoEBlock`; chosen by :func:`infer_routing` when None.
+        route, feature_dim: as in :class:`~moefy.config.RoutingConfig`; chosen by :func:`infer_routing` unless
+            given here or set to a non-default value in ``config``.
         expert_noise: breaks the symmetry of the copies: every floating parameter ``p`` of every expert gets
             ``N(0, (expert_noise * rms(p))^2)`` noise. 0 (default) keeps the mixture exact.
-        **routing: any other :class:`MoEBlock` option (hole, noise, aux_criterion, normalize, ...).
+        config: a :class:`~moefy.config.RoutingConfig`; ``**options`` (any of its fields: hole, noise,
+            aux_criterion, normalize, ...) build one or replace its fields.
     """
 
-    def __init__(self, module: nn.Module, num_experts: int = 4, k: int = 1, input_dim: Optional[int] = None,
-                 route: Optional[str] = None, feature_dim: Optional[int] = None, expert_noise: float = 0.0,
-                 **routing):
+    def __init__(self, module: nn.Module, num_experts: int = 4, k: Optional[int] = None,
+                 input_dim: Optional[int] = None, route: Optional[str] = None, feature_dim: Optional[int] = None,
+                 expert_noise: float = 0.0, config: Optional[RoutingConfig] = None, **options):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if isinstance(module, MoEBlock):
             raise TypeError(f"module is already a mixture ({type(module).__name__}); moefy its experts instead")
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        if isinstance(expert_noise, bool) or not isinstance(expert_noise, (int, float)) or not expert_noise >= 0:
-            raise ValueError(f"expert_noise must be a number >= 0 (a relative std), got {expert_noise!r}")
+        check_int(num_experts, "num_experts", min=1, what="an int >= 1")
+        check_number(expert_noise, "expert_noise", low=0, what="a number >= 0 (a relative std)")
+        base = RoutingConfig.from_options(config, **options)
         auto_route, auto_dim, auto_feature_dim = infer_routing(module)
-        route = auto_route if route is None else route
+        if route is None:
+            route = base.route if base.route != "tokens" else auto_route
         input_dim = auto_dim if input_dim is None else input_dim
         if input_dim is None:
             raise ValueError(f"input_dim: cannot infer the input feature size of {type(module).__name__}; "
                              f"pass input_dim=D (the size of the features the router should read)")
         if feature_dim is None:
-            feature_dim = auto_feature_dim if route in ("samples", "images") else -1
+            feature_dim = base.feature_dim if base.feature_dim != -1 else \
+                (auto_feature_dim if route in ("samples", "images") else -1)
         if route in ("samples", "images") and not isinstance(module, nn.MultiheadAttention):
             seq_first = [n or type(module).__name__ for n, m in module.named_modules()
                          if getattr(m, "batch_first", True) is False]
@@ -128,8 +133,9 @@ class ModuleMixture(MoEBlock):
                     for p in expert.parameters():
                         if p.is_floating_point():
                             p.add_(torch.randn_like(p) * (expert_noise * p.detach().float().square().mean().sqrt()))
-        super().__init__(experts=experts, input_dim=input_dim, k=k, route=route, feature_dim=feature_dim,
-                         **routing)
+        fields = {"k": k} if k is not None else {}
+        super().__init__(experts=experts, input_dim=input_dim, config=base, route=route, feature_dim=feature_dim,
+                         **fields)
         param = next(module.parameters(), None)
         if param is not None:
             self.router.to(param.device)
@@ -222,7 +228,7 @@ class AttentionMixture(ModuleMixture):
     sliced per sample, a 2-D one (L, S) is shared. Unbatched (L, E) inputs are refused.
     """
 
-    def __init__(self, module: nn.MultiheadAttention, num_experts: int = 4, k: int = 1, **options):
+    def __init__(self, module: nn.MultiheadAttention, num_experts: int = 4, k: Optional[int] = None, **options):
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"module must be an nn.MultiheadAttention, got {type(module).__name__}")
         if options.pop("route", None) not in (None, "samples", "images"):

@@ -52,21 +52,21 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def moefy(module: nn.Module, num_experts: int = 4, k: int = 1, *, target: Optional[Target] = None,
-          **options) -> nn.Module:
+def moefy(module: nn.Module, num_experts: int = 4, k: Optional[int] = None, *,
+          target: Optional[Target] = None, **options) -> nn.Module:
     """Upcycle a module into a mixture of its copies, or every ``target`` submodule of a model in place.
 
     Args:
         module: without ``target``, the module to clone (left untouched); with ``target``, the model whose
             matching submodules are replaced in place.
         num_experts: E ≥ 1 experts per mixture.
-        k: experts per token, 1 ≤ k ≤ E.
+        k: experts per token, 1 ≤ k ≤ E; default ``config.k`` (1).
         target: which submodules to convert: a name pattern or a list of them (``"intermediate"`` matches
             every module whose dotted name ends with that component path; ``*`` matches within a component,
             ``**`` across components), an ``nn.Module`` type or tuple of types, or a predicate
             ``(name, module) -> bool``. The outermost match wins; the model itself is never a target.
-        **options: ``route``, ``input_dim``, ``feature_dim``, ``expert_noise`` (see :class:`ModuleMixture`)
-            and every :class:`MoEBlock` routing option. Without ``route`` each match gets its own
+        **options: ``route``, ``input_dim``, ``feature_dim``, ``expert_noise``, ``config`` (see
+            :class:`ModuleMixture`) and every :class:`~moefy.config.RoutingConfig` field. Without ``route`` each match gets its own
             (:func:`infer_routing`): per token for Linear / MLP, per sample for conv, attention and the rest.
             Without ``layer_id`` the mixtures of a model are numbered 0, 1, ... in module order.
 
@@ -94,17 +94,18 @@ def moefy(module: nn.Module, num_experts: int = 4, k: int = 1, *, target: Option
                          f"module names look like {some}")
     for i, name in enumerate(names):
         opts = dict(options)
-        opts.setdefault("layer_id", i)
+        if getattr(options.get("config"), "layer_id", None) is None:
+            opts.setdefault("layer_id", i)
         try:
             mixture = _mixture(module.get_submodule(name), num_experts=num_experts, k=k, **opts)
         except (TypeError, ValueError) as err:
             raise type(err)(f"moefy target {name!r}: {err}") from err
         _set_submodule(module, name, mixture)
-        logger.info("moefy: %s -> %d experts, k=%d, route=%s", name, num_experts, k, mixture.route)
+        logger.info("moefy: %s -> %d experts, k=%d, route=%s", name, num_experts, mixture.k, mixture.route)
     return module
 
 
-def moefy_chain(parent: nn.Module, names: Sequence[str], num_experts: int = 4, k: int = 1,
+def moefy_chain(parent: nn.Module, names: Sequence[str], num_experts: int = 4, k: Optional[int] = None,
                 **options) -> ModuleMixture:
     """Upcycle sibling modules that run one after the other as ONE expert with one router.
 

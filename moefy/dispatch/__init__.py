@@ -1,12 +1,16 @@
 """Dispatch: tokens to their experts and the weighted outputs back into token order.
 
-- ``combine``: sort-based sparse dispatch (:func:`dispatch_combine`), the weighted :func:`combine`, checks.
-- ``fused``: homogeneous experts run as one pass per layer (grouped mm or a loop of matmuls).
+- ``rows``: an input as router rows (per token or per sample), padding masks, per-row side inputs.
+- ``combine``: :func:`dispatch` = gather → experts → :func:`combine` (the weighted ``index_add_`` back).
+- ``experts``: the expert-execution seam and two of its implementations (a loop over expert modules, fused).
+- ``fused``: homogeneous experts as one pass per layer (grouped mm or a loop of matmuls).
 """
-from .combine import AGGREGATIONS, check_expert_output, combine, dispatch_combine, zero_grad_path
+from .combine import AGGREGATIONS, combine, dispatch
+from .experts import FusedExperts, LoopedExperts, check_expert_output, run_slices, zero_grad_path
 from .fused import BACKENDS, ELEMENTWISE, Layout, fused_experts_forward, fused_layout, runs_grouped
 
 __all__ = [
-    "dispatch_combine", "combine", "check_expert_output", "zero_grad_path", "AGGREGATIONS",
+    "dispatch", "combine", "AGGREGATIONS",
+    "LoopedExperts", "FusedExperts", "run_slices", "check_expert_output", "zero_grad_path",
     "fused_layout", "fused_experts_forward", "runs_grouped", "Layout", "ELEMENTWISE", "BACKENDS",
 ]

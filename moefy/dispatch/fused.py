@@ -10,12 +10,10 @@ layers and parameter-free elementwise activations, with the same shapes and the 
   for all experts), or as one matmul per expert on its slice (``"loop"``: no module-call overhead), each
   writing its slice of one output buffer, and in backward its slice of the input gradient (no ``cat``).
 
-``"auto"`` picks ``"grouped"`` only where it has a fast kernel: CUDA, bfloat16 (torch ≥ 2.8 on compute
-capability ≥ 9.0); on an H100 that measured 1.6-4x faster than one module call per expert (README).
-Everywhere else ``torch._grouped_mm`` falls back to a loop of matmuls, and on top of that stacking copies
-every expert's weights each forward: on CPU (torch 2.13, float32) it measured 1.16x the loop's time on
-benchmark A and 1.1x on C. The experts keep owning their parameters either way, so optimisers, ``state_dict``
-and ``moefy()``'s merge see nothing new.
+``"auto"`` picks ``"grouped"`` only where it has a fast kernel: CUDA, bfloat16, compute capability ≥ 9.0.
+Everywhere else ``torch._grouped_mm`` falls back to a loop of matmuls and stacking copies every expert's
+weights each forward, so the loop is faster there (``benchmarks/FASTPATHS.md``). The experts keep owning
+their parameters either way, so optimisers, ``state_dict`` and ``moefy()``'s merge see nothing new.
 """
 from __future__ import annotations
 
@@ -24,6 +22,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..fastpaths import FEW_ROWS, linear, transposed_pays
 
 # Parameter-free activations that act elementwise, so running them once on all rows equals once per expert.
 ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
@@ -155,16 +155,16 @@ def _grouped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], offsets: torc
 def _looped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequence[int]) -> torch.Tensor:
     """Linear ``e`` on the ``sizes[e]`` rows of expert e: (A, in) → (A, out)."""
     if len(linears) == 1:
-        return _linear(x, linears[0].weight, linears[0].bias)
+        return linear(x, linears[0].weight, linears[0].bias)
     grad = torch.is_grad_enabled()
     # autocast casts F.linear, not the out= matmuls; a few rows per expert (eval): cat of tiny products is cheaper
-    if (grad or x.shape[0] > _FEW_ROWS * len(linears)) and not _autocast_on(x.device.type):
+    if (grad or x.shape[0] > FEW_ROWS * len(linears)) and not _autocast_on(x.device.type):
         weights = [l.weight for l in linears]
         biases = [l.bias for l in linears] if linears[0].bias is not None else []
         if grad and (x.requires_grad or any(p.requires_grad for p in weights + biases)):
             return _LoopedLinear.apply(x, list(sizes), *weights, *biases)
         return _linears_into(x, weights, biases, sizes)
-    return torch.cat([_linear(x_e, l.weight, l.bias) for x_e, l in zip(x.split_with_sizes(sizes), linears)])
+    return torch.cat([linear(x_e, l.weight, l.bias) for x_e, l in zip(x.split_with_sizes(sizes), linears)])
 
 
 def _linears_into(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
@@ -174,8 +174,8 @@ def _linears_into(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
     y = x.new_empty(x.shape[0], weights[0].shape[0])
     for e, (x_e, y_e) in enumerate(zip(x.split_with_sizes(sizes), y.split_with_sizes(sizes))):
         bias = biases[e] if biases else None
-        if _transposed_pays(x_e, weights[e]):
-            y_e.copy_(_linear(x_e, weights[e], bias))
+        if transposed_pays(x_e, weights[e]):
+            y_e.copy_(linear(x_e, weights[e], bias))
         elif bias is None:
             torch.mm(x_e, weights[e].t(), out=y_e)
         else:
@@ -187,7 +187,7 @@ class _LoopedLinear(torch.autograd.Function):
     """:func:`_linears_into` with a backward that also writes the input gradient slice by slice.
 
     Autograd through one ``F.linear`` per slice would ``cat`` the outputs in forward and the input gradients
-    in backward, two extra passes over (A, ·): about 2 ms of 56 on benchmark C (CPU, 2 threads).
+    in backward, two extra passes over (A, ·).
     Arguments: x (A, in), sizes (E host ints), then E weights (out, in) and 0 or E biases (out,).
     """
 
@@ -225,21 +225,3 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-
-
-# On CPU, F.linear(x, W) = x @ W.T with a few rows of x repacks all of W on every call, while W @ x.T reads W
-# as it lies: measured 4x faster for 2 rows of a 1024x512 weight, 1.8x for 8, ~1.1x for 32-64, but slower for
-# small weights (256x128) and for a single row (torch 2.13, 2 threads, 16 cold weights).
-_FEW_ROWS, _BIG_WEIGHT = 16, 1 << 18
-
-
-def _transposed_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return 2 <= x.shape[0] <= _FEW_ROWS and not x.is_cuda and weight.numel() >= _BIG_WEIGHT
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for x (n, in) → (n, out), computed transposed for a few rows on CPU."""
-    if _transposed_pays(x, weight):
-        y = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x.t())
-        return y.t()
-    return F.linear(x, weight, bias)

@@ -32,16 +32,16 @@ Checkpoints: ``model.state_dict()`` on each rank names experts by global id;
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..block import MoEBlock
-from ..dispatch.combine import check_expert_output, combine, zero_grad_path
+from ..dispatch.experts import LoopedExperts, RunExpert, run_slices
 from ..routing.record import Routing
-from ..routing.select import count_ids, group_by_column
+from ..routing.select import from_picks
 
 logger = logging.getLogger(__name__)
 
@@ -109,80 +109,71 @@ class ShardedExperts(nn.Module):
                 del state_dict[key]
 
 
-class ExpertParallel:
-    """Mixin that :func:`expert_parallel` puts in front of a MoEBlock's class: replaces ``dispatch`` with the
-    all-to-all exchange and, with ``aux_scope="global"``, computes the aux losses on every rank's routing.
+class ExpertParallelExperts:
+    """The expert-execution seam over ranks (:mod:`moefy.dispatch.experts`): this rank's rows, grouped by
+    global expert, go to the ranks that hold their experts and their outputs come back in the same order.
 
-    Attributes set on the block: ``ep_group``, ``ep_rank``, ``ep_size``, ``aux_scope``,
-    ``average_expert_grads``; after a forward, ``rank_tokens`` (tokens of every rank) and, with global aux
-    losses, ``global_routing`` (the record of the whole group's batch). ``routing`` stays this rank's own.
+    :func:`expert_parallel` puts one on every MoEBlock as ``block.parallel``. Attributes: ``group``,
+    ``rank``, ``world``, ``aux_scope``, ``average_expert_grads``; after a forward ``rank_tokens`` (routed
+    tokens of every rank) and, with global aux losses, ``global_routing`` (the record of the whole group's
+    batch). ``block.routing`` stays this rank's own.
     """
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = super().forward(x, *args, **kwargs)
-        if self.aux_scope == "global" and self.aux_weights:
-            self.global_routing = gather_routing(self.routing, self.rank_tokens, self.ep_group)
-            self.set_aux_losses(self.global_routing)
-        return y
+    def __init__(self, experts: ShardedExperts, group: Optional[dist.ProcessGroup], rank: int, world: int,
+                 aux_scope: str, average_expert_grads: bool):
+        self.experts, self.group, self.rank, self.world = experts, group, rank, world
+        self.aux_scope, self.average_expert_grads = aux_scope, average_expert_grads
+        self.rank_tokens: Optional[List[int]] = None
+        self.global_routing: Optional[Routing] = None
 
-    def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert=None) -> torch.Tensor:
-        """``rows`` (T, *F) → (T, *F_out): this rank's tokens through experts that may live on other ranks."""
-        if run_expert is not None:
-            raise ValueError("expert parallelism cannot send side inputs (extra forward arguments) to other "
-                             "ranks; pass them inside x")
-        group, world, local = self.ep_group, self.ep_size, len(self.experts)
-        counts = routing.counts[: self.num_experts]
-        assigned = sum(counts)
-        token_index = routing.token_index[:assigned]
-        # 1. counts: row j tells rank j how many tokens are coming for each of its experts (and our T)
-        table = torch.tensor([[rows.shape[0], *counts[j * local:(j + 1) * local]] for j in range(world)],
-                             dtype=torch.long, device=rows.device)
+    def __call__(self, rows: torch.Tensor, token_index: torch.Tensor, routing: Routing,
+                 run_expert: RunExpert) -> torch.Tensor:
+        """``rows`` (A, *F) grouped by global expert → their experts' outputs (A, *F_out), same order."""
+        world, local, device = self.world, len(self.experts), rows.device
+        counts = routing.counts[:routing.num_experts]
+        # 1. counts: row j tells rank j how many rows are coming for each of its experts (and our T)
+        table = torch.tensor([[routing.num_tokens, *counts[j * local:(j + 1) * local]] for j in range(world)],
+                             dtype=torch.long, device=device)
         got = torch.empty_like(table)
-        dist.all_to_all_single(got, table, group=group)
+        dist.all_to_all_single(got, table, group=self.group)
         got = got.tolist()
         self.rank_tokens = [g[0] for g in got]
-        recv = [g[1:] for g in got]  # recv[i][l]: tokens rank i sends to our l-th expert
+        recv = [g[1:] for g in got]  # recv[i][l]: rows rank i sends to our l-th expert
         send_splits = [sum(counts[j * local:(j + 1) * local]) for j in range(world)]
         recv_splits = [sum(c) for c in recv]
 
-        # 2. tokens out, already grouped by owner rank because experts are contiguous per rank
+        # 2. rows out, already grouped by owner rank because experts are contiguous per rank
         scale = float(world) if self.average_expert_grads else 1.0
-        inbox = exchange(rows[token_index], recv_splits, send_splits, group, grad_scale=scale)
-        # the inbox is grouped by (source, expert); each expert wants its tokens contiguous: (expert, source)
+        inbox = exchange(rows, recv_splits, send_splits, self.group, grad_scale=scale)
+        # the inbox is grouped by (source, expert); each expert wants its rows contiguous: (expert, source)
         order = None
         if world > 1 and local > 1:
-            key = torch.tensor([l * world + i for i in range(world) for l in range(local)], device=rows.device)
-            key = key.repeat_interleave(torch.tensor([n for c in recv for n in c], device=rows.device))
+            key = torch.tensor([l * world + i for i in range(world) for l in range(local)], device=device)
+            key = key.repeat_interleave(torch.tensor([n for c in recv for n in c], device=device))
             order = torch.argsort(key, stable=True)
             inbox = inbox[order]
 
         # 3. local experts on contiguous slices
         per_expert = [sum(c[l] for c in recv) for l in range(local)]
-        outs, idle, start = [], [], 0
-        for gid, n in zip(self.experts.global_ids, per_expert):
-            if n == 0:
-                idle.append(gid)
-                continue
-            positions = torch.arange(start, start + n, device=rows.device)
-            outs.append(check_expert_output(self._run_expert(gid, inbox[start:start + n], positions), gid, n))
-            start += n
-        if outs:
-            out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        else:  # nothing to compute: an empty call still tells the output shape and keeps the graph connected
-            gid = self.experts.global_ids[0]
-            out = check_expert_output(self._run_expert(gid, inbox[:0], token_index[:0]), gid, 0)
+        positions = torch.arange(inbox.shape[0], device=device)
+        out = run_slices(inbox, positions, per_expert, run_expert, self.experts.global_ids, list(self.experts))
         if order is not None:
             out = out[torch.argsort(order)]
 
-        # 4. results back to the tokens' ranks, in the order they were sent
-        back = exchange(out, send_splits, recv_splits, group, grad_scale=1.0 / scale)
-        y = combine(back, token_index, routing.weight[:assigned], rows.shape[0], self.aggregation)
-        return zero_grad_path(y, self.experts, idle) if idle else y
+        # 4. results back to the rows' ranks, in the order they were sent
+        return exchange(out, send_splits, recv_splits, self.group, grad_scale=1.0 / scale)
 
-    def extra_repr(self) -> str:
+    def loss_routing(self, routing: Routing) -> Routing:
+        """The record the aux losses read: the whole group's (``aux_scope="global"``) or this rank's."""
+        if self.aux_scope != "global":
+            return routing
+        self.global_routing = gather_routing(routing, self.rank_tokens, self.group)
+        return self.global_routing
+
+    def __repr__(self) -> str:
         ids = self.experts.global_ids
-        return (f"{super().extra_repr()}, expert_parallel(rank={self.ep_rank}/{self.ep_size}, "
-                f"experts={ids[0]}..{ids[-1]}, aux_scope={self.aux_scope})")
+        return (f"expert_parallel(rank={self.rank}/{self.world}, experts={ids[0]}..{ids[-1]}, "
+                f"aux_scope={self.aux_scope})")
 
 
 def gather_routing(routing: Routing, rank_tokens: Sequence[int],
@@ -203,28 +194,12 @@ def gather_routing(routing: Routing, rank_tokens: Sequence[int],
     packed = torch.cat(parts, dim=1)
     # all-gather with uneven sizes = all-to-all of W copies (gloo's all_gather wants equal sizes)
     full = exchange(packed.repeat(world, 1), rank_tokens, [packed.shape[0]] * world, group)
-    widths = [p.shape[1] for p in parts]
-    logits, probs, weights, indices, *rest = full.split(widths, dim=1)
+    logits, probs, weights, indices, *rest = full.split([p.shape[1] for p in parts], dim=1)
     noisy_logits = rest.pop(0) if noisy else logits
     noise_std = rest.pop(0) if routing.noise_std is not None else None
-    indices = indices.round().long()
-    token_index, expert_index, weight = group_by_column(indices, weights)
-    count = count_ids(expert_index, probs.shape[1])
-    return Routing(
-        mode="token_choice", num_experts=routing.num_experts, hole=routing.hole, logits=logits,
-        noisy_logits=noisy_logits, noise_std=noise_std, probs=probs, indices=indices, weights=weights,
-        token_index=token_index, expert_index=expert_index, weight=weight, count=count,
-        tokens_shape=(int(sum(rank_tokens)),),
-        dropped=count[routing.num_experts] if routing.hole else count.new_zeros(()))
-
-
-_CLASSES: Dict[type, type] = {}
-
-
-def _expert_parallel_class(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (ExpertParallel, cls), {})
-    return _CLASSES[cls]
+    picked = from_picks(indices.round().long(), weights, probs.shape[1], routing.num_experts, routing.hole)
+    return Routing.build((logits, noisy_logits, noise_std, probs), picked, routing.num_experts, routing.hole,
+                         (int(sum(rank_tokens)),))
 
 
 def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None, aux_scope: str = "global",
@@ -262,7 +237,7 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
     if not blocks:
         raise ValueError(f"module contains no MoEBlock to shard ({type(module).__name__})")
     for block in blocks:
-        if isinstance(block, ExpertParallel):
+        if block.parallel is not None:
             raise ValueError(f"{block.moe_name} is already expert-parallel")
         if block.expert_choice:
             raise ValueError(f"{block.moe_name}: expert parallelism supports token choice only; expert choice "
@@ -283,10 +258,9 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
                     if not name.startswith("experts."):
                         dist.broadcast(t.data, src=src, group=group)
         block.experts = ShardedExperts({e: block.experts[e] for e in mine}, block.num_experts)
-        block.__class__ = _expert_parallel_class(type(block))
-        block.ep_group, block.ep_rank, block.ep_size = group, rank, world
-        block.aux_scope, block.average_expert_grads = aux_scope, bool(average_expert_grads)
-        block.rank_tokens, block.global_routing = None, None
+        block._looped, block._fused = LoopedExperts(block.experts), None  # let go of the released experts
+        block.parallel = ExpertParallelExperts(block.experts, group, rank, world, aux_scope,
+                                               bool(average_expert_grads))
         logger.info("%s: rank %d/%d holds experts %d..%d", block.moe_name, rank, world, mine[0], mine[-1])
     return module
 

@@ -40,7 +40,9 @@ class MoE(MoEBlock):
         k: experts per token.
         noisy_gating: learned Gaussian gate noise in training (Shazeer et al. 2017, eq. 4).
         loss_coef: weight of ``cv²(importance) + cv²(load)`` in the returned ``aux_loss``.
-        **routing: any other :class:`~moefy.block.MoEBlock` option (``hole``, ``aggregation``, ``layer_id`` …).
+        **routing: ``config`` (a :class:`~moefy.config.RoutingConfig`) and any of its fields (``hole``,
+            ``aggregation``, ``layer_id`` …); ``k``, the gate noise and the aux loss come from the arguments
+            above unless given here.
     """
 
     def __init__(self, input_size: int, output_size: int, num_experts: int, hidden_size: int, k: int = 4,

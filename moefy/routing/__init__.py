@@ -2,7 +2,8 @@
 
 - ``record``: :class:`Routing`, the record of one forward's routing decisions (read by dispatch, losses, stats).
 - ``router``: :class:`Router`, the linear gate with optional training noise; ``router_dtype``, ``SCORE_FUNCS``.
-- ``select``: token choice / expert choice selection, ``top_k``, ``group_by_column``, ``expert_capacity``.
+- ``select``: selection strategies (token choice, expert choice) → :class:`Selection`; :data:`SELECTIONS`.
+- ``route``: :func:`route`, rows and a config → the record (gate → noise → scores → selection).
 - ``noise``: training noise for the router (Gumbel, learned Gaussian std, input jitter).
 - ``losses``: auxiliary load-balancing losses, ``AUX_LOSSES``.
 """
@@ -11,11 +12,14 @@ from .losses import (AUX_LOSSES, balance_loss, cv2_loss, cv_squared, entropy_los
 from .noise import NOISE_KINDS, GaussianNoiseStd, gumbel_like, validate_noise
 from .record import Routing
 from .router import SCORE_FUNCS, Router, router_dtype
-from .select import count_ids, expert_capacity, expert_choice, group_by_column, token_choice, top_k
+from .route import route
+from .select import (SELECTIONS, Selection, expert_capacity, expert_choice, from_picks, group_by_column, select,
+                     token_choice)
 
 __all__ = [
     "Routing", "Router", "router_dtype", "SCORE_FUNCS",
-    "token_choice", "expert_choice", "top_k", "group_by_column", "expert_capacity", "count_ids",
+    "route", "select", "Selection", "SELECTIONS", "token_choice", "expert_choice", "from_picks", "group_by_column",
+    "expert_capacity",
     "NOISE_KINDS", "gumbel_like", "GaussianNoiseStd", "validate_noise",
     "AUX_LOSSES", "cv_squared", "importance", "smooth_load", "entropy_loss", "prob_loss", "cv2_loss",
     "switch_loss", "z_loss", "balance_loss",

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .select import Selection
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,5 +88,26 @@ class Routing:
 
     @property
     def num_assigned(self) -> int:
-        """Assignments that reach a real expert: ``sum(load)``."""
+        """A: assignments that reach a real expert, ``sum(load)``; they come first in ``token_index``, the
+        hole's are the tail. Without a hole that is every assignment, known without reading counts."""
+        if not self.hole:
+            return self.token_index.shape[0]
         return sum(self.counts[: self.num_experts])
+
+    @classmethod
+    def build(cls, scores: Sequence[Optional[torch.Tensor]], picked: "Selection", num_experts: int, hole: bool,
+              tokens_shape: Optional[Tuple[int, ...]] = None, kept: Optional[torch.Tensor] = None) -> "Routing":
+        """The record of one forward, from the router's ``scores`` = (logits, noisy_logits, noise_std, probs)
+        and a strategy's selection (:mod:`moefy.routing.select`). ``kept`` (T,) maps the T routed rows to
+        their ids among all input tokens when some were masked out, so the record's token ids index the input."""
+        logits, noisy, std, probs = scores
+        token_index, indices = picked.token_index, picked.indices
+        if kept is not None:
+            token_index = kept.index_select(0, token_index)
+            if picked.mode == "expert_choice":  # its indices are token ids too
+                indices = kept[indices]
+        return cls(mode=picked.mode, num_experts=num_experts, hole=hole, logits=logits, noisy_logits=noisy,
+                   noise_std=std, probs=probs, indices=indices, weights=picked.weights, token_index=token_index,
+                   expert_index=picked.expert_index, weight=picked.weight, count=picked.count,
+                   tokens_shape=tuple(tokens_shape if tokens_shape is not None else (logits.shape[0],)),
+                   dropped=picked.dropped, host_counts=picked.host_counts)

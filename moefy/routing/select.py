@@ -1,14 +1,76 @@
-"""Selection from the router's scores: token choice (top-k columns per token), expert choice (top-C tokens
-per column), the capacity C, and the grouping of the picks into assignments by column.
+"""Selection strategies: from the router's scores to (token, column) assignments.
 
-Shapes as in :mod:`moefy.routing.record`.
+A strategy is a function ``(probs (T, E'), config, num_experts) -> Selection``; :data:`SELECTIONS` names
+them and :func:`select` picks the config's. Every strategy hands back its assignments grouped by column
+(column order, tokens in order inside a column), so dispatch can cut them into contiguous slices, and says
+how many token slots it dropped. Shapes as in :mod:`moefy.routing.record`.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+from ..config import RoutingConfig
+from ..fastpaths import NO_DROPS, count_ids, top_k
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a strategy picked.
+
+    Attributes:
+        mode: the strategy's name (``"token_choice"``, ``"expert_choice"``).
+        indices: token choice: (T, k) columns per token, best first; expert choice: (E', C) tokens per column.
+        weights: same shape as ``indices``: the combine weight of each pick.
+        token_index, expert_index, weight: (A,) the picks as assignments, grouped by column.
+        count: (E',) long, assignments per column, on the device.
+        dropped: 0-dim long, token slots no real expert processes.
+        host_counts: ``count`` as host ints where the strategy knows them without a device read, else None.
+    """
+
+    mode: str
+    indices: torch.Tensor
+    weights: torch.Tensor
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    weight: torch.Tensor
+    count: torch.Tensor
+    dropped: torch.Tensor
+    host_counts: Optional[Tuple[int, ...]] = None
+
+
+def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int) -> Selection:
+    """Each token picks its top-k columns; with ``config.normalize`` the k weights are renormalised to sum
+    to one. At k = 1 that weight is the constant 1, which would give the router no gradient, so it is
+    ``p / stopgrad(p)``: value exactly 1, gradient that of ``p`` (straight-through)."""
+    vals, idx = top_k(probs, config.k)                                      # (T, k) each
+    if config.normalize:
+        vals = vals / vals.detach() if config.k == 1 else vals / vals.sum(dim=-1, keepdim=True)
+    return from_picks(idx, vals, probs.shape[1], num_experts, config.hole)
+
+
+def from_picks(indices: torch.Tensor, weights: torch.Tensor, num_columns: int, num_experts: int,
+               hole: bool) -> Selection:
+    """Token-choice picks (T, k) as a selection: one stable sort groups the assignments by column; slots
+    sent to the hole (column E) are the dropped ones."""
+    token_index, expert_index, weight = group_by_column(indices, weights)  # (T*k,) each
+    count = count_ids(expert_index, num_columns)                             # (E',)
+    host_counts = None if count.is_cuda else tuple(count.tolist())          # on a GPU: read back when needed
+    dropped = count[num_experts] if hole else NO_DROPS
+    return Selection("token_choice", indices, weights, token_index, expert_index, weight, count, dropped,
+                     host_counts)
+
+
+def group_by_column(indices: torch.Tensor, weights: torch.Tensor):
+    """Flatten picks (T, k) into assignments grouped by column with one stable sort:
+    ``(token_index, expert_index, weight)``, each (T*k,); tokens keep their order inside a column."""
+    k = indices.shape[1]
+    expert_index, order = indices.reshape(-1).sort(stable=True)
+    token_index = order if k == 1 else torch.div(order, k, rounding_mode="floor")
+    return token_index, expert_index, weights.reshape(-1).index_select(0, order)
 
 
 def expert_capacity(num_tokens: int, num_columns: int, k: float, capacity_factor: float,
@@ -18,74 +80,24 @@ def expert_capacity(num_tokens: int, num_columns: int, k: float, capacity_factor
     return min(int(c), num_tokens)
 
 
-def token_choice(probs: torch.Tensor, k: int, normalize: bool = True):
-    """Each token picks its top-k columns.
-
-    Args:
-        probs: (T, E') scores.
-        k: experts per token.
-        normalize: renormalise the k weights to sum to one. At k = 1 that weight is the constant 1, which
-            would give the router no gradient; moefy then uses ``p / stopgrad(p)`` instead: value exactly 1,
-            gradient that of ``p`` (straight-through).
-    Returns:
-        indices (T, k) long, weights (T, k), token_index (T*k,), expert_index (T*k,), weight (T*k,),
-        grouped by column (stable, so tokens keep their order inside a column).
-    """
-    vals, idx = top_k(probs, k)
-    if normalize:
-        vals = vals / vals.detach() if k == 1 else vals / vals.sum(dim=-1, keepdim=True)
-    return (idx, vals, *group_by_column(idx, vals))
+def expert_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int) -> Selection:
+    """Each column picks its top-C tokens (Zhou et al. 2022); weights are the raw scores. Tokens that no
+    real expert picked are the dropped ones."""
+    num_tokens, num_columns = probs.shape
+    c = expert_capacity(num_tokens, num_columns, config.k, config.capacity_factor, config.capacity)
+    vals, tok = probs.t().topk(c, dim=-1)                                   # (E', C) each
+    expert_index = torch.arange(num_columns, device=probs.device).repeat_interleave(c)
+    covered = torch.zeros(num_tokens, dtype=torch.bool, device=probs.device)
+    covered[tok[:num_experts].reshape(-1)] = True
+    count = torch.full((num_columns,), c, dtype=torch.long, device=probs.device)
+    return Selection("expert_choice", tok, vals, tok.reshape(-1), expert_index, vals.reshape(-1), count,
+                     num_tokens - covered.sum(), (c,) * num_columns)
 
 
-def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
-    """(size,) long: how often each id in [0, size) occurs in ``ids`` (router columns, tokens), on its device.
-
-    ``bincount`` on CUDA reads the maximum back to the host first (a synchronisation); ``index_add_`` does not.
-    """
-    if ids.is_cuda:
-        return ids.new_zeros(size).index_add_(0, ids, torch.ones_like(ids))
-    return torch.bincount(ids, minlength=size)
+Strategy = Callable[[torch.Tensor, RoutingConfig, int], Selection]
+SELECTIONS: Dict[str, Strategy] = {"token_choice": token_choice, "expert_choice": expert_choice}
 
 
-def group_by_column(indices: torch.Tensor, weights: torch.Tensor):
-    """Flatten token-choice picks (T, k) into assignments grouped by column with one stable sort:
-    ``(token_index, expert_index, weight)``, each (T*k,); tokens keep their order inside a column."""
-    k = indices.shape[1]
-    expert_index, order = indices.reshape(-1).sort(stable=True)
-    token_index = order if k == 1 else torch.div(order, k, rounding_mode="floor")
-    return token_index, expert_index, weights.reshape(-1).index_select(0, order)
-
-
-def top_k(probs: torch.Tensor, k: int):
-    """``probs.topk(k, dim=-1)`` for (T, E') scores ≥ 0: (values, indices), best first.
-
-    On CPU, ``topk`` over many short rows costs 10-20x a ``max`` over them (12.8 ms vs 0.6 ms at T=8192,
-    E'=64), so for small k it takes k maxima instead, masking each winner before the next (``max``, not
-    ``argmax``: 4x faster on rows of 8). On CUDA ``topk`` is one kernel.
-    """
-    if k == 1:
-        return probs.max(dim=-1, keepdim=True)
-    if k > 4 or probs.numel() < 4096 or probs.is_cuda:
-        return probs.topk(k, dim=-1)
-    masked, picks = probs.detach(), []
-    for j in range(k):
-        picks.append(masked.max(dim=-1, keepdim=True).indices)
-        if j + 1 < k:  # scores are >= 0: a masked winner is never picked again
-            masked = masked.scatter(-1, picks[-1], -1.0)
-    idx = torch.cat(picks, dim=-1)
-    return probs.gather(-1, idx), idx
-
-
-def expert_choice(probs: torch.Tensor, capacity: int):
-    """Each column picks its top-C tokens (Zhou et al. 2022); weights are the raw scores.
-
-    Args:
-        probs: (T, E') scores.
-        capacity: C ≤ T.
-    Returns:
-        indices (E', C) token ids, weights (E', C), token_index (E'*C,), expert_index (E'*C,), weight (E'*C,).
-    """
-    num_columns = probs.shape[1]
-    vals, tok = probs.t().topk(capacity, dim=-1)
-    expert_index = torch.arange(num_columns, device=probs.device).repeat_interleave(capacity)
-    return tok, vals, tok.reshape(-1), expert_index, vals.reshape(-1)
+def select(probs: torch.Tensor, config: RoutingConfig, num_experts: int) -> Selection:
+    """The config's strategy applied to ``probs`` (T, E')."""
+    return SELECTIONS["expert_choice" if config.expert_choice else "token_choice"](probs, config, num_experts)
