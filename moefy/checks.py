@@ -8,11 +8,14 @@ is the exception for a value of the wrong type (range errors are always ValueErr
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any, Optional, Sequence, Type
 
+import torch
 from torch import nn
 
-__all__ = ["check_int", "check_number", "check_bool", "check_choice", "check_module"]
+__all__ = ["check_int", "check_number", "check_bool", "check_choice", "check_module", "check_tensor", "check_path"]
 
 
 def _bounds(low: Any, high: Any, low_open: bool = False, high_open: bool = False) -> str:
@@ -87,3 +90,21 @@ def check_module(value: Any, name: str) -> nn.Module:
     if not isinstance(value, nn.Module):
         raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
     return value
+
+
+def check_tensor(value: Any, name: str, *, floating: bool = False) -> torch.Tensor:
+    """``value`` if it is a ``torch.Tensor`` (of a floating-point dtype when ``floating``); TypeError naming its
+    type (or dtype) otherwise. Shapes are the caller's to check: their messages name the dims."""
+    what = "a floating-point torch.Tensor" if floating else "a torch.Tensor"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be {what}, got dtype {value.dtype}")
+    return value
+
+
+def check_path(value: Any, name: str) -> Path:
+    """``value`` as a ``Path`` if it is a ``str`` or ``os.PathLike``; TypeError naming its type otherwise."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    return Path(value)

@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .checks import check_int, check_number, check_path
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
@@ -66,9 +68,8 @@ class ImageDataset:
     def subset(self, train: Optional[int] = None, test: Optional[int] = None, seed: int = 0) -> "ImageDataset":
         """At most ``train`` / ``test`` samples of each split, drawn at random with ``seed`` (None: all)."""
         for name, n in (("train", train), ("test", test)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {n!r}")
-        gen = torch.Generator().manual_seed(_seed(seed))
+            check_int(n, name, min=1, optional=True)
+        gen = torch.Generator().manual_seed(check_int(seed, "seed", type_error=TypeError))
 
         def take(x, y, n):
             if n is None or n >= len(y):
@@ -81,21 +82,9 @@ class ImageDataset:
         return replace(self, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
 
 
-def _path(value, name: str) -> Path:
-    if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
-    return Path(value)
-
-
-def _seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    return seed
-
-
 def read_idx(path: PathLike) -> torch.Tensor:
     """Read one IDX file (optionally gzipped) into a tensor of its stored dtype and shape."""
-    path = _path(path, "path")
+    path = check_path(path, "path")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
@@ -131,13 +120,13 @@ def _find(directory: Path, stem: str) -> Optional[Path]:
 
 def has_idx_dataset(directory: PathLike) -> bool:
     """Whether ``directory`` holds the four MNIST-style IDX files."""
-    d = _path(directory, "directory")
+    d = check_path(directory, "directory")
     return d.is_dir() and all(_find(d, stem) is not None for pair in _IDX_FILES.values() for stem in pair)
 
 
 def load_idx_dataset(directory: PathLike, classes: Optional[Sequence[str]] = None) -> ImageDataset:
     """MNIST or Fashion-MNIST from the IDX files in ``directory`` (gzipped or not): (N, 1, 28, 28)."""
-    d = _path(directory, "directory")
+    d = check_path(directory, "directory")
     if not has_idx_dataset(d):
         raise FileNotFoundError(f"{d} does not hold the IDX files {[s for p in _IDX_FILES.values() for s in p]}"
                                 f" (optionally .gz)")
@@ -160,9 +149,8 @@ def load_digits_dataset(test_fraction: float = 0.25, seed: int = 0) -> ImageData
         from sklearn.datasets import load_digits
     except ImportError as err:  # an optional dependency: pip install 'moefy[examples]'
         raise ImportError("load_digits_dataset needs scikit-learn: pip install 'moefy[examples]'") from err
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
-    _seed(seed)
+    check_number(test_fraction, "test_fraction", low=0, high=1, low_open=True, high_open=True)
+    check_int(seed, "seed", type_error=TypeError)
     digits = load_digits()
     x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.as_tensor(digits.target, dtype=torch.long)
@@ -187,7 +175,7 @@ def load_cifar10(directory: PathLike) -> ImageDataset:
 
     Only load pickles you trust: unpickling runs code.
     """
-    d = _path(directory, "directory")
+    d = check_path(directory, "directory")
     if (d / "cifar-10-batches-py").is_dir():
         d = d / "cifar-10-batches-py"
     train_files = sorted(d.glob("data_batch_*"))
@@ -212,7 +200,7 @@ def load_images(data_dir: Optional[PathLike] = None, fallback: bool = True) -> I
     """The examples' data: IDX files or CIFAR-10 batches in ``data_dir`` if given, else the first of
     :data:`IDX_DIRS` that holds IDX files, else (``fallback``) scikit-learn's digits. Logs what it used."""
     if data_dir is not None:
-        d = _path(data_dir, "data_dir")
+        d = check_path(data_dir, "data_dir")
         if has_idx_dataset(d):
             data = load_idx_dataset(d)
         elif (d / "test_batch").is_file() or (d / "cifar-10-batches-py").is_dir():

@@ -6,7 +6,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .mixture import ModuleMixture, _check_module
+from ..checks import check_module
+from .mixture import ModuleMixture
 
 
 def dense_key_map(model: nn.Module) -> Dict[str, Optional[str]]:
@@ -15,7 +16,7 @@ def dense_key_map(model: nn.Module) -> Dict[str, Optional[str]]:
     Expert keys ``<mixture>.experts.<e>.<rest>`` map to ``<mixture>.<rest>`` (or, for :func:`moefy_chain`
     mixtures, to the key of the module the part was copied from); router keys map to None.
     """
-    _check_module(model, "model")
+    check_module(model, "model")
     mixtures = {n: m for n, m in model.named_modules() if isinstance(m, ModuleMixture)}
     mapping: Dict[str, Optional[str]] = {}
     for key in model.state_dict():

@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..checks import check_module, check_tensor
 from .mixture import ModuleMixture
 from .surgery import moefy_chain
 
@@ -43,8 +44,7 @@ def load_bert(path: Union[str, Path, None] = None):
 
 def ffn_layers(model: nn.Module) -> List[nn.Module]:
     """The encoder layers that have a BERT FFN: ``.intermediate`` followed by ``.output.dense``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "model")
     return [m for m in model.modules()
             if hasattr(m, "intermediate") and isinstance(getattr(getattr(m, "output", None), "dense", None), nn.Linear)]
 
@@ -81,9 +81,8 @@ def moefy_bert_ffn(model: nn.Module, num_experts: int = 4, k: int = 1, layers: O
 
 def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Sentence embeddings (B, D) from token states (B, L, D): the mean over real tokens (mask (B, L))."""
-    for name, t in (("last_hidden", last_hidden), ("attention_mask", attention_mask)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(last_hidden, "last_hidden")
+    check_tensor(attention_mask, "attention_mask")
     if last_hidden.dim() != 3:
         raise ValueError(f"last_hidden must have shape (B, L, D), got {tuple(last_hidden.shape)}")
     if attention_mask.shape != last_hidden.shape[:2]:

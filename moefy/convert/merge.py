@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..block import MoEBlock
-from .mixture import ModuleMixture, _check_module
+from ..checks import check_module
+from .mixture import ModuleMixture
 from .surgery import _set_submodule
 
 
@@ -69,7 +70,7 @@ def unmoefy(model: nn.Module, how: Union[str, int, Sequence[float], torch.Tensor
     dense model has the original structure and ``state_dict`` keys. Returns ``model`` (or the merged module
     if ``model`` itself is a mixture).
     """
-    _check_module(model, "model")
+    check_module(model, "model")
     if isinstance(model, ModuleMixture):
         return merge(model, how)
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, ModuleMixture)]

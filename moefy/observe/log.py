@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+from ..checks import check_path
 
 REQUIRED = ("epoch", "routing_acc", "entropy", "utilization")
 MAX_EPOCH = 2 ** 53  # epochs stay exact as floats (plot axes)
@@ -90,7 +91,7 @@ class TrainingLogWriter:
     def __init__(self, path: PathLike, mode: str = "w"):
         if mode not in ("w", "a"):
             raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
-        self.path = _path(path)
+        self.path = check_path(path, "path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, mode, encoding="utf-8")
         self._lines = 0
@@ -158,7 +159,7 @@ def read_log(path: PathLike) -> TrainingLog:
             field, has a value of the wrong type or range, a utilization of another length than the first
             line's, a non-increasing epoch or other layers than the first line's. The message names the line.
     """
-    path = _path(path)
+    path = check_path(path, "path")
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -192,12 +193,6 @@ def read_log(path: PathLike) -> TrainingLog:
     if first is None:
         raise LogFormatError(path, None, "the log is empty: expected one JSON object per line")
     return log
-
-
-def _path(path) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a path (str or os.PathLike), got {type(path).__name__}")
-    return Path(path)
 
 
 def _append(log: TrainingLog, entry: dict) -> None:

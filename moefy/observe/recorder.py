@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..block import MoEBlock
+from ..checks import check_int, check_module, check_tensor
 from ..routing.record import Routing
 
 
@@ -89,8 +90,7 @@ class LayerStats:
 def token_entropy(probs: torch.Tensor) -> torch.Tensor:
     """``probs`` (T, E') router scores → (T,) entropy in nats of each row normalised to sum to one
     (sigmoid scores are normalised first; softmax rows are unchanged)."""
-    if not isinstance(probs, torch.Tensor):
-        raise TypeError(f"probs must be a torch.Tensor, got {type(probs).__name__}")
+    check_tensor(probs, "probs")
     if probs.dim() != 2:
         raise ValueError(f"probs must have shape (T, E'), got {tuple(probs.shape)}")
     p = probs.detach().double()
@@ -134,15 +134,11 @@ class RoutingRecorder:
     """
 
     def __init__(self, model: nn.Module, num_classes: Optional[int] = None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_module(model, "model")
         self.blocks: Dict[str, MoEBlock] = {n: m for n, m in model.named_modules() if isinstance(m, MoEBlock)}
         if not self.blocks:
             raise ValueError("model contains no MoEBlock: nothing to record")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = check_int(num_classes, "num_classes", min=1, optional=True)
         self.labels: Optional[torch.Tensor] = None
         self.enabled = True
         self._handles: list = []

@@ -10,13 +10,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .expert_parallel import ShardedExperts, _check_initialised, _check_model
+from ..checks import check_module
+from .expert_parallel import ShardedExperts, _check_initialised
 
 
 def sharded_names(model: nn.Module) -> List[str]:
     """Fully qualified names of the parameters and buffers that :func:`expert_parallel` sharded: the ones
     DDP must leave alone (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``)."""
-    _check_model(model, "model")
+    check_module(model, "model")
     prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, ShardedExperts))
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     return [n for n in names if n.startswith(prefixes)] if prefixes else []
@@ -56,7 +57,7 @@ def _same(a, b) -> bool:
 def full_state_dict(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> Dict[str, torch.Tensor]:
     """The unsharded state dict (every expert, replicated entries once), on every rank of ``group``.
     Collective; the experts' tensors travel through ``all_gather_object`` and come back on the CPU."""
-    _check_model(model, "model")
+    check_module(model, "model")
     _check_initialised("full_state_dict")
     state = model.state_dict()
     sharded = set(sharded_names(model))

@@ -17,12 +17,11 @@ pass is :func:`expert_logits`. Two ways in:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from einops import rearrange
 
 from ..block import MoEBlock
+from ..checks import check_number, check_tensor
 
 
 def mutual_distillation_loss(expert_logits: torch.Tensor, gates: torch.Tensor,
@@ -61,14 +60,12 @@ def mutual_distillation_loss(expert_logits: torch.Tensor, gates: torch.Tensor,
 
 
 def _check_temperature(temperature) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a finite positive number, got {temperature!r}")
+    check_number(temperature, "temperature", low=0, low_open=True, what="a finite positive number")
 
 
 def mode_loss(task_loss: torch.Tensor, distill_loss: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """``(1 − alpha) · task_loss + alpha · distill_loss``, alpha in [0, 1] (seed 003's mix)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    check_number(alpha, "alpha", low=0, high=1)
     for name, value in (("task_loss", task_loss), ("distill_loss", distill_loss)):
         if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
             raise TypeError(f"{name} must be a scalar tensor or a number, got {type(value).__name__}")
@@ -84,8 +81,7 @@ def expert_logits(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"block must be a MoEBlock, got {type(block).__name__}")
     if block.route != "tokens":
         raise ValueError("expert_logits needs route='tokens'; per-sample routing is not supported")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, "x")
     if x.dim() == 0 or x.shape[-1] != block.input_dim:
         raise ValueError(f"x must have shape (..., input_dim={block.input_dim}), got {tuple(x.shape)}")
     rows = x.reshape(-1, block.input_dim)
@@ -101,8 +97,7 @@ def block_distillation_loss(block: MoEBlock, x: torch.Tensor, temperature: float
     """
     if not isinstance(block, MoEBlock):
         raise TypeError(f"block must be a MoEBlock, got {type(block).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, "x")
     if x.dim() == 0 or x.shape[-1] != block.input_dim:
         raise ValueError(f"x must have shape (..., input_dim={block.input_dim}), got {tuple(x.shape)}")
     _check_temperature(temperature)

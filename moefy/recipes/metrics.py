@@ -13,6 +13,8 @@ from typing import Dict
 
 import torch
 
+from ..checks import check_int, check_number
+
 __all__ = ["accuracy", "nll", "ece", "reliability_bins", "ReliabilityBins", "classification_report"]
 
 
@@ -38,8 +40,8 @@ def accuracy(probs: torch.Tensor, targets: torch.Tensor) -> float:
 def nll(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1e-12) -> float:
     """Mean negative log-likelihood ``−mean_i log probs[i, targets[i]]`` (probabilities clamped at ``eps``)."""
     _check(probs, targets)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-        raise ValueError(f"eps must be a number in (0, 1), the smallest probability, got {eps!r}")
+    check_number(eps, "eps", low=0, high=1, low_open=True, high_open=True,
+                 what="a number in (0, 1), the smallest probability")
     picked = probs.double().gather(1, targets.view(-1, 1)).squeeze(1)
     return float(-picked.clamp_min(eps).log().mean())
 
@@ -71,8 +73,7 @@ class ReliabilityBins:
 def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> ReliabilityBins:
     """Bin the predictions by confidence into ``n_bins`` equal-width bins ``(b/n, (b+1)/n]``."""
     _check(probs, targets)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    check_int(n_bins, "n_bins", min=1)
     conf, pred = probs.double().max(dim=-1)
     correct = (pred == targets).double()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)

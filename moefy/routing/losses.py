@@ -28,15 +28,14 @@ from typing import Callable, Dict
 import torch
 from torch.distributions import Normal
 
+from ..checks import check_number, check_tensor
 from .record import Routing
 
 
 def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """``Var(v) / (mean(v)² + eps)`` with population variance; 0 for fewer than two entries."""
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_tensor(v, "v")
+    check_number(eps, "eps", low=0, finite=False)
     if v.numel() < 2:
         return v.new_zeros(())
     v = v.to(torch.promote_types(v.dtype, torch.float32))

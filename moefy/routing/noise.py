@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_choice, check_int, check_number, check_tensor
+
 NOISE_KINDS = ("gumbel", "gaussian", "jitter")
 
 
 def gumbel_like(t: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel samples with the shape, dtype and device of ``t``."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError(f"t must be a floating-point torch.Tensor, got "
-                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    check_tensor(t, "t", floating=True)
     u = torch.rand_like(t).clamp_(min=torch.finfo(t.dtype).tiny, max=1.0 - torch.finfo(t.dtype).eps)
     return -torch.log(-torch.log(u))
 
@@ -39,11 +39,10 @@ class GaussianNoiseStd(nn.Module):
 
     def __init__(self, input_dim: int, num_columns: int, min_std: float = 1e-2):
         super().__init__()
-        for name, value in (("input_dim", input_dim), ("num_columns", num_columns)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(min_std, bool) or not isinstance(min_std, (int, float)) or not 0 < min_std < float("inf"):
-            raise ValueError(f"min_std must be a finite number > 0 (it keeps the std away from 0), got {min_std!r}")
+        check_int(input_dim, "input_dim", min=1)
+        check_int(num_columns, "num_columns", min=1)
+        check_number(min_std, "min_std", low=0, low_open=True,
+                     what="a finite number > 0 (it keeps the std away from 0)")
         self.weight = nn.Parameter(torch.zeros(num_columns, input_dim))
         self.min_std = min_std
 
@@ -54,8 +53,5 @@ class GaussianNoiseStd(nn.Module):
 
 def validate_noise(noise: Optional[str]) -> Optional[str]:
     """Normalise a noise name; ``None`` and ``"none"`` mean no noise."""
-    if noise is None or noise == "none":
-        return None
-    if noise not in NOISE_KINDS:
-        raise ValueError(f"noise must be one of {('none',) + NOISE_KINDS} or None, got {noise!r}")
-    return noise
+    check_choice(noise, "noise", ("none",) + NOISE_KINDS, optional=True)
+    return None if noise == "none" else noise

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..block import MoEBlock
+from ..checks import check_module, check_number
 from ..routing.record import Routing
 from ._common import column_names, new_figure
 
@@ -192,8 +193,7 @@ def route_image(image: ImageLike, model: nn.Module, patch_size: Union[int, Seque
     Returns:
         one :class:`PatchRouting` per MoEBlock that ran, in module order.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "model")
     _check_prefix_tokens(prefix_tokens)
     if preprocess is not None and not callable(preprocess):
         raise TypeError(f"preprocess must be callable (x -> x) or None, got {type(preprocess).__name__}")
@@ -259,8 +259,7 @@ def plot_patch_routing(routing: PatchRouting, fade: float = 0.75, max_cols: int 
     """
     if not isinstance(routing, PatchRouting):
         raise TypeError(f"routing must be a PatchRouting (from route_image), got {type(routing).__name__}")
-    if isinstance(fade, bool) or not isinstance(fade, (int, float)) or not 0 <= fade <= 1:
-        raise ValueError(f"fade must be in [0, 1], got {fade!r}")
+    check_number(fade, "fade", low=0, high=1, what="in [0, 1]")
     if not _is_int(max_cols) or max_cols < 1:
         raise ValueError(f"max_cols must be a positive int, got {max_cols!r}")
     if not routing.masks.shape[0] == len(routing.panel_names) == len(routing.prefix_routed):
