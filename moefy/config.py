@@ -41,7 +41,7 @@ def _k_message(k: Any, columns: Optional[int], hole: bool) -> str:
 
 
 def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
-    """``aux_criterion`` → ``{loss name: coefficient}``; names must be in ``moefy.losses.AUX_LOSSES``."""
+    """``aux_criterion`` → ``{loss name: coefficient}``; names must be in ``moefy.routing.AUX_LOSSES``."""
     if aux_criterion is None:
         return {}
     if isinstance(aux_criterion, str):
@@ -89,7 +89,7 @@ class RoutingConfig:
                                    "starts at 0, std ≥ 0.01). `jitter`: Switch's multiplicative input jitter "
                                    "`U(0.99, 1.01)`.")
     aux_criterion: AuxCriterion = _option(None, "`None`, a name, a list, `{name: coef}`", "auxiliary losses "
-                                          "(names in `moefy.losses.AUX_LOSSES`), summed with their coefficients "
+                                          "(names in `moefy.routing.AUX_LOSSES`), summed with their coefficients "
                                           "into `block.aux_loss`; each one alone in `block.aux_losses`. Computed "
                                           "in train and eval. `'prob'` needs `noise='gaussian'` and token choice.")
     aggregation: str = _option("sum", "`'sum'`, `'mean'`", "`sum`: `y_t = Σ_i w_ti f_i(x_t)`; `mean`: that sum "
@@ -122,8 +122,8 @@ class RoutingConfig:
     feature_dim: int = _option(-1, "`-1`, a dim of `x`", "with `route='samples'`, the dim of `x` that holds the "
                                "D features (`1` for NCHW).")
     fused: bool = _option(False, "`False`, `True`", "run the experts as one pass per layer over stacked weights "
-                          "(`moefy.fused`) instead of one `expert_forward` call each. Only for identical plain "
-                          "`nn.Linear` experts or `nn.Sequential(Linear, activation, ..., Linear)` ones and an "
+                          "(`moefy.dispatch.fused`) instead of one `expert_forward` call each. Only for identical "
+                          "plain `nn.Linear` experts or `nn.Sequential(Linear, activation, ..., Linear)` ones and an "
                           "`expert_forward` that is just `expert(x)`; other experts raise ValueError. Same outputs "
                           "and gradients as unfused (to float rounding); calls with extra forward arguments, and "
                           "dispatch overrides, run unfused.")
@@ -152,8 +152,9 @@ class RoutingConfig:
             raise ValueError("aux_criterion 'prob' is Shazeer's smooth load estimator: it needs "
                              "noise='gaussian' and token choice (expert_choice=False)")
         check_choice(self.aggregation, "aggregation", AGGREGATIONS)
-        if isinstance(self.route, str) and self.route == "images":  # the original MoEfy's name
-            set_("route", "samples")
+        if isinstance(self.route, str) and self.route not in ROUTES:  # maybe the original MoEfy's name
+            from .compat import ROUTE_ALIASES  # deferred: compat imports routing/ and recipes/, which build on this
+            set_("route", ROUTE_ALIASES.get(self.route, self.route))
         check_choice(self.route, "route", ROUTES)
         check_int(self.layer_id, "layer_id", min=0, optional=True)
         set_("capacity_factor", check_number(self.capacity_factor, "capacity_factor", low=0, low_open=True))

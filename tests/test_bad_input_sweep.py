@@ -19,7 +19,7 @@ from torch import nn
 import moefy
 import moefy.viz
 from conftest import LinearMixture
-from moefy import convert, data
+from moefy import compat, convert, data
 from moefy.convert import hf as upcycle_hf
 from moefy.observe import log as moelog
 from moefy.observe import recorder as stats
@@ -27,6 +27,7 @@ from moefy.observe.log import LogFormatError
 from moefy.recipes import distill, metrics, reliability
 from moefy.recipes.sparse_moe import MoE
 from moefy.routing import losses, noise
+from moefy.config import RoutingConfig
 from moefy.routing.router import Router
 from moefy.viz import patches
 
@@ -174,6 +175,38 @@ case("MoEBlock", lambda t: lin(expert_choice=True, capacity_factor=float("nan"))
 case("MoEBlock", lambda t: lin(expert_choice=True, capacity=True), ValueError, r"capacity must be")
 case("MoEBlock", lambda t: lin(route="samples", feature_dim=5)(torch.randn(2, 4)), ValueError, r"feature_dim")
 case("MoEBlock", lambda t: lin().route_rows(torch.randn(3, 5)), ValueError, r"x must have shape")
+
+# ------------------------------------------------------------------------- RoutingConfig (config.py)
+case("RoutingConfig", lambda t: RoutingConfig(k=0), ValueError, r"^k must be a number in \[1, E\]")
+case("RoutingConfig", lambda t: RoutingConfig(k="2"), ValueError, r"\bk must be a number")
+case("RoutingConfig", lambda t: RoutingConfig(k=True), ValueError, r"\bk must be a number")
+case("RoutingConfig", lambda t: RoutingConfig(k=1.5), ValueError, r"k must be an int for token choice, got 1\.5")
+case("RoutingConfig", lambda t: RoutingConfig(expert_choice=True, k=float("inf")), ValueError, r"\bk must be")
+case("RoutingConfig", lambda t: RoutingConfig(route="pixels"), ValueError, r"route must be one of")
+case("RoutingConfig", lambda t: RoutingConfig(route="Images"), ValueError, r"route must be one of")
+case("RoutingConfig", lambda t: RoutingConfig(route=None), ValueError, r"route must be one of")
+case("RoutingConfig", lambda t: RoutingConfig(route=["samples"]), ValueError, r"route must be one of")
+case("RoutingConfig", lambda t: RoutingConfig(noise="Gumbel"), ValueError, r"noise must be one of")
+case("RoutingConfig", lambda t: RoutingConfig(aux_criterion="Switch"), ValueError, r"aux_criterion: unknown loss")
+case("RoutingConfig", lambda t: RoutingConfig(hole=1), TypeError, r"hole must be")
+case("RoutingConfig", lambda t: RoutingConfig(layer_id=-1), ValueError, r"layer_id must be")
+case("RoutingConfig", lambda t: RoutingConfig(feature_dim="1"), TypeError, r"feature_dim must be")
+case("RoutingConfig.from_options", lambda t: RoutingConfig.from_options(nosie="gumbel"), TypeError,
+     r"RoutingConfig got unknown option\(s\) \['nosie'\]; allowed: \['k', ")
+case("RoutingConfig.from_options", lambda t: RoutingConfig.from_options(RoutingConfig(), num_experts=4), TypeError,
+     r"unknown option\(s\) \['num_experts'\]")
+case("RoutingConfig.from_options", lambda t: RoutingConfig.from_options({"k": 2}), TypeError,
+     r"config must be a RoutingConfig or None, got dict")
+case("RoutingConfig.from_options", lambda t: RoutingConfig.from_options(RoutingConfig(), route="pixels"), ValueError,
+     r"route must be one of")
+case("RoutingConfig.from_options", lambda t: RoutingConfig.from_options(k=0), ValueError, r"\bk must be")
+case("RoutingConfig.check_columns", lambda t: RoutingConfig(k=3).check_columns(2), ValueError,
+     r"k must be a number in \[1, 2\] \(the number of experts\), got 3")
+case("RoutingConfig.check_columns", lambda t: RoutingConfig(k=4, hole=True).check_columns(2), ValueError,
+     r"k must be a number in \[1, 3\] \(the number of experts \+ hole\)")
+case("RoutingConfig.check_columns", lambda t: RoutingConfig().check_columns(0), ValueError, r"num_experts must be")
+case("RoutingConfig.check_columns", lambda t: RoutingConfig().check_columns("3"), ValueError,
+     r"num_experts must be")
 
 # ----------------------------------------------------------------------- Router (routing/router.py)
 case("Router", lambda t: Router(4, 3, noise="normal"), ValueError, r"noise must be one of")
@@ -616,12 +649,12 @@ def _public(module, names=None):
 
 
 # Names that take no input to get wrong, records built by moefy itself, or functions that need a live process
-# group (covered in test_distributed.py).
+# group (covered in test_distributed.py); viz is a subpackage, swept name by name through _public(moefy.viz).
 NOT_SWEPT = {
     "Routing", "AUX_LOSSES", "data", "metrics", "ReliabilityBins", "ImageDataset", "LayerStats", "LayerSeries",
     "TrainingLog", "LogFormatError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
     "ExpertParallelExperts", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
-    "layer_loads",
+    "layer_loads", "viz", "ROUTE_ALIASES",
 }
 
 
@@ -633,8 +666,8 @@ PARALLEL_MODULES = [import_module(f"moefy.parallel.{m}") for m in ("expert_paral
 
 def test_every_public_name_is_swept():
     targets = {c.values[0].split(".")[-1] for c in CASES} | {c.values[0] for c in CASES}
-    public = (_public(moefy) | _public(moefy.viz) | _public(metrics) | _public(data) | _public(stats)
-              | _public(moelog) | _public(losses) | _public(noise) | _public(distill)
+    public = (_public(moefy) | _public(compat) | _public(moefy.viz) | _public(metrics) | _public(data)
+              | _public(stats) | _public(moelog) | _public(losses) | _public(noise) | _public(distill)
               | set().union(*map(_public, CONVERT_MODULES)) | _public(upcycle_hf)
               | set().union(*map(_public, PARALLEL_MODULES)) | _public(reliability))
     missing = sorted(public - targets - NOT_SWEPT)

@@ -155,8 +155,3 @@ def plot_load_heatmap(source: LoadSource, annotate: Optional[bool] = None) -> Fi
     fig.colorbar(im, ax=ax, label="fraction of the layer's assignments")
     ax.set_title("Expert load across layers", fontsize=10)
     return fig
-
-
-# The original MoEfy's names.
-display_experts_load = plot_experts_load
-display_abs_experts_load = plot_total_load
