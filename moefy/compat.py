@@ -6,16 +6,13 @@ use (through ``moefy.__getattr__``), and ``moefy.viz`` imports its plot aliases 
 """
 import moefy.data as data  # home: moefy.data (example data sets); `import … as` binds it without moefy.__getattr__
 
+from .config import ROUTE_ALIASES  # home: moefy.config; the original MoEfy's route "images" is "samples"
 from .recipes import metrics  # home: moefy.recipes.metrics
 from .routing.losses import AUX_LOSSES, cv_squared  # home: moefy.routing.losses (also in moefy.routing)
 from .routing.router import Router  # home: moefy.routing.router (also in moefy.routing)
 
 #: moefy 0.1's top-level names that ``moefy.__getattr__`` still serves (``dir(moefy)`` does not list them)
 TOP_LEVEL = ("Router", "cv_squared", "AUX_LOSSES", "data", "metrics")
-
-#: the original MoEfy's route names → moefy's: ``"images"`` routed every image as a whole, now ``"samples"``.
-#: :class:`moefy.RoutingConfig` (so every MoEBlock and ``moefy()``) accepts them and stores moefy's name.
-ROUTE_ALIASES = {"images": "samples"}
 
 #: the original MoEfy's plot names → their ``moefy.viz`` names (also importable from ``moefy.viz``). Resolved on
 #: first use, so that the names above do not import matplotlib.

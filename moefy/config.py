@@ -18,6 +18,7 @@ from .checks import check_bool, check_choice, check_int, check_number
 NOISES = ("gumbel", "gaussian", "jitter")
 AGGREGATIONS = ("sum", "mean")
 ROUTES = ("tokens", "samples")
+ROUTE_ALIASES = {"images": "samples"}  # the original MoEfy's name (re-exported by moefy.compat)
 SCORE_FUNCS = ("softmax", "sigmoid")
 AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
 
@@ -152,8 +153,7 @@ class RoutingConfig:
             raise ValueError("aux_criterion 'prob' is Shazeer's smooth load estimator: it needs "
                              "noise='gaussian' and token choice (expert_choice=False)")
         check_choice(self.aggregation, "aggregation", AGGREGATIONS)
-        if isinstance(self.route, str) and self.route not in ROUTES:  # maybe the original MoEfy's name
-            from .compat import ROUTE_ALIASES  # deferred: compat imports routing/ and recipes/, which build on this
+        if isinstance(self.route, str):
             set_("route", ROUTE_ALIASES.get(self.route, self.route))
         check_choice(self.route, "route", ROUTES)
         check_int(self.layer_id, "layer_id", min=0, optional=True)

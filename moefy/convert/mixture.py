@@ -17,7 +17,7 @@ from torch import nn
 
 from ..block import MoEBlock
 from ..checks import check_int, check_number
-from ..config import RoutingConfig
+from ..config import ROUTE_ALIASES, RoutingConfig
 from ..dispatch.fused import ELEMENTWISE
 
 
@@ -113,14 +113,15 @@ class ModuleMixture(MoEBlock):
         auto_route, auto_dim, auto_feature_dim = infer_routing(module)
         if route is None:
             route = base.route if base.route != "tokens" else auto_route
+        route = ROUTE_ALIASES.get(route, route)
         input_dim = auto_dim if input_dim is None else input_dim
         if input_dim is None:
             raise ValueError(f"input_dim: cannot infer the input feature size of {type(module).__name__}; "
                              f"pass input_dim=D (the size of the features the router should read)")
         if feature_dim is None:
             feature_dim = base.feature_dim if base.feature_dim != -1 else \
-                (auto_feature_dim if route in ("samples", "images") else -1)
-        if route in ("samples", "images") and not isinstance(module, nn.MultiheadAttention):
+                (auto_feature_dim if route == "samples" else -1)
+        if route == "samples" and not isinstance(module, nn.MultiheadAttention):
             seq_first = [n or type(module).__name__ for n, m in module.named_modules()
                          if getattr(m, "batch_first", True) is False]
             if seq_first:
@@ -231,7 +232,7 @@ class AttentionMixture(ModuleMixture):
     def __init__(self, module: nn.MultiheadAttention, num_experts: int = 4, k: Optional[int] = None, **options):
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"module must be an nn.MultiheadAttention, got {type(module).__name__}")
-        if options.pop("route", None) not in (None, "samples", "images"):
+        if ROUTE_ALIASES.get(options.get("route"), options.pop("route", None)) not in (None, "samples"):
             raise ValueError("route: attention must be routed per sample (route='samples'), "
                              "a single token cannot attend to the others")
         options.setdefault("input_dim", module.embed_dim)

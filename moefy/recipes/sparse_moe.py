@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..block import MoEBlock
+from ..checks import check_bool, check_int, check_number
 
 
 class MLPExpert(nn.Sequential):
@@ -49,12 +50,9 @@ class MoE(MoEBlock):
                  noisy_gating: bool = True, loss_coef: float = 1e-2, **routing):
         for name, value in (("input_size", input_size), ("output_size", output_size),
                             ("num_experts", num_experts), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(loss_coef, bool) or not isinstance(loss_coef, (int, float)) or not 0 <= loss_coef < float("inf"):
-            raise ValueError(f"loss_coef must be a finite number >= 0, got {loss_coef!r}")
-        if not isinstance(noisy_gating, bool):
-            raise TypeError(f"noisy_gating must be True or False, got {noisy_gating!r}")
+            check_int(value, name, min=1)
+        check_number(loss_coef, "loss_coef", low=0)
+        check_bool(noisy_gating, "noisy_gating")
         routing.setdefault("noise", "gaussian" if noisy_gating else None)
         routing.setdefault("aux_criterion", {"cv2": float(loss_coef)})
         experts = [MLPExpert(input_size, output_size, hidden_size) for _ in range(num_experts)]

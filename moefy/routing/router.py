@@ -4,17 +4,17 @@ Shapes as in :mod:`moefy.routing.record`.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_choice, check_int, check_number
+from ..config import SCORE_FUNCS
 from .noise import GaussianNoiseStd, gumbel_like, validate_noise
 
 
-SCORE_FUNCS = ("softmax", "sigmoid")
 _ROUTER_DTYPES = (torch.float32, torch.float64)
 
 
@@ -34,16 +34,11 @@ class Router(nn.Module):
                  temperature: float = 1.0, score_func: str = "softmax", jitter_eps: float = 1e-2):
         super().__init__()
         self.noise = validate_noise(noise)
-        if score_func not in SCORE_FUNCS:
-            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
-        for name, value in (("input_dim", input_dim), ("num_columns", num_columns)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-                not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        if isinstance(jitter_eps, bool) or not isinstance(jitter_eps, (int, float)) or not 0 <= jitter_eps < 1:
-            raise ValueError(f"jitter_eps must be a number in [0, 1), got {jitter_eps!r}")
+        check_choice(score_func, "score_func", SCORE_FUNCS)
+        check_int(input_dim, "input_dim", min=1)
+        check_int(num_columns, "num_columns", min=1)
+        temperature = check_number(temperature, "temperature", low=0, low_open=True, what="a positive finite number")
+        check_number(jitter_eps, "jitter_eps", low=0, high=1, high_open=True)
         self.gate = nn.Linear(input_dim, num_columns, bias=False)
         self.noise_std = GaussianNoiseStd(input_dim, num_columns) if self.noise == "gaussian" else None
         self.temperature = float(temperature)
