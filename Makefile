@@ -6,6 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,examples
 
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+INSTALL_DATA ?= yes
 
 .PHONY: setup data demo quickstart images test bench
 setup: $(VENV)/.installed
@@ -17,10 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Real images for the demo: Debian's dataset-fashion-mnist (30 MB). Installed here where that can be done
-# without asking (root with apt-get); otherwise one line says how, and the demo trains on sklearn's digits.
+# without asking (root with apt-get; INSTALL_DATA=no skips it); otherwise one line says how, and the demo
+# trains on scikit-learn's bundled digits.
 data:
 	@if [ -d "$(FASHION_MNIST)" ]; then echo "data: Fashion-MNIST in $(FASHION_MNIST)"; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	elif [ "$(INSTALL_DATA)" = yes ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "data: installing Debian's dataset-fashion-mnist (apt-get install, as root) into $(FASHION_MNIST)"; \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
 	    || echo "data: apt-get could not install dataset-fashion-mnist: the demo falls back to sklearn's digits"; \

@@ -253,7 +253,7 @@ def data_key(data) -> str:
 # Per data set: settings that reach a result worth showing in a few minutes on 2 CPU cores (README table).
 PRESETS = {
     "digits": dict(epochs=40, train_size=0, batch=32, lr=3e-3, patch=2, dim=64),
-    "default": dict(epochs=3, train_size=20000, batch=64, lr=2e-3, patch=4, dim=64),
+    "default": dict(epochs=6, train_size=0, batch=128, lr=3e-3, patch=7, dim=96),
 }
 
 
