@@ -179,7 +179,6 @@ def main(argv=None) -> dict:
         if getattr(args, name) is None:
             setattr(args, name, value)
     data = data.subset(args.train_size or None, args.test_size, seed=args.seed)
-    print(f"data: {data.name}: {len(data.train_y)} train / {len(data.test_y)} test images {data.image_shape}")
     images, out = Path(args.images), Path(args.out) / key
     images.mkdir(parents=True, exist_ok=True)
 
