@@ -106,8 +106,9 @@ class MoEBlock(nn.Module, ABC):
         the routed shape (``x.shape[:-1]`` per token, (B,) per sample) are sliced per row like ``x``;
         everything else is passed unchanged.
         """
+        c = self.config
         # 1. rows: what the experts get (T, *F) and what the router reads (T, D); padding is not routed
-        rows, router_in, tokens_shape = as_rows(x, self.route, self.input_dim, self.feature_dim)
+        rows, router_in, tokens_shape = as_rows(x, c.route, self.input_dim, c.feature_dim)
         kept = None
         if token_mask is not None:
             kept = kept_rows(token_mask, tokens_shape)
@@ -118,11 +119,11 @@ class MoEBlock(nn.Module, ABC):
         run = with_side_inputs(self.expert_forward, self.experts, tokens_shape, args, kwargs) \
             if args or kwargs else None
         y = self.dispatch(rows, routing, run)
-        if self.route == "tokens" and len(tokens_shape) != 1:
+        if c.route == "tokens" and len(tokens_shape) != 1:
             y = y.reshape(*tokens_shape, *y.shape[1:])
         # 4. keep the record; aux losses from it (from the whole group's with expert parallelism)
         set_plain_attribute(self, "routing", routing)
-        self.set_aux_losses(self.parallel.loss_routing(routing) if self.parallel and self.aux_weights else routing)
+        self.set_aux_losses(self.parallel.loss_routing(routing) if self.parallel and c._aux_weights else routing)
         return y
 
     def route_rows(self, x: torch.Tensor, tokens_shape=None, kept: Optional[torch.Tensor] = None) -> Routing:
@@ -143,7 +144,7 @@ class MoEBlock(nn.Module, ABC):
         runs :meth:`expert_forward`.
         """
         experts = self._execution(rows, side_inputs=run_expert is not None)
-        return dispatch(rows, routing, experts, run_expert or self._run_expert, self.aggregation)
+        return dispatch(rows, routing, experts, run_expert or self._run_expert, self.config.aggregation)
 
     def _execution(self, rows: torch.Tensor, side_inputs: bool):
         """The one place that decides how the experts run: sharded over ranks (expert parallelism), fused
@@ -162,7 +163,7 @@ class MoEBlock(nn.Module, ABC):
 
     def set_aux_losses(self, routing: Routing) -> None:
         """Compute ``aux_losses`` (name → scalar) and their weighted sum ``aux_loss`` from ``routing``."""
-        weights = self.aux_weights
+        weights = self.config._aux_weights
         if weights:
             self.aux_losses = {name: AUX_LOSSES[name](routing) for name in weights}
             self.aux_loss = sum((c * self.aux_losses[n] for n, c in weights.items()), routing.logits.new_zeros(()))

@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from .checks import check_bool, check_choice, check_int, check_number
 
-NOISES = ("gumbel", "gaussian", "jitter")
+NOISES = ("gumbel", "gaussian", "jitter", "simple")
 AGGREGATIONS = ("sum", "mean")
 ROUTES = ("tokens", "samples")
 ROUTE_ALIASES = {"images": "samples"}  # the original MoEfy's name (re-exported by moefy.compat)
@@ -83,12 +83,16 @@ class RoutingConfig:
                          "contributes zero and is counted in `routing.dropped`; with `normalize`, its weight "
                          "still takes part in the renormalisation (a token half-sent to the hole gets half the "
                          "output).")
-    noise: Optional[str] = _option(None, "`None`, `'gumbel'`, `'gaussian'`, `'jitter'`", "training only; eval "
+    noise: Optional[str] = _option(None, "`None`, `'gumbel'`, `'gaussian'`, `'jitter'`, `'simple'`", "training only; eval "
                                    "routing is deterministic. `gumbel`: Gumbel(0,1) added to the logits (top-k "
                                    "then samples without replacement from the softmax). `gaussian`: Shazeer et al. "
                                    "2017, `x·W_g + ε·softplus(x·W_noise)`, a learned input-dependent std (W_noise "
                                    "starts at 0, std ≥ 0.01). `jitter`: Switch's multiplicative input jitter "
-                                   "`U(0.99, 1.01)`.")
+                                   "`U(0.99, 1.01)`. `simple`: the original MoEfy's SIMPLE sampler (Ahmed et al., "
+                                   "ICLR 2023): each token's k experts are an exact sample of "
+                                   "`p(S) ∝ Π_{i∈S} σ(θ_i) Π_{i∉S} (1 − σ(θ_i))` over the sets S of k columns, θ the logits over the "
+                                   "temperature; the combine weights get the gradient of the exact inclusion "
+                                   "marginals (token choice only).")
     aux_criterion: AuxCriterion = _option(None, "`None`, a name, a list, `{name: coef}`", "auxiliary losses "
                                           "(names in `moefy.routing.AUX_LOSSES`), summed with their coefficients "
                                           "into `block.aux_loss`; each one alone in `block.aux_losses`. Computed "
@@ -149,6 +153,9 @@ class RoutingConfig:
             aux = tuple(aux) if isinstance(aux, list) else dict(aux)
         set_("aux_criterion", aux)
         set_("_aux_weights", _parse_aux(aux))
+        if self.noise == "simple" and self.expert_choice:
+            raise ValueError("noise='simple' samples k experts per token: it needs token choice "
+                             "(expert_choice=False)")
         if "prob" in self._aux_weights and (self.noise != "gaussian" or self.expert_choice):
             raise ValueError("aux_criterion 'prob' is Shazeer's smooth load estimator: it needs "
                              "noise='gaussian' and token choice (expert_choice=False)")

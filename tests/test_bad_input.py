@@ -12,7 +12,7 @@ from conftest import LinearMixture
     (dict(k=-1), ValueError, r"k must be"),
     (dict(k=1.5), ValueError, r"k must be an int"),
     (dict(k=True), ValueError, r"k must be"),
-    (dict(noise="simple"), ValueError, r"noise must be one of .*gumbel.*gaussian"),
+    (dict(noise="simpel"), ValueError, r"noise must be one of .*gumbel.*gaussian.*simple"),
     (dict(aux_criterion="load"), ValueError, r"aux_criterion: unknown loss 'load'; allowed"),
     (dict(aux_criterion={"switch": -1.0}), ValueError, r"coefficient of 'switch'"),
     (dict(aux_criterion="prob"), ValueError, r"'prob'.*noise='gaussian'"),

@@ -7,6 +7,8 @@
   ``softplus(0) + min_std``; ``min_std`` keeps the std, and the smooth load estimator that divides by it,
   away from zero (no NaN).
 * ``"jitter"``: Switch Transformer's multiplicative input jitter, ``x * U(1 - eps, 1 + eps)`` before the gate.
+* ``"simple"``: no noise on the logits; the selection samples each token's k experts with the SIMPLE sampler
+  (:mod:`moefy.routing.simple`) instead of taking the top k.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from ..checks import check_choice, check_int, check_number, check_tensor
 
-NOISE_KINDS = ("gumbel", "gaussian", "jitter")
+NOISE_KINDS = ("gumbel", "gaussian", "jitter", "simple")  # simple: a sampler, see routing/simple.py
 
 
 def gumbel_like(t: torch.Tensor) -> torch.Tensor:

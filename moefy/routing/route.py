@@ -9,15 +9,19 @@ from ..config import RoutingConfig
 from .record import Routing
 from .router import Router
 from .select import select
+from .simple import simple_subset
 
 
 def route(router: Router, x: torch.Tensor, config: RoutingConfig, num_experts: int,
           tokens_shape: Optional[Tuple[int, ...]] = None, kept: Optional[torch.Tensor] = None) -> Routing:
-    """Route T rows ``x`` (T, D): gate → noise → scores → selection → the record.
+    """Route T rows ``x`` (T, D): gate → noise → scores → (sampler) → selection → the record.
 
     ``tokens_shape``: the leading shape of the input the rows came from (default (T,)); ``kept`` (T,): the
     rows' ids among all input tokens when some were masked out.
     """
     scores = router(x)                                   # logits, noisy_logits, noise_std, probs: (T, E')
-    picked = select(scores[3], config, num_experts)      # assignments grouped by column
+    subset = None
+    if config.noise == "simple" and router.training:     # SIMPLE: k-hot (T, E'), marginals' gradient
+        subset = simple_subset(scores[1] / config.temperature, config.k)
+    picked = select(scores[3], config, num_experts, subset)  # assignments grouped by column
     return Routing.build(scores, picked, num_experts, config.hole, tokens_shape, kept)

@@ -1,7 +1,8 @@
 """Selection strategies: from the router's scores to (token, column) assignments.
 
-A strategy is a function ``(probs (T, E'), config, num_experts) -> Selection``; :data:`SELECTIONS` names
-them and :func:`select` picks the config's. Every strategy hands back its assignments grouped by column
+A strategy is a function ``(probs (T, E'), config, num_experts, subset=None) -> Selection``; :data:`SELECTIONS`
+names them and :func:`select` picks the config's. ``subset`` is a sampler's choice of columns (SIMPLE's k-hot
+(T, E'), in training), used instead of the strategy's own picks where it applies. Every strategy hands back its assignments grouped by column
 (column order, tokens in order inside a column), so dispatch can cut them into contiguous slices, and says
 how many token slots it dropped. Shapes as in :mod:`moefy.routing.record`.
 """
@@ -42,11 +43,19 @@ class Selection:
     host_counts: Optional[Tuple[int, ...]] = None
 
 
-def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int) -> Selection:
-    """Each token picks its top-k columns; with ``config.normalize`` the k weights are renormalised to sum
-    to one. At k = 1 that weight is the constant 1, which would give the router no gradient, so it is
-    ``p / stopgrad(p)``: value exactly 1, gradient that of ``p`` (straight-through)."""
-    vals, idx = top_k(probs, config.k)                                      # (T, k) each
+def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
+                 subset: Optional[torch.Tensor] = None) -> Selection:
+    """Each token picks its top-k columns, or the k columns of a sampled ``subset`` (T, E') k-hot whose
+    gradient is the sampler's (SIMPLE: the exact marginals'), which then flows into the weights.
+
+    With ``config.normalize`` the k weights are renormalised to sum to one. At k = 1 that weight is the
+    constant 1, which would give the router no gradient, so it is ``p / stopgrad(p)``: value exactly 1,
+    gradient that of ``p`` (straight-through)."""
+    if subset is None:
+        vals, idx = top_k(probs, config.k)                                  # (T, k) each
+    else:  # the sampled columns, best first; weight p · z: value p, gradient of p plus p times z's
+        _, idx = top_k(probs.detach().masked_fill(subset.detach() == 0, -1.0), config.k)
+        vals = probs.gather(-1, idx) * subset.gather(-1, idx).to(probs.dtype)
     if config.normalize:
         vals = vals / vals.detach() if config.k == 1 else vals / vals.sum(dim=-1, keepdim=True)
     return from_picks(idx, vals, probs.shape[1], num_experts, config.hole)
@@ -80,7 +89,8 @@ def expert_capacity(num_tokens: int, num_columns: int, k: float, capacity_factor
     return min(int(c), num_tokens)
 
 
-def expert_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int) -> Selection:
+def expert_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
+                  subset: Optional[torch.Tensor] = None) -> Selection:
     """Each column picks its top-C tokens (Zhou et al. 2022); weights are the raw scores. Tokens that no
     real expert picked are the dropped ones."""
     num_tokens, num_columns = probs.shape
@@ -94,10 +104,12 @@ def expert_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int) 
                      num_tokens - covered.sum(), (c,) * num_columns)
 
 
-Strategy = Callable[[torch.Tensor, RoutingConfig, int], Selection]
+Strategy = Callable[[torch.Tensor, RoutingConfig, int, Optional[torch.Tensor]], Selection]
 SELECTIONS: Dict[str, Strategy] = {"token_choice": token_choice, "expert_choice": expert_choice}
 
 
-def select(probs: torch.Tensor, config: RoutingConfig, num_experts: int) -> Selection:
-    """The config's strategy applied to ``probs`` (T, E')."""
-    return SELECTIONS["expert_choice" if config.expert_choice else "token_choice"](probs, config, num_experts)
+def select(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
+           subset: Optional[torch.Tensor] = None) -> Selection:
+    """The config's strategy applied to ``probs`` (T, E') (and a sampler's ``subset``)."""
+    strategy = SELECTIONS["expert_choice" if config.expert_choice else "token_choice"]
+    return strategy(probs, config, num_experts, subset)
