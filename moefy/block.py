@@ -123,7 +123,8 @@ class MoEBlock(nn.Module, ABC):
             y = y.reshape(*tokens_shape, *y.shape[1:])
         # 4. keep the record; aux losses from it (from the whole group's with expert parallelism)
         set_plain_attribute(self, "routing", routing)
-        self.set_aux_losses(self.parallel.loss_routing(routing) if self.parallel and c._aux_weights else routing)
+        global_losses = self.parallel is not None and bool(c._aux_weights)
+        self.set_aux_losses(self.parallel.loss_routing(routing) if global_losses else routing)
         return y
 
     def route_rows(self, x: torch.Tensor, tokens_shape=None, kept: Optional[torch.Tensor] = None) -> Routing:
