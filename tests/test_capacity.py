@@ -183,3 +183,29 @@ def test_expert_choice_defaults_unchanged():
     assert "capacity=1.0x" in c.summary(2)
     assert "capacity=0.5x, drop_policy=position" in RoutingConfig(token_capacity_factor=0.5,
                                                                   drop_policy="position").summary(2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_and_looped_agree_with_capacity(fused):
+    torch.manual_seed(0)
+    ref = LinearMixture(4, 3, 3, k=2, hole=True, token_capacity_factor=0.4)
+    block = LinearMixture(4, 3, 3, k=2, hole=True, token_capacity_factor=0.4, fused=fused)
+    block.load_state_dict(ref.state_dict())
+    x = torch.randn(10, 4, requires_grad=True)
+    y = block(x)
+    assert int(block.routing.dropped) > int(block.routing.counts[3])   # some slots over capacity
+    torch.testing.assert_close(y, ref(x))
+    y.sum().backward()
+    assert all(p.grad is not None for p in block.experts.parameters())
+
+
+def test_load_plots_name_the_slots_over_capacity():
+    pytest.importorskip("matplotlib")
+    from moefy.viz import plot_experts_load, plot_total_load
+    block = identity_gate(LinearMixture(2, 3, 2, token_capacity_factor=0.6).double())
+    block(P6.log())
+    assert plot_total_load(block).axes[0].get_title().endswith("(3 slots over capacity, dropped)")
+    assert "(3 slots over capacity, dropped)" in plot_experts_load(block)._suptitle.get_text()
+    free = identity_gate(LinearMixture(2, 3, 2).double())
+    free(P6.log())
+    assert "over capacity" not in plot_total_load(free).axes[0].get_title()
