@@ -1,5 +1,6 @@
 """Token-choice capacity (``token_capacity_factor``, ``drop_policy``): hand examples, invariants, gradients."""
 import math
+import time
 
 import pytest
 import torch
@@ -88,16 +89,17 @@ def capped(draw):
     return dict(num_experts=num_experts, hole=hole, k=k, token_capacity_factor=draw(st.floats(0.05, 3.0)),
                 drop_policy=draw(st.sampled_from(["probs", "position"])), normalize=draw(st.booleans()),
                 noise=draw(st.sampled_from([None, "gumbel", "simple"]))), \
-        draw(st.integers(0, 12)), draw(st.integers(0, 2 ** 16))
+        draw(st.integers(0, 12)), draw(st.booleans()), draw(st.integers(0, 2 ** 16))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(capped())
 def test_capacity_invariants(case):
-    options, num_tokens, seed = case
+    options, num_tokens, training, seed = case
     torch.manual_seed(seed)
-    block = LinearMixture(4, 3, **options).eval()
+    block = LinearMixture(4, 3, **options).train(training)
     x = torch.randn(num_tokens, 4)
+    torch.manual_seed(seed + 1)  # the same training noise for both blocks
     y = block(x)
     r = block.routing
     e, k = options["num_experts"], options["k"]
@@ -109,8 +111,9 @@ def test_capacity_invariants(case):
     assert all(n <= c for n in r.counts[:e]) and torch.isfinite(y).all()
     assert torch.equal(r.count, torch.tensor(r.counts))
     # against the same block without capacity: the hole and the under-full experts are untouched
-    free = LinearMixture(4, 3, **{**options, "token_capacity_factor": None}).eval()
+    free = LinearMixture(4, 3, **{**options, "token_capacity_factor": None}).train(training)
     free.load_state_dict(block.state_dict())
+    torch.manual_seed(seed + 1)
     free(x)
     f = free.routing
     assert torch.equal(r.indices, f.indices) and torch.equal(r.picked_count, f.count)
@@ -209,3 +212,77 @@ def test_load_plots_name_the_slots_over_capacity():
     free = identity_gate(LinearMixture(2, 3, 2).double())
     free(P6.log())
     assert "over capacity" not in plot_total_load(free).axes[0].get_title()
+
+
+def test_compiled_capped_block_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = LinearMixture(4, 3, 4, k=2, token_capacity_factor=0.5, drop_policy="position")
+    x = torch.randn(3, 5, 4)
+    want = block(x)
+    dropped = int(block.routing.dropped)
+    got = torch.compile(block, backend="aot_eager")(x)
+    assert dropped > 0 and int(block.routing.dropped) == dropped
+    torch.testing.assert_close(got, want)
+
+
+def _ep_worker(rank, world, port, out_dir):
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moefy.parallel import expert_parallel
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    try:
+        block = expert_parallel(_ep_block(), group=dist.new_group())
+        x = _ep_batch()[rank].clone().requires_grad_()
+        y = block(x)
+        (y.sum() + block.aux_loss).backward()                   # the exchange's backward runs too
+        torch.save(dict(y=y.detach(), counts=block.routing.counts,
+                        dropped=int(block.routing.dropped), aux=block.aux_loss.detach()),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ep_block():
+    torch.manual_seed(0)
+    return LinearMixture(4, 3, 4, k=2, hole=True, token_capacity_factor=0.5, aux_criterion="switch").double()
+
+
+def _ep_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 9, 4, generator=g, dtype=torch.float64)   # rank r's 9 tokens: batch[r]
+
+
+def test_expert_parallel_caps_each_ranks_tokens(tmp_path):
+    """Each rank caps its own T_r tokens (as Megatron-LM, before the exchange): its output is the one-process
+    block's on that rank's tokens; the global switch loss sees every rank's picks before drops."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_ep_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2 ranks did not finish in 120 s (a hung collective?)")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    block, batch = _ep_block(), _ep_batch()
+    for r, got in enumerate(ranks):
+        y = block(batch[r])
+        torch.testing.assert_close(got["y"], y.detach())
+        assert got["counts"] == block.routing.counts and got["dropped"] == int(block.routing.dropped) > 0
+    block(batch.reshape(18, 4))                                # the group's routing, for its aux loss only
+    free = LinearMixture(4, 3, 4, k=2, hole=True, aux_criterion="switch").double()
+    free.load_state_dict(block.state_dict())
+    free(batch.reshape(18, 4))
+    for got in ranks:
+        torch.testing.assert_close(got["aux"], free.aux_loss.detach())
