@@ -217,7 +217,8 @@ class MoEBlock(nn.Module, ABC):
         """(E', N) long: ``load[e, n]`` = samples whose token at position n went to column e.
 
         N is the input's second-to-last dim for inputs (B, N, D) and more; 1 for (B, D) inputs and for
-        per-sample routing. Row E is the hole when there is one.
+        per-sample routing. Row E is the hole when there is one. Assignments dropped over a token-choice
+        capacity are in no row (they count in ``routing.dropped``).
         """
         r = self._last()
         positions = r.tokens_shape[-1] if (self.route == "tokens" and len(r.tokens_shape) > 1) else 1

@@ -20,6 +20,7 @@ AGGREGATIONS = ("sum", "mean")
 ROUTES = ("tokens", "samples")
 ROUTE_ALIASES = {"images": "samples"}  # the original MoEfy's name (re-exported by moefy.compat)
 SCORE_FUNCS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
 AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
 
 
@@ -74,7 +75,8 @@ class RoutingConfig:
     meaning is in its ``metadata`` and in :meth:`options_table` (the README's "Routing options" table).
     Bad values raise ValueError / TypeError naming the option. Normalised on construction: ``route="images"``
     becomes ``"samples"``, ``noise="none"`` and ``aux_criterion="none"`` become None, a token-choice ``k``
-    becomes an int, a list of loss names a tuple, ``capacity_factor`` and ``temperature`` floats.
+    becomes an int, a list of loss names a tuple, ``capacity_factor``, ``token_capacity_factor`` and
+    ``temperature`` floats.
     """
 
     k: float = _option(1, "`1` … E'", "token choice: experts per token, an int (E' = E, plus one with a hole). "
@@ -115,6 +117,20 @@ class RoutingConfig:
                                      "`C = ceil(capacity_factor · T · k / E')`.")
     capacity: Optional[int] = _option(None, "`None`, an int ≥ 1", "expert-choice capacity C (tokens per expert, "
                                       "capped at T); an explicit `capacity` wins over `capacity_factor`.")
+    token_capacity_factor: Optional[float] = _option(None, "`None`, a number > 0", "token choice: `None` is "
+                                                     "dropless. A number caps every real expert at `C = ceil("
+                                                     "token_capacity_factor · T · k / E)` assignments (E real "
+                                                     "experts, the hole not counted; capped at T; the hole has no "
+                                                     "capacity), as Megatron-LM's `--moe-expert-capacity-factor`. "
+                                                     "Assignments over it are not run and count in "
+                                                     "`routing.dropped`; their combine weight is lost, the kept "
+                                                     "ones are not renormalised (Switch, Megatron). Aux losses see "
+                                                     "the picks before drops.")
+    drop_policy: str = _option("probs", "`'probs'`, `'position'`", "with `token_capacity_factor`, which "
+                               "assignments an over-full expert keeps (Megatron-LM's `--moe-token-drop-policy`): "
+                               "`probs`: those with the highest router scores (ties: earlier tokens); "
+                               "`position`: those of the earliest tokens, whichever of its k picks it is for "
+                               "a token (Switch / GShard's batch order).")
     normalize: bool = _option(True, "`True`, `False`", "token choice: renormalise the k chosen scores to sum to 1 "
                               "(what keeps a mixture of identical experts exact). `False` keeps the raw scores, as "
                               "the original MoEfy did. At `k=1` the renormalised weight is the constant 1, so "
@@ -166,6 +182,12 @@ class RoutingConfig:
         check_int(self.layer_id, "layer_id", min=0, optional=True)
         set_("capacity_factor", check_number(self.capacity_factor, "capacity_factor", low=0, low_open=True))
         check_int(self.capacity, "capacity", min=1, optional=True)
+        set_("token_capacity_factor", check_number(self.token_capacity_factor, "token_capacity_factor", low=0,
+                                                   low_open=True, optional=True))
+        if self.token_capacity_factor is not None and self.expert_choice:
+            raise ValueError("token_capacity_factor caps token choice; expert choice has its own capacity "
+                             "(capacity_factor / capacity): use those with expert_choice=True")
+        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
         set_("temperature", check_number(self.temperature, "temperature", low=0, low_open=True,
                                          what="a positive finite number"))
         check_choice(self.score_func, "score_func", SCORE_FUNCS)
@@ -203,7 +225,9 @@ class RoutingConfig:
         """One line for a block's repr: layer, experts, hole, mode, noise, aux losses, aggregation, route,
         then any of temperature, score_func, feature_dim, fused that differ from their defaults."""
         mode = (f"expert_choice(k={self.k}, capacity={self.capacity or f'{self.capacity_factor}x'})"
-                if self.expert_choice else f"token_choice(k={self.k}, normalize={self.normalize})")
+                if self.expert_choice else f"token_choice(k={self.k}, normalize={self.normalize}"
+                + (f", capacity={self.token_capacity_factor}x, drop_policy={self.drop_policy})"
+                   if self.token_capacity_factor is not None else ")"))
         parts = [f"layer_id={self.layer_id}"] + ([f"experts={num_experts}"] if num_experts is not None else [])
         parts += [f"hole={self.hole}", mode, f"noise={self.noise}", f"aux={self._aux_weights or None}",
                   f"aggregation={self.aggregation}", f"route={self.route}"]

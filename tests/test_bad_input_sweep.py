@@ -149,6 +149,12 @@ case("MoEBlock", lambda t: lin(temperature=float("nan")), ValueError, r"temperat
 case("MoEBlock", lambda t: lin(capacity_factor="2"), ValueError, r"capacity_factor must be")
 case("MoEBlock", lambda t: lin(capacity=-3), ValueError, r"capacity must be")
 case("MoEBlock", lambda t: lin(fused="yes"), TypeError, r"fused must be")
+case("MoEBlock", lambda t: lin(token_capacity_factor=-1), ValueError, r"token_capacity_factor must be")
+case("MoEBlock", lambda t: lin(token_capacity_factor="1"), ValueError, r"token_capacity_factor must be")
+case("MoEBlock", lambda t: lin(expert_choice=True, token_capacity_factor=1.0), ValueError,
+     r"token_capacity_factor caps token choice")
+case("MoEBlock", lambda t: lin(token_capacity_factor=1.0, drop_policy="score"), ValueError,
+     r"drop_policy must be one of")
 case("MoEBlock", lambda t: lin(num_expert=3), TypeError, r"unknown option\(s\) \['num_expert'\]")
 case("MoEBlock", lambda t: LinearMixture(0, 2, 3), ValueError, r"input_dim must be")
 case("MoEBlock", lambda t: LinearMixture(4, 2, 0), TypeError, r"experts must be a non-empty list")
@@ -183,6 +189,8 @@ case("RoutingConfig", lambda t: RoutingConfig(k=True), ValueError, r"\bk must be
 case("RoutingConfig", lambda t: RoutingConfig(k=1.5), ValueError, r"k must be an int for token choice, got 1\.5")
 case("RoutingConfig", lambda t: RoutingConfig(expert_choice=True, k=float("inf")), ValueError, r"\bk must be")
 case("RoutingConfig", lambda t: RoutingConfig(route="pixels"), ValueError, r"route must be one of")
+case("RoutingConfig", lambda t: RoutingConfig(token_capacity_factor=0), ValueError, r"token_capacity_factor must be")
+case("RoutingConfig", lambda t: RoutingConfig(drop_policy=None), ValueError, r"drop_policy must be one of")
 case("RoutingConfig", lambda t: RoutingConfig(route="Images"), ValueError, r"route must be one of")
 case("RoutingConfig", lambda t: RoutingConfig(route=None), ValueError, r"route must be one of")
 case("RoutingConfig", lambda t: RoutingConfig(route=["samples"]), ValueError, r"route must be one of")

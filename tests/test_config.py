@@ -30,10 +30,11 @@ def test_defaults_are_moeblocks_routing_defaults():
     c = RoutingConfig()
     assert dataclasses.asdict(c) == dict(
         k=1, hole=False, noise=None, aux_criterion=None, aggregation="sum", expert_choice=False, route="tokens",
-        layer_id=None, capacity_factor=1.0, capacity=None, normalize=True, temperature=1.0, score_func="softmax",
+        layer_id=None, capacity_factor=1.0, capacity=None, token_capacity_factor=None, drop_policy="probs",
+        normalize=True, temperature=1.0, score_func="softmax",
         feature_dim=-1, fused=False)
     assert FIELDS == ["k", "hole", "noise", "aux_criterion", "aggregation", "expert_choice", "route", "layer_id",
-                      "capacity_factor", "capacity", "normalize", "temperature", "score_func", "feature_dim", "fused"]
+                      "capacity_factor", "capacity", "token_capacity_factor", "drop_policy", "normalize", "temperature", "score_func", "feature_dim", "fused"]
     assert c.aux_weights == {} and c == RoutingConfig.from_options()
 
 
@@ -101,6 +102,14 @@ BAD = [
     ("capacity", -3, ValueError, r"capacity must be a positive int"),
     ("capacity", 2.5, ValueError, r"capacity must be a positive int"),
     ("capacity", True, ValueError, r"capacity must be a positive int"),
+    ("token_capacity_factor", 0, ValueError, r"^token_capacity_factor must be a finite number > 0 or None, got 0$"),
+    ("token_capacity_factor", -1.5, ValueError, r"token_capacity_factor must be a finite number > 0"),
+    ("token_capacity_factor", "1", ValueError, r"token_capacity_factor must be"),
+    ("token_capacity_factor", True, ValueError, r"token_capacity_factor must be"),
+    ("token_capacity_factor", float("nan"), ValueError, r"token_capacity_factor must be"),
+    ("token_capacity_factor", float("inf"), ValueError, r"token_capacity_factor must be"),
+    ("drop_policy", "score", ValueError, r"^drop_policy must be one of \('probs', 'position'\), got 'score'$"),
+    ("drop_policy", None, ValueError, r"drop_policy must be one of"),
     ("temperature", 0, ValueError, r"^temperature must be a positive finite number, got 0$"),
     ("temperature", "1", ValueError, r"temperature must be a positive finite number"),
     ("temperature", float("nan"), ValueError, r"temperature must be"),

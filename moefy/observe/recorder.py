@@ -39,7 +39,8 @@ class LayerStats:
         position_load: (E', N) float64 assignments per column and token position (as
             :meth:`MoEBlock.experts_load`), or None once two forwards disagreed on N.
         entropy_sum: sum over tokens of the entropy (nats) of the router scores of each token.
-        dropped: token slots sent to the hole (token choice) or tokens no real expert picked (expert choice).
+        dropped: token slots sent to the hole or over an expert's capacity (token choice), or tokens no real
+            expert picked (expert choice). ``load`` counts only kept assignments (the hole's included).
         affinity: (C, E') float64 assignments of tokens of class c to column e, or None without labels.
     """
 

@@ -18,6 +18,10 @@ balance     ``E' · Σ_e (p̄_e - 1/E')²`` = cv²(p̄) (seed 001's regulariser)
 ``importance_e`` is the sum over tokens of the combine weights given to column e; ``load_e`` is the
 expected number of tokens column e receives under the Gaussian noise (needs ``noise="gaussian"`` and token
 choice; without it, the hard counts are used and carry no gradient).
+
+With a token-choice capacity (``token_capacity_factor``) every loss sees the router's picks *before* capacity
+drops (``indices`` / ``weights`` / :attr:`~moefy.routing.Routing.picked_count`), as Switch's routing fraction
+and Megatron-LM's ``tokens_per_expert`` before capacity: dropping does not hide an expert's overload.
 """
 from __future__ import annotations
 
@@ -61,8 +65,13 @@ def _mean_probs(r: Routing) -> torch.Tensor:
 
 @_takes_routing
 def importance(r: Routing) -> torch.Tensor:
-    """(E',): sum over tokens of the combine weight each column received."""
-    return r.weight.new_zeros(r.probs.shape[1]).index_add(0, r.expert_index, r.weight)
+    """(E',): sum over tokens of the combine weight each column received (token choice: before capacity
+    drops)."""
+    if r.mode == "token_choice":
+        columns, weight = r.indices.reshape(-1), r.weights.reshape(-1)    # (T*k,) each
+    else:
+        columns, weight = r.expert_index, r.weight                         # (A,) each
+    return weight.new_zeros(r.probs.shape[1]).index_add(0, columns, weight)
 
 
 @_takes_routing
@@ -75,7 +84,7 @@ def smooth_load(r: Routing) -> torch.Tensor:
     num_columns = r.probs.shape[1]
     k = r.indices.shape[1] if r.mode == "token_choice" else 0
     if r.noise_std is None or r.mode != "token_choice" or k >= num_columns or r.num_tokens == 0:
-        return r.count.to(r.probs.dtype)
+        return r.picked_count.to(r.probs.dtype)
     top = r.noisy_logits.topk(k + 1, dim=-1).values
     threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
     is_in = r.noisy_logits > threshold_if_in
@@ -103,7 +112,7 @@ def cv2_loss(r: Routing) -> torch.Tensor:
 
 @_takes_routing
 def switch_loss(r: Routing) -> torch.Tensor:
-    counts = r.count.to(r.probs.dtype)
+    counts = r.picked_count.to(r.probs.dtype)                              # (E',) before capacity drops
     frac = counts / counts.sum().clamp_min(1)
     return counts.numel() * (frac * _mean_probs(r)).sum()
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
 
+from ..fastpaths import count_ids
+
 if TYPE_CHECKING:
     from .select import Selection
 
@@ -28,16 +30,18 @@ class Routing:
         noisy_logits: (T, E') logits after training noise (the same tensor as ``logits`` without noise).
         noise_std: (T, E') learned Gaussian noise std, or None.
         probs: (T, E') scores that selection used: softmax (or sigmoid) of ``noisy_logits / temperature``.
-        indices: token choice: (T, k) chosen router columns per token, best first (E = hole);
-            expert choice: (E', C) chosen token ids per column.
+        indices: token choice: (T, k) chosen router columns per token, best first (E = hole), as picked:
+            before capacity drops; expert choice: (E', C) chosen token ids per column.
         weights: same shape as ``indices``: the combine weight of each choice.
-        token_index: (A,) token id of each assignment, grouped by column in column order.
+        token_index: (A,) token id of each assignment, grouped by column in column order. Assignments
+            dropped over a token-choice capacity are not listed.
         expert_index: (A,) router column of each assignment, non-decreasing.
         weight: (A,) combine weight of each assignment.
         count: (E',) long, assignments per router column (``count[E]`` is the hole's), on the routing's device.
         tokens_shape: leading shape of the routed input, ``prod(tokens_shape) == T``.
-        dropped: 0-dim long tensor; token choice: slots sent to the hole; expert choice: tokens that no
-            real expert picked. Every token slot is either processed or counted here.
+        dropped: 0-dim long tensor; token choice: slots sent to the hole plus slots over a real expert's
+            capacity (``token_capacity_factor``); expert choice: tokens that no real expert picked. Every
+            token slot is either processed or counted here.
         host_counts: ``count`` as host ints when the router already has them; else read back on first use of
             :attr:`counts` (on a GPU that read is the forward's one synchronisation, and a fused grouped-mm
             forward never makes it).
@@ -87,9 +91,19 @@ class Routing:
         return torch.tensor(self.counts[: self.num_experts], dtype=torch.long)
 
     @property
+    def picked_count(self) -> torch.Tensor:
+        """(E',) long, on the device: assignments per router column as the router picked them, before
+        capacity drops (token choice: the columns in ``indices``, hole included; expert choice: ``count``).
+        Equal to ``count`` without a token-choice capacity."""
+        if self.mode != "token_choice":
+            return self.count
+        return count_ids(self.indices.reshape(-1), self.probs.shape[1])
+
+    @property
     def num_assigned(self) -> int:
         """A: assignments that reach a real expert, ``sum(load)``; they come first in ``token_index``, the
-        hole's are the tail. Without a hole that is every assignment, known without reading counts."""
+        hole's are the tail (capacity drops are not listed at all). Without a hole that is every assignment,
+        known without reading counts."""
         if not self.hole:
             return self.token_index.shape[0]
         return sum(self.counts[: self.num_experts])

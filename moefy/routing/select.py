@@ -4,7 +4,9 @@ A strategy is a function ``(probs (T, E'), config, num_experts, subset=None) -> 
 names them and :func:`select` picks the config's. ``subset`` is a sampler's choice of columns (SIMPLE's k-hot
 (T, E'), in training), used instead of the strategy's own picks where it applies. Every strategy hands back its assignments grouped by column
 (column order, tokens in order inside a column), so dispatch can cut them into contiguous slices, and says
-how many token slots it dropped. Shapes as in :mod:`moefy.routing.record`.
+how many token slots it dropped. Token choice with a capacity (``token_capacity_factor``) then caps each
+real column with :func:`cap_columns`: the assignments over capacity leave the list and count as dropped, so
+the record and dispatch see an ordinary selection. Shapes as in :mod:`moefy.routing.record`.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ class Selection:
 
     Attributes:
         mode: the strategy's name (``"token_choice"``, ``"expert_choice"``).
-        indices: token choice: (T, k) columns per token, best first; expert choice: (E', C) tokens per column.
+        indices: token choice: (T, k) columns per token, best first (before capacity drops); expert choice:
+            (E', C) tokens per column.
         weights: same shape as ``indices``: the combine weight of each pick.
-        token_index, expert_index, weight: (A,) the picks as assignments, grouped by column.
+        token_index, expert_index, weight: (A,) the kept picks as assignments, grouped by column.
         count: (E',) long, assignments per column, on the device.
-        dropped: 0-dim long, token slots no real expert processes.
+        dropped: 0-dim long, token slots no real expert processes (sent to the hole or over capacity).
         host_counts: ``count`` as host ints where the strategy knows them without a device read, else None.
     """
 
@@ -50,7 +53,8 @@ def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
 
     With ``config.normalize`` the k weights are renormalised to sum to one. At k = 1 that weight is the
     constant 1, which would give the router no gradient, so it is ``p / stopgrad(p)``: value exactly 1,
-    gradient that of ``p`` (straight-through)."""
+    gradient that of ``p`` (straight-through). With ``config.token_capacity_factor`` each real expert then
+    keeps at most C of its assignments (:func:`cap_columns`); the weights are not renormalised after that."""
     if subset is None:
         vals, idx = top_k(probs, config.k)                                  # (T, k) each
     else:  # the sampled columns, best first; weight p · z: value p, gradient of p plus p times z's
@@ -58,7 +62,11 @@ def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
         vals = probs.gather(-1, idx) * subset.gather(-1, idx).to(probs.dtype)
     if config.normalize:
         vals = vals / vals.detach() if config.k == 1 else vals / vals.sum(dim=-1, keepdim=True)
-    return from_picks(idx, vals, probs.shape[1], num_experts, config.hole)
+    picked = from_picks(idx, vals, probs.shape[1], num_experts, config.hole)
+    if config.token_capacity_factor is None:
+        return picked
+    capacity = expert_capacity(probs.shape[0], num_experts, config.k, config.token_capacity_factor)
+    return cap_columns(picked, probs, capacity, num_experts, config.drop_policy)
 
 
 def from_picks(indices: torch.Tensor, weights: torch.Tensor, num_columns: int, num_experts: int,
@@ -87,6 +95,35 @@ def expert_capacity(num_tokens: int, num_columns: int, k: float, capacity_factor
     """C = ``capacity`` if given, else ``ceil(capacity_factor * T * k / E')``; never more than T."""
     c = capacity if capacity is not None else math.ceil(capacity_factor * num_tokens * k / num_columns)
     return min(int(c), num_tokens)
+
+
+def cap_columns(selection: Selection, probs: torch.Tensor, capacity: int, num_experts: int,
+                policy: str = "probs") -> Selection:
+    """A token-choice selection with at most ``capacity`` assignments per real column (the hole is never
+    capped). ``policy`` says which an over-full column keeps: ``"probs"``: the highest scores ``probs``
+    (T, E') of the picks (ties: earlier tokens); ``"position"``: the earliest tokens. The others leave the
+    assignment list (so nothing downstream runs or counts them) and are added to ``dropped``; ``indices`` /
+    ``weights`` keep the picks as made. Keeps the column grouping and the token order inside a column."""
+    col, count = selection.expert_index, selection.count                     # (A,), (E',)
+    if capacity >= probs.shape[0] or col.numel() == 0:                       # nothing can overflow
+        return selection
+    start = count.cumsum(0) - count                                          # (E',) first slot of each column
+    place = torch.arange(col.numel(), device=col.device)                     # (A,)
+    if policy == "position":  # the column's slice is in token order already
+        rank = place - start[col]                                            # (A,)
+    else:  # best first inside each column: a stable sort by score, then a stable one by column
+        score = probs.detach()[selection.token_index, col]                   # (A,)
+        by_score = score.argsort(descending=True, stable=True)
+        order = by_score.index_select(0, col.index_select(0, by_score).argsort(stable=True))
+        rank = torch.empty_like(place).index_copy_(0, order, place - start[col])  # col[order] == col
+    keep = (rank < capacity) | (col >= num_experts)                          # (A,) bool
+    capped = count.clone()                                                   # (E',)
+    capped[:num_experts].clamp_(max=capacity)
+    over = (count[:num_experts] - capacity).clamp(min=0).sum()               # 0-dim
+    host_counts = None if selection.host_counts is None else tuple(
+        min(n, capacity) if e < num_experts else n for e, n in enumerate(selection.host_counts))
+    return Selection(selection.mode, selection.indices, selection.weights, selection.token_index[keep],
+                     col[keep], selection.weight[keep], capped, selection.dropped + over, host_counts)
 
 
 def expert_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,

@@ -32,6 +32,14 @@ def _check_block(block) -> MoEBlock:
     return block
 
 
+def _over_capacity(block: MoEBlock, expert_loads) -> str:
+    """`` (N slots over capacity, dropped)`` for the title when the plotted last forward dropped some."""
+    if expert_loads is not None or block.routing is None:
+        return ""
+    over = int((block.routing.picked_count - block.routing.count).sum())
+    return f" ({over} slots over capacity, dropped)" if over else ""
+
+
 def plot_experts_load(block: MoEBlock, expert_loads: Optional[ArrayLike] = None) -> Figure:
     """One panel per router column: how many tokens at each position it received.
 
@@ -39,7 +47,8 @@ def plot_experts_load(block: MoEBlock, expert_loads: Optional[ArrayLike] = None)
         block: the MoEBlock (names its experts; gives the load of its last forward when ``expert_loads`` is
             None).
         expert_loads: (E', N) token counts per column and position, e.g. ``block.experts_load()`` or a
-            recorder's ``stats[name].position_load``; the hole's row is last.
+            recorder's ``stats[name].position_load``; the hole's row is last. Assignments dropped over a
+            token-choice capacity are in no row; the title counts them (last forward only).
     Returns:
         the Figure, E' axes.
     """
@@ -58,7 +67,7 @@ def plot_experts_load(block: MoEBlock, expert_loads: Optional[ArrayLike] = None)
         ax.set_xlabel("token position")
         ax.set_xlim(-0.5, load.shape[1] - 0.5)
     axes[0].set_ylabel("tokens")
-    fig.suptitle(f"Load per position — {block.moe_name}", fontsize=10)
+    fig.suptitle(f"Load per position — {block.moe_name}{_over_capacity(block, expert_loads)}", fontsize=10)
     return fig
 
 
@@ -84,7 +93,7 @@ def plot_total_load(block: MoEBlock, expert_loads: Optional[ArrayLike] = None) -
     ax.set_ylabel("tokens")
     ax.tick_params(axis="x", labelrotation=45)
     ax.legend(fontsize=8)
-    ax.set_title(f"Total load — {block.moe_name}", fontsize=10)
+    ax.set_title(f"Total load — {block.moe_name}{_over_capacity(block, expert_loads)}", fontsize=10)
     return fig
 
 
