@@ -136,9 +136,9 @@ class RoutingConfig:
                           "and gradients as unfused (to float rounding); calls with extra forward arguments, and "
                           "dispatch overrides, run unfused.")
 
-    selection_bias: bool = _option(False, "`False`, `True`", "a router buffer "
+    selection_bias: bool = _option(False, "`False`, `True`", "token choice: a router buffer "
                                    "`router.score_correction_bias` (E',), zeros, saved in the state dict, added to "
-                                   "the scores for choosing only (tokens' experts, or experts' tokens); the combine weights (and "
+                                   "the scores for choosing the experts only; the combine weights (and "
                                    "`routing.probs`) stay the unbiased scores (DeepSeek-V3's "
                                    "`e_score_correction_bias`; moefy never updates it).")
     n_group: int = _option(1, "`1`, an int ≥ 1 dividing E", "token choice: group-limited routing "
@@ -203,9 +203,10 @@ class RoutingConfig:
                   what=f"an int in [1, n_group={self.n_group}]")
         object.__setattr__(self, "routed_scaling_factor", check_number(
             self.routed_scaling_factor, "routed_scaling_factor", low=0, low_open=True))
-        if self.selection_bias and self.noise == "simple":
-            raise ValueError("selection_bias biases the top-k choice; noise='simple' samples the experts instead: "
-                             "use another noise")
+        if self.selection_bias and (self.expert_choice or self.noise == "simple"):
+            raise ValueError("selection_bias biases each token's top-k choice: it needs token choice "
+                             "(expert_choice=False; a per-expert bias does not change an expert's top-C tokens) "
+                             "and a noise other than 'simple' (which samples the experts)")
         if self.n_group > 1 and (self.expert_choice or self.hole or self.noise == "simple"):
             raise ValueError(f"n_group={self.n_group}: group-limited routing is token choice over real experts: it "
                              f"needs expert_choice=False, hole=False and a noise other than 'simple'")

@@ -123,16 +123,12 @@ def expert_capacity(num_tokens: int, num_columns: int, k: float, capacity_factor
 
 def expert_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
                   subset: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> Selection:
-    """Each column picks its top-C tokens (Zhou et al. 2022; by ``probs + bias`` with a selection bias);
-    weights are the raw scores times ``routed_scaling_factor``. Tokens that no real expert picked are the
-    dropped ones."""
+    """Each column picks its top-C tokens (Zhou et al. 2022); weights are the raw scores times
+    ``routed_scaling_factor``. Tokens that no real expert picked are the dropped ones. A per-column ``bias``
+    would not change which tokens a column takes, so expert choice has none (the config refuses it)."""
     num_tokens, num_columns = probs.shape
     c = expert_capacity(num_tokens, num_columns, config.k, config.capacity_factor, config.capacity)
-    if bias is None:
-        vals, tok = probs.t().topk(c, dim=-1)                               # (E', C) each
-    else:
-        tok = (probs.detach() + bias.to(probs.dtype)).t().topk(c, dim=-1).indices  # (E', C)
-        vals = probs.t().gather(1, tok)                                            # (E', C)
+    vals, tok = probs.t().topk(c, dim=-1)                                   # (E', C) each
     if config.routed_scaling_factor != 1.0:
         vals = vals * config.routed_scaling_factor
     expert_index = torch.arange(num_columns, device=probs.device).repeat_interleave(c)
