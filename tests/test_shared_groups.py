@@ -243,3 +243,23 @@ def test_moefy_with_shared_copies_is_not_exact_and_the_halving_recipe_makes_it_e
     with torch.no_grad():
         gated.shared_expert_gate.weight.zero_()
     torch.testing.assert_close(gated(x), mlp(x))
+
+
+def test_dense_checkpoint_loads_into_the_shared_copies_too():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    dense = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).state_dict()
+    moefy.moefy(model, 3, k=2, target="0", num_shared=1, shared_gate=True)
+    moefy.load_dense_state_dict(model, dense)
+    for copy in [*model[0].experts, *model[0].shared_experts]:
+        assert torch.equal(copy.weight, dense["0.weight"]) and torch.equal(copy.bias, dense["0.bias"])
+
+
+def test_shared_experts_get_the_side_inputs_sliced_like_the_routed_ones():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    mix = moefy.moefy(mha, 3, k=2, num_shared=1).eval()
+    q, kv = torch.randn(4, 5, 8), torch.randn(4, 6, 8)
+    mask = torch.rand(4 * 2, 5, 6) > 0.8                       # per sample: sliced with the samples
+    out, weights = mix(q, kv, kv, attn_mask=mask)
+    ref_out, ref_weights = mha(q, kv, kv, attn_mask=mask)
+    torch.testing.assert_close(out, 2 * ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights, 2 * ref_weights, rtol=1e-5, atol=1e-5)
