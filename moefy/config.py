@@ -220,10 +220,13 @@ class RoutingConfig:
         return dict(self._aux_weights)
 
     def check_columns(self, num_experts: int) -> int:
-        """E' = ``num_experts`` + hole router columns, after checking that ``k`` fits in them."""
+        """E' = ``num_experts`` + hole router columns, after checking that ``k`` fits in them (and, with expert
+        groups, that ``n_group`` divides E and ``k`` fits in the ``topk_group`` kept groups)."""
         columns = check_int(num_experts, "num_experts", min=1) + int(self.hole)
         if self.k > columns:
             raise ValueError(_k_message(self.k, columns, self.hole))
+        if self.n_group == 1:
+            return columns
         if num_experts % self.n_group:
             raise ValueError(f"n_group={self.n_group} must divide the number of experts, got {num_experts} experts")
         groups = self.topk_group if self.topk_group is not None else self.n_group
