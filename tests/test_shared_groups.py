@@ -263,3 +263,14 @@ def test_shared_experts_get_the_side_inputs_sliced_like_the_routed_ones():
     ref_out, ref_weights = mha(q, kv, kv, attn_mask=mask)
     torch.testing.assert_close(out, 2 * ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(weights, 2 * ref_weights, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_routed_experts_with_shared_experts_match_unfused():
+    torch.manual_seed(5)
+    shared = [nn.Linear(4, 3)]
+    unfused = LinearMixture(4, 3, 6, k=2, n_group=3, topk_group=2, shared_experts=shared, shared_gate=True)
+    fused = LinearMixture(4, 3, 6, k=2, n_group=3, topk_group=2, shared_experts=shared, shared_gate=True,
+                          fused=True)
+    fused.load_state_dict(unfused.state_dict())
+    x = torch.randn(3, 5, 4)
+    torch.testing.assert_close(fused(x), unfused(x))
