@@ -128,7 +128,7 @@ class MoEBlock(nn.Module, ABC):
         run = with_side_inputs(self.expert_forward, self.experts, tokens_shape, args, kwargs) \
             if args or kwargs else None
         y = self.dispatch(rows, routing, run)
-        if self.shared_experts is not None:  # always-on experts, added to the routed mixture on routed rows
+        if self.shared_experts is not None:  # 3b. + the always-on shared experts, on the routed rows only
             y = add_shared(y, rows, router_in, kept, len(self.shared_experts), self._shared_runner(
                 tokens_shape, args, kwargs), self.shared_expert_gate)
         if c.route == "tokens" and len(tokens_shape) != 1:
