@@ -18,6 +18,7 @@ from .dispatch.combine import dispatch
 from .dispatch.experts import FusedExperts, LoopedExperts, RunExpert
 from .dispatch.fused import fused_layout
 from .dispatch.rows import as_rows, kept_rows, with_side_inputs
+from .dispatch.shared import RunShared, add_shared
 from .fastpaths import set_plain_attribute
 from .routing.losses import AUX_LOSSES
 from .routing.record import Routing
@@ -43,6 +44,9 @@ class MoEBlock(nn.Module, ABC):
             ``noise``, ``aux_criterion``, ``aggregation``, ``expert_choice``, ``route``, ``layer_id``, ...)
             build one or replace fields of ``config``. Every option is documented on RoutingConfig.
         num_experts: optional check that ``len(experts)`` is what the caller expects.
+        shared_experts: optional always-on experts (DeepSeek-V3, Qwen2-MoE; :mod:`moefy.dispatch.shared`): run
+            by :meth:`expert_forward` on every routed row, their outputs added to the routed mixture (gated
+            per row with ``shared_gate=True``). Masked rows skip them; they count in no load or aux loss.
 
     The options are readable as attributes (``block.k``, ``block.hole``, ...; ``block.config`` holds them all).
     After a forward: ``block.routing`` (the :class:`~moefy.routing.record.Routing` record), ``block.aux_losses``
@@ -50,7 +54,8 @@ class MoEBlock(nn.Module, ABC):
     """
 
     def __init__(self, experts: Iterable[nn.Module], input_dim: int, config: Optional[RoutingConfig] = None,
-                 num_experts: Optional[int] = None, **options: Any):
+                 num_experts: Optional[int] = None, shared_experts: Optional[Iterable[nn.Module]] = None,
+                 **options: Any):
         super().__init__()
         self.config = RoutingConfig.from_options(config, **options)
         if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList) or not isinstance(
@@ -72,8 +77,12 @@ class MoEBlock(nn.Module, ABC):
 
         c = self.config
         self.router = Router(input_dim, self.num_columns, noise=c.noise, temperature=c.temperature,
-                             score_func=c.score_func)
+                             score_func=c.score_func, selection_bias=c.selection_bias)
         self.experts = experts if isinstance(experts, nn.ModuleList) else nn.ModuleList(experts)
+        self.shared_experts = _shared_list(shared_experts)
+        if c.shared_gate and self.shared_experts is None:
+            raise ValueError("shared_gate=True gates the shared experts' output: pass shared_experts=[...]")
+        self.shared_expert_gate = nn.Linear(input_dim, 1, bias=False) if c.shared_gate else None
         # the expert-execution seam: how the experts run on their slices (see _execution)
         self._looped = LoopedExperts(self.experts)
         self._fused = FusedExperts(self.experts, self._fused_layout) if self._fused_layout else None
@@ -119,6 +128,9 @@ class MoEBlock(nn.Module, ABC):
         run = with_side_inputs(self.expert_forward, self.experts, tokens_shape, args, kwargs) \
             if args or kwargs else None
         y = self.dispatch(rows, routing, run)
+        if self.shared_experts is not None:  # 3b. + the always-on shared experts, on the routed rows only
+            y = add_shared(y, rows, router_in, kept, len(self.shared_experts), self._shared_runner(
+                tokens_shape, args, kwargs), self.shared_expert_gate)
         if c.route == "tokens" and len(tokens_shape) != 1:
             y = y.reshape(*tokens_shape, *y.shape[1:])
         # 4. keep the record; aux losses from it (from the whole group's with expert parallelism)
@@ -161,6 +173,11 @@ class MoEBlock(nn.Module, ABC):
 
     def _run_expert(self, e: int, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(self.experts[e], x)
+
+    def _shared_runner(self, tokens_shape, args, kwargs) -> RunShared:
+        if args or kwargs:
+            return with_side_inputs(self.expert_forward, self.shared_experts, tokens_shape, args, kwargs)
+        return lambda j, x, ids: self.expert_forward(self.shared_experts[j], x)
 
     def set_aux_losses(self, routing: Routing) -> None:
         """Compute ``aux_losses`` (name → scalar) and their weighted sum ``aux_loss`` from ``routing``."""
@@ -239,6 +256,19 @@ class MoEBlock(nn.Module, ABC):
     def extra_repr(self) -> str:
         text = self.config.summary(self.num_experts)
         return text if self.parallel is None else f"{text}, {self.parallel}"
+
+
+def _shared_list(shared_experts) -> Optional[nn.ModuleList]:
+    """``shared_experts`` as an nn.ModuleList, or None for None / an empty list."""
+    if shared_experts is None:
+        return None
+    if isinstance(shared_experts, nn.Module) and not isinstance(shared_experts, nn.ModuleList) or not isinstance(
+            shared_experts, Iterable):
+        raise TypeError(f"shared_experts must be None or a list of nn.Module, got {type(shared_experts).__name__}")
+    shared = list(shared_experts)
+    if not all(isinstance(e, nn.Module) for e in shared):
+        raise TypeError("shared_experts must be None or a list of nn.Module")
+    return nn.ModuleList(shared) if shared else None
 
 
 def _config_view(name: str) -> property:

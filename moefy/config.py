@@ -21,6 +21,9 @@ ROUTES = ("tokens", "samples")
 ROUTE_ALIASES = {"images": "samples"}  # the original MoEfy's name (re-exported by moefy.compat)
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
+# shown in a block's repr only when they differ from their defaults
+_SUMMARY_EXTRAS = ("temperature", "score_func", "feature_dim", "fused", "selection_bias", "n_group", "topk_group",
+                   "routed_scaling_factor", "shared_gate")
 AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
 
 
@@ -149,9 +152,30 @@ class RoutingConfig:
                           "and gradients as unfused (to float rounding); calls with extra forward arguments, and "
                           "dispatch overrides, run unfused.")
 
+    selection_bias: bool = _option(False, "`False`, `True`", "token choice: a router buffer "
+                                   "`router.score_correction_bias` (E',), zeros, saved in the state dict, added to "
+                                   "the scores for choosing the experts only; the combine weights (and "
+                                   "`routing.probs`) stay the unbiased scores (DeepSeek-V3's "
+                                   "`e_score_correction_bias`; moefy never updates it).")
+    n_group: int = _option(1, "`1`, an int ≥ 1 dividing E", "token choice: group-limited routing "
+                           "(DeepSeek-V3): the E experts form `n_group` groups of E/n_group; each token keeps its "
+                           "`topk_group` best groups, scored by the sum of each group's top-2 (biased) scores, and "
+                           "picks its top-k experts inside them. No hole, no `noise='simple'`.")
+    topk_group: Optional[int] = _option(None, "`None` (all groups), an int in [1, n_group]", "groups each token "
+                                        "keeps with `n_group > 1`; k must fit in them: "
+                                        "`k ≤ topk_group · E / n_group`.")
+    routed_scaling_factor: float = _option(1.0, "`1.0`, a number > 0", "every combine weight of the routed "
+                                           "experts is multiplied by it, after `normalize` (DeepSeek-V3's "
+                                           "`routed_scaling_factor`); shared experts are not scaled.")
+    shared_gate: bool = _option(False, "`False`, `True`", "with shared experts: "
+                                "`y = routed + sigmoid(x·w_g) · Σ_j shared_j(x)`, `w_g` a bias-free "
+                                "`nn.Linear(D, 1)` on the block (`block.shared_expert_gate`), x the router's input "
+                                "(Qwen2-MoE's `shared_expert_gate`); without it the shared outputs are added as they "
+                                "are (DeepSeek-V3).")
+
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # frozen: normalised values bypass __setattr__
-        for flag in ("hole", "expert_choice", "normalize", "fused"):
+        for flag in ("hole", "expert_choice", "normalize", "fused", "selection_bias", "shared_gate"):
             check_bool(getattr(self, flag), flag)
         k = self.k
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < float("inf"):
@@ -192,6 +216,22 @@ class RoutingConfig:
                                          what="a positive finite number"))
         check_choice(self.score_func, "score_func", SCORE_FUNCS)
         check_int(self.feature_dim, "feature_dim", what="an int (a dim of x)", type_error=TypeError)
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        """Selection bias, expert groups and the routed scaling factor."""
+        check_int(self.n_group, "n_group", min=1)
+        check_int(self.topk_group, "topk_group", min=1, max=self.n_group, optional=True,
+                  what=f"an int in [1, n_group={self.n_group}]")
+        object.__setattr__(self, "routed_scaling_factor", check_number(
+            self.routed_scaling_factor, "routed_scaling_factor", low=0, low_open=True))
+        if self.selection_bias and (self.expert_choice or self.noise == "simple"):
+            raise ValueError("selection_bias biases each token's top-k choice: it needs token choice "
+                             "(expert_choice=False; a per-expert bias does not change an expert's top-C tokens) "
+                             "and a noise other than 'simple' (which samples the experts)")
+        if self.n_group > 1 and (self.expert_choice or self.hole or self.noise == "simple"):
+            raise ValueError(f"n_group={self.n_group}: group-limited routing is token choice over real experts: it "
+                             f"needs expert_choice=False, hole=False and a noise other than 'simple'")
 
     def __hash__(self) -> int:  # a dict aux_criterion is hashed by its items
         return hash(tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self)))
@@ -202,10 +242,19 @@ class RoutingConfig:
         return dict(self._aux_weights)
 
     def check_columns(self, num_experts: int) -> int:
-        """E' = ``num_experts`` + hole router columns, after checking that ``k`` fits in them."""
+        """E' = ``num_experts`` + hole router columns, after checking that ``k`` fits in them (and, with expert
+        groups, that ``n_group`` divides E and ``k`` fits in the ``topk_group`` kept groups)."""
         columns = check_int(num_experts, "num_experts", min=1) + int(self.hole)
         if self.k > columns:
             raise ValueError(_k_message(self.k, columns, self.hole))
+        if self.n_group == 1:
+            return columns
+        if num_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group} must divide the number of experts, got {num_experts} experts")
+        groups = self.topk_group if self.topk_group is not None else self.n_group
+        if self.k > groups * num_experts // self.n_group:
+            raise ValueError(f"k={self.k} must fit in the kept groups: k <= topk_group * E / n_group = "
+                             f"{groups} * {num_experts} / {self.n_group}")
         return columns
 
     @classmethod
@@ -223,7 +272,8 @@ class RoutingConfig:
 
     def summary(self, num_experts: Optional[int] = None) -> str:
         """One line for a block's repr: layer, experts, hole, mode, noise, aux losses, aggregation, route,
-        then any of temperature, score_func, feature_dim, fused that differ from their defaults."""
+        then any of temperature, score_func, feature_dim, fused and the DeepSeek-V3 / shared-expert options that
+        differ from their defaults."""
         mode = (f"expert_choice(k={self.k}, capacity={self.capacity or f'{self.capacity_factor}x'})"
                 if self.expert_choice else f"token_choice(k={self.k}, normalize={self.normalize}"
                 + (f", capacity={self.token_capacity_factor}x, drop_policy={self.drop_policy})"
@@ -232,8 +282,7 @@ class RoutingConfig:
         parts += [f"hole={self.hole}", mode, f"noise={self.noise}", f"aux={self._aux_weights or None}",
                   f"aggregation={self.aggregation}", f"route={self.route}"]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        parts += [f"{name}={getattr(self, name)}" for name in ("temperature", "score_func", "feature_dim", "fused")
-                  if getattr(self, name) != defaults[name]]
+        parts += [f"{name}={getattr(self, name)}" for name in _SUMMARY_EXTRAS if getattr(self, name) != defaults[name]]
         return ", ".join(parts)
 
     @classmethod

@@ -31,3 +31,27 @@ class RecordingMixture(LinearMixture):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class SwiGLU(nn.Module):
+    """A SwiGLU FFN, ``down(silu(gate(x)) * up(x))``, bias-free: HF's ``DeepseekV3MLP`` / ``Qwen2MoeMLP``."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwiGLUMixture(MoEBlock):
+    """A mixture of E SwiGLU experts (and optional shared SwiGLU experts)."""
+
+    def __init__(self, dim, hidden, num_experts, shared_hidden=(), **kwargs):
+        super().__init__(experts=[SwiGLU(dim, hidden) for _ in range(num_experts)], input_dim=dim,
+                         shared_experts=[SwiGLU(dim, h) for h in shared_hidden] or None, **kwargs)
+
+    def expert_forward(self, expert, x):
+        return expert(x)

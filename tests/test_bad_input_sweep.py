@@ -260,6 +260,39 @@ case("moefy", lambda t: moefy.moefy(nn.Linear(4, 4), input_dim="4"), ValueError,
 case("moefy", lambda t: moefy.moefy(nn.ReLU()), ValueError, r"input_dim: cannot infer")
 case("moefy", lambda t: moefy.moefy(nn.Linear(4, 4), noise="Gaussian"), ValueError, r"noise must be one of")
 case("moefy", lambda t: moefy.moefy(nn.Linear(4, 4), nosie="gumbel"), TypeError, r"unknown option\(s\) \['nosie'\]")
+# -------------------------------------------- shared experts and DeepSeek-V3 routing (config, block, router)
+case("RoutingConfig", lambda t: RoutingConfig(n_group=0), ValueError, r"n_group must be a positive int, got 0")
+case("RoutingConfig", lambda t: RoutingConfig(n_group=2.0), ValueError, r"n_group must be")
+case("RoutingConfig", lambda t: RoutingConfig(n_group=2, topk_group=3), ValueError,
+     r"topk_group must be an int in \[1, n_group=2\] or None, got 3")
+case("RoutingConfig", lambda t: RoutingConfig(topk_group=0), ValueError, r"topk_group must be")
+case("RoutingConfig", lambda t: RoutingConfig(routed_scaling_factor=0), ValueError, r"routed_scaling_factor must be")
+case("RoutingConfig", lambda t: RoutingConfig(routed_scaling_factor="2"), ValueError, r"routed_scaling_factor")
+case("RoutingConfig", lambda t: RoutingConfig(selection_bias=1), TypeError, r"selection_bias must be True or False")
+case("RoutingConfig", lambda t: RoutingConfig(shared_gate="yes"), TypeError, r"shared_gate must be True or False")
+case("RoutingConfig", lambda t: RoutingConfig(n_group=2, hole=True), ValueError, r"n_group=2: .* hole=False")
+case("RoutingConfig", lambda t: RoutingConfig(n_group=2, expert_choice=True), ValueError,
+     r"n_group=2: .* expert_choice=False")
+case("RoutingConfig", lambda t: RoutingConfig(n_group=2, noise="simple"), ValueError, r"n_group=2: .*'simple'")
+case("RoutingConfig", lambda t: RoutingConfig(selection_bias=True, noise="simple"), ValueError,
+     r"selection_bias .* noise other than 'simple'")
+case("RoutingConfig", lambda t: RoutingConfig(selection_bias=True, expert_choice=True), ValueError,
+     r"selection_bias .*\(expert_choice=False")
+case("RoutingConfig.check_columns", lambda t: RoutingConfig(n_group=4).check_columns(6), ValueError,
+     r"n_group=4 must divide the number of experts, got 6")
+case("RoutingConfig.check_columns", lambda t: RoutingConfig(k=3, n_group=3, topk_group=1).check_columns(6),
+     ValueError, r"k=3 must fit in the kept groups: k <= topk_group \* E / n_group = 1 \* 6 / 3")
+case("MoEBlock", lambda t: lin(n_group=2), ValueError, r"n_group=2 must divide the number of experts, got 3")
+case("MoEBlock", lambda t: lin(shared_gate=True), ValueError, r"shared_gate=True .* pass shared_experts")
+case("MoEBlock", lambda t: lin(shared_experts=nn.Linear(4, 2)), TypeError,
+     r"shared_experts must be None or a list of nn.Module, got Linear")
+case("MoEBlock", lambda t: lin(shared_experts=["linear"]), TypeError, r"shared_experts must be None or a list")
+case("MoEBlock", lambda t: lin(shared_experts=3), TypeError, r"shared_experts must be None or a list of nn.Module")
+case("Router", lambda t: Router(4, 3, selection_bias="yes"), TypeError, r"selection_bias must be True or False")
+case("moefy", lambda t: moefy.moefy(nn.Linear(4, 4), num_shared=-1), ValueError, r"num_shared must be an int >= 0")
+case("moefy", lambda t: moefy.moefy(nn.Linear(4, 4), num_shared="1"), ValueError, r"num_shared must be")
+case("merge", lambda t: convert.merge(moefy.moefy(nn.Linear(4, 4), num_shared=1)), ValueError,
+     r"mixture has shared experts")
 case("moefy", lambda t: moefy.moefy(moefy.moefy(nn.Linear(4, 4))), TypeError, r"module is already a mixture")
 case("moefy", lambda t: moefy.moefy(nn.Linear(4, 4))(torch.randn(3, 5)), ValueError, r"x must have shape")
 case("moefy", lambda t: moefy.moefy(nn.Conv2d(3, 4, 3))(torch.randn(3, 8, 8)), ValueError, r"x must be batched")

@@ -34,9 +34,10 @@ DIM, OUT, SEQ = 6, 5, 3
 
 
 class MLPMixture(MoEBlock):
-    def __init__(self, dim: int, out: int, num_experts: int, **routing):
+    def __init__(self, dim: int, out: int, num_experts: int, num_shared: int = 0, **routing):
         experts = [nn.Sequential(nn.Linear(dim, 8), nn.Tanh(), nn.Linear(8, out)) for _ in range(num_experts)]
-        super().__init__(experts=experts, input_dim=dim, **routing)
+        shared = [nn.Sequential(nn.Linear(dim, 8), nn.Tanh(), nn.Linear(8, out)) for _ in range(num_shared)]
+        super().__init__(experts=experts, input_dim=dim, shared_experts=shared or None, **routing)
 
     def expert_forward(self, expert, x):
         return expert(x)
@@ -76,6 +77,10 @@ CASES_2 = [
     Case("rank_without_tokens", 4, (5, 0), dict(k=1, hole=True, aux_criterion="switch")),
     Case("samples_local_aux", 4, (3, 5), dict(k=2, route="samples", aux_criterion=["entropy", "z"]),
          aux_scope="local"),
+    # DeepSeek-V3 routing with a gated shared expert: the shared expert is replicated, the routed ones sharded
+    Case("groups_bias_shared_gate", 4, (3, 2), dict(k=2, n_group=2, topk_group=1, score_func="sigmoid",
+                                                    selection_bias=True, routed_scaling_factor=2.0, num_shared=1,
+                                                    shared_gate=True, aux_criterion="switch")),
 ]
 CASES_4 = [
     Case("four_ranks_skewed", 8, (2, 0, 3, 4), dict(k=2, hole=True, aux_criterion=["switch", "z"]), skew=True),
@@ -90,6 +95,9 @@ def build(case: Case) -> Net:
             net.pre.weight[0], net.pre.bias[0] = 0.0, 10.0  # feature 0 of every token is 10
             gate = net.moe.router.gate.weight
             gate[case.num_experts // 2: case.num_experts] = gate[0] - torch.eye(DIM)[0]  # 10 below expert 0
+    bias = net.moe.router.score_correction_bias
+    if bias is not None:
+        bias.copy_(torch.linspace(-0.2, 0.2, bias.numel()))
     net = net.double() if case.double else net
     return net.train(case.train)
 

@@ -71,7 +71,7 @@ def test_upcycling_and_seed_layers_take_a_config():
 # ------------------------------------------------------------------------------------------ routing
 def test_selection_strategies_against_hand_counts():
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8]])
-    assert set(SELECTIONS) == {"token_choice", "expert_choice"}
+    assert set(SELECTIONS) == {"token_choice", "expert_choice", "group_limited_token_choice"}
     picked = token_choice(probs, RoutingConfig(k=1, hole=True), num_experts=2)  # column 2 is the hole
     assert picked.expert_index.tolist() == [0, 0, 2, 2] and picked.token_index.tolist() == [0, 2, 1, 3]
     assert picked.host_counts == (2, 0, 2) and int(picked.dropped) == 2 and picked.weight.tolist() == [1.0] * 4

@@ -13,8 +13,9 @@ from .mixture import ModuleMixture
 def dense_key_map(model: nn.Module) -> Dict[str, Optional[str]]:
     """For every key of ``model.state_dict()``: the key of the dense (pre-moefy) model it comes from.
 
-    Expert keys ``<mixture>.experts.<e>.<rest>`` map to ``<mixture>.<rest>`` (or, for :func:`moefy_chain`
-    mixtures, to the key of the module the part was copied from); router keys map to None.
+    Expert keys ``<mixture>.experts.<e>.<rest>`` (and shared experts' ``<mixture>.shared_experts.<j>.<rest>``)
+    map to ``<mixture>.<rest>`` (or, for :func:`moefy_chain` mixtures, to the key of the module the part was
+    copied from); router and shared-gate keys map to None.
     """
     check_module(model, "model")
     mixtures = {n: m for n, m in model.named_modules() if isinstance(m, ModuleMixture)}
@@ -26,7 +27,7 @@ def dense_key_map(model: nn.Module) -> Dict[str, Optional[str]]:
             continue
         mixture, prefix = mixtures[owner], owner + "." if owner else ""
         rest = key[len(prefix):]
-        if not rest.startswith("experts."):
+        if not rest.startswith(("experts.", "shared_experts.")):  # shared experts are copies too
             mapping[key] = None
             continue
         rest = rest.split(".", 2)[2]

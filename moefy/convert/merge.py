@@ -26,6 +26,9 @@ def merge(mixture: MoEBlock, how: Union[str, int, Sequence[float], torch.Tensor]
     """
     if not isinstance(mixture, MoEBlock):
         raise TypeError(f"mixture must be a MoEBlock, got {type(mixture).__name__}")
+    if getattr(mixture, "shared_experts", None) is not None:
+        raise ValueError("mixture has shared experts: their output adds to the routed experts', so no average of "
+                         "the experts is the dense module; merge needs a mixture without shared_experts")
     experts, num = list(mixture.experts), mixture.num_experts
     if isinstance(how, int) and not isinstance(how, bool):
         if not 0 <= how < num:

@@ -4,6 +4,8 @@
 Every expert starts as a deep copy of the module (weights, buffers, requires_grad, train/eval state) and the
 router is fresh. With the default routing (token choice, top-k weights renormalised to sum to one, no hole)
 the mixture computes ``sum_i w_i f(x) = f(x)``: it equals the module at initialisation, up to float rounding.
+With ``num_shared = S`` shared copies it computes ``routed_scaling_factor · f(x) + S · f(x)`` (no shared gate):
+not the module, and moefy does not rescale the copies to hide that (see the README, "Shared experts").
 """
 from __future__ import annotations
 
@@ -96,19 +98,24 @@ class ModuleMixture(MoEBlock):
             given here or set to a non-default value in ``config``.
         expert_noise: breaks the symmetry of the copies: every floating parameter ``p`` of every expert gets
             ``N(0, (expert_noise * rms(p))^2)`` noise. 0 (default) keeps the mixture exact.
+        num_shared: S ≥ 0 more copies as shared experts (:mod:`moefy.dispatch.shared`), run on every routed
+            row and added to the routed mixture; they get no ``expert_noise``. With S > 0 the mixture starts
+            at ``(routed_scaling_factor + S) · f(x)`` (with ``normalize``, no shared gate), not at ``f(x)``.
         config: a :class:`~moefy.config.RoutingConfig`; ``**options`` (any of its fields: hole, noise,
             aux_criterion, normalize, ...) build one or replace its fields.
     """
 
     def __init__(self, module: nn.Module, num_experts: int = 4, k: Optional[int] = None,
                  input_dim: Optional[int] = None, route: Optional[str] = None, feature_dim: Optional[int] = None,
-                 expert_noise: float = 0.0, config: Optional[RoutingConfig] = None, **options):
+                 expert_noise: float = 0.0, config: Optional[RoutingConfig] = None, num_shared: int = 0,
+                 **options):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if isinstance(module, MoEBlock):
             raise TypeError(f"module is already a mixture ({type(module).__name__}); moefy its experts instead")
         check_int(num_experts, "num_experts", min=1, what="an int >= 1")
         check_number(expert_noise, "expert_noise", low=0, what="a number >= 0 (a relative std)")
+        check_int(num_shared, "num_shared", min=0)
         base = RoutingConfig.from_options(config, **options)
         auto_route, auto_dim, auto_feature_dim = infer_routing(module)
         if route is None:
@@ -128,6 +135,7 @@ class ModuleMixture(MoEBlock):
                 raise ValueError(f"route='samples' needs the batch on dim 0, but {seq_first[0]} has "
                                  f"batch_first=False; build it with batch_first=True")
         experts = [copy.deepcopy(module) for _ in range(num_experts)]
+        shared = [copy.deepcopy(module) for _ in range(num_shared)] or None
         if expert_noise:
             with torch.no_grad():
                 for expert in experts:
@@ -136,10 +144,12 @@ class ModuleMixture(MoEBlock):
                             p.add_(torch.randn_like(p) * (expert_noise * p.detach().float().square().mean().sqrt()))
         fields = {"k": k} if k is not None else {}
         super().__init__(experts=experts, input_dim=input_dim, config=base, route=route, feature_dim=feature_dim,
-                         **fields)
+                         shared_experts=shared, **fields)
         param = next(module.parameters(), None)
         if param is not None:
             self.router.to(param.device)
+            if self.shared_expert_gate is not None:
+                self.shared_expert_gate.to(param.device, param.dtype if param.is_floating_point() else None)
         self.training = module.training  # the experts keep their own (possibly mixed) train/eval flags
         self.router.train(module.training)
         self.expert_noise = float(expert_noise)

@@ -14,7 +14,8 @@ from .simple import simple_subset
 
 def route(router: Router, x: torch.Tensor, config: RoutingConfig, num_experts: int,
           tokens_shape: Optional[Tuple[int, ...]] = None, kept: Optional[torch.Tensor] = None) -> Routing:
-    """Route T rows ``x`` (T, D): gate → noise → scores → (sampler) → selection → the record.
+    """Route T rows ``x`` (T, D): gate → noise → scores → (sampler) → selection (with the router's
+    selection bias) → the record.
 
     ``tokens_shape``: the leading shape of the input the rows came from (default (T,)); ``kept`` (T,): the
     rows' ids among all input tokens when some were masked out.
@@ -23,5 +24,6 @@ def route(router: Router, x: torch.Tensor, config: RoutingConfig, num_experts: i
     subset = None
     if config.noise == "simple" and router.training:     # SIMPLE: k-hot (T, E'), marginals' gradient
         subset = simple_subset(scores[1] / config.temperature, config.k)
-    picked = select(scores[3], config, num_experts, subset)  # assignments grouped by column
+    bias = router.score_correction_bias                  # (E',) for selection only, or None
+    picked = select(scores[3], config, num_experts, subset, bias)  # assignments grouped by column
     return Routing.build(scores, picked, num_experts, config.hole, tokens_shape, kept)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_choice, check_int, check_number
+from ..checks import check_bool, check_choice, check_int, check_number
 from ..config import SCORE_FUNCS
 from .noise import GaussianNoiseStd, gumbel_like, validate_noise
 
@@ -28,10 +28,13 @@ class Router(nn.Module):
         temperature: logits are divided by it before the score function (seed 001's gate temperature).
         score_func: ``"softmax"`` over columns, or an independent ``"sigmoid"`` per column.
         jitter_eps: half-width of the multiplicative input jitter.
+        selection_bias: keep a buffer ``score_correction_bias`` (E',), zeros, that selection adds to the
+            scores to choose experts (never to the combine weights): DeepSeek-V3's ``e_score_correction_bias``.
     """
 
     def __init__(self, input_dim: int, num_columns: int, noise: Optional[str] = None,
-                 temperature: float = 1.0, score_func: str = "softmax", jitter_eps: float = 1e-2):
+                 temperature: float = 1.0, score_func: str = "softmax", jitter_eps: float = 1e-2,
+                 selection_bias: bool = False):
         super().__init__()
         self.noise = validate_noise(noise)
         check_choice(score_func, "score_func", SCORE_FUNCS)
@@ -39,11 +42,15 @@ class Router(nn.Module):
         check_int(num_columns, "num_columns", min=1)
         temperature = check_number(temperature, "temperature", low=0, low_open=True, what="a positive finite number")
         check_number(jitter_eps, "jitter_eps", low=0, high=1, high_open=True)
+        check_bool(selection_bias, "selection_bias")
         self.gate = nn.Linear(input_dim, num_columns, bias=False)
         self.noise_std = GaussianNoiseStd(input_dim, num_columns) if self.noise == "gaussian" else None
         self.temperature = float(temperature)
         self.score_func = score_func
         self.jitter_eps = jitter_eps
+        # (E',) float32, in the state dict; None without selection_bias
+        self.register_buffer("score_correction_bias",
+                             torch.zeros(num_columns, dtype=torch.float32) if selection_bias else None)
 
     def forward(self, x: torch.Tensor):
         """``x``: (T, D) → ``(logits, noisy_logits, noise_std, probs)``, each (T, E'), float32 or wider."""

@@ -1,8 +1,10 @@
 """Selection strategies: from the router's scores to (token, column) assignments.
 
-A strategy is a function ``(probs (T, E'), config, num_experts, subset=None) -> Selection``; :data:`SELECTIONS`
-names them and :func:`select` picks the config's. ``subset`` is a sampler's choice of columns (SIMPLE's k-hot
-(T, E'), in training), used instead of the strategy's own picks where it applies. Every strategy hands back its assignments grouped by column
+A strategy is a function ``(probs (T, E'), config, num_experts, subset=None, bias=None) -> Selection``;
+:data:`SELECTIONS` names them and :func:`select` picks the config's. ``subset`` is a sampler's choice of columns
+(SIMPLE's k-hot (T, E'), in training), used instead of the strategy's own picks where it applies. ``bias`` (E')
+is the router's selection bias (DeepSeek-V3's ``e_score_correction_bias``): added to the scores to choose,
+never to the combine weights, which are always taken from ``probs``. Every strategy hands back its assignments grouped by column
 (column order, tokens in order inside a column), so dispatch can cut them into contiguous slices, and says
 how many token slots it dropped. Token choice with a capacity (``token_capacity_factor``) then caps each
 real column with :func:`cap_columns`: the assignments over capacity leave the list and count as dropped, so
@@ -47,22 +49,59 @@ class Selection:
 
 
 def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
-                 subset: Optional[torch.Tensor] = None) -> Selection:
-    """Each token picks its top-k columns, or the k columns of a sampled ``subset`` (T, E') k-hot whose
-    gradient is the sampler's (SIMPLE: the exact marginals'), which then flows into the weights.
-
-    With ``config.normalize`` the k weights are renormalised to sum to one. At k = 1 that weight is the
-    constant 1, which would give the router no gradient, so it is ``p / stopgrad(p)``: value exactly 1,
-    gradient that of ``p`` (straight-through). With ``config.token_capacity_factor`` each real expert then
-    keeps at most C of its assignments (:func:`cap_columns`); the weights are not renormalised after that."""
-    if subset is None:
-        vals, idx = top_k(probs, config.k)                                  # (T, k) each
-    else:  # the sampled columns, best first; weight p · z: value p, gradient of p plus p times z's
+                 subset: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> Selection:
+    """Each token picks its top-k columns (by ``probs + bias`` with a selection bias), or the k columns of a
+    sampled ``subset`` (T, E') k-hot whose gradient is the sampler's (SIMPLE: the exact marginals'), which
+    then flows into the weights. Weights: :func:`combine_weights` of the picked ``probs``. With
+    ``config.token_capacity_factor`` each real expert then keeps at most C of its assignments
+    (:func:`cap_columns`); the weights are not renormalised after that."""
+    if subset is not None:  # the sampled columns, best first; weight p · z: value p, gradient of p plus p times z's
         _, idx = top_k(probs.detach().masked_fill(subset.detach() == 0, -1.0), config.k)
         vals = probs.gather(-1, idx) * subset.gather(-1, idx).to(probs.dtype)
+    elif bias is not None:  # biased scores may be negative: plain topk, not the fast path for scores >= 0
+        idx = (probs.detach() + bias.to(probs.dtype)).topk(config.k, dim=-1).indices  # (T, k)
+        vals = probs.gather(-1, idx)                                                    # (T, k)
+    else:
+        vals, idx = top_k(probs, config.k)                                  # (T, k) each
+    picked = from_picks(idx, combine_weights(vals, config), probs.shape[1], num_experts, config.hole)
+    return with_capacity(picked, probs, config, num_experts)
+
+
+def group_limited_token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
+                               subset: Optional[torch.Tensor] = None,
+                               bias: Optional[torch.Tensor] = None) -> Selection:
+    """DeepSeek-V3's group-limited top-k (``DeepseekV3TopkRouter``): the E experts form ``n_group`` groups of
+    E/G consecutive columns; each token scores a group by the sum of its top-2 selection scores
+    (``probs + bias``; top-1 for groups of one expert), keeps its ``topk_group`` best groups and picks its top-k
+    experts inside them. Weights: :func:`combine_weights` of the picked, unbiased ``probs``. No hole, no sampler."""
+    if subset is not None:
+        raise ValueError("group-limited routing (n_group > 1) cannot take a sampler's subset (noise='simple')")
+    num_tokens, num_columns = probs.shape                                  # no hole: E' = E
+    groups, size = config.n_group, num_columns // config.n_group
+    choice = probs.detach() if bias is None else probs.detach() + bias.to(probs.dtype)  # (T, E)
+    group_scores = choice.view(num_tokens, groups, size).topk(min(2, size), dim=-1).values.sum(-1)  # (T, G)
+    best = group_scores.topk(config.topk_group or groups, dim=-1).indices                         # (T, G_kept)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)               # (T, G)
+    choice = choice.masked_fill(~kept.repeat_interleave(size, dim=1), float("-inf"))              # (T, E)
+    idx = choice.topk(config.k, dim=-1).indices                                                   # (T, k)
+    picked = from_picks(idx, combine_weights(probs.gather(-1, idx), config), num_columns, num_experts, False)
+    return with_capacity(picked, probs, config, num_experts)
+
+
+def combine_weights(vals: torch.Tensor, config: RoutingConfig) -> torch.Tensor:
+    """The token-choice combine weights of the picked scores ``vals`` (T, k): renormalised to sum to one with
+    ``config.normalize``, then times ``config.routed_scaling_factor``.
+
+    At k = 1 the renormalised weight is the constant 1, which would give the router no gradient, so it is
+    ``p / stopgrad(p)``: value exactly 1, gradient that of ``p`` (straight-through). DeepSeek-V3 divides by
+    ``sum + 1e-20`` instead: the same values in float32 for any sum above ~1e-13."""
     if config.normalize:
         vals = vals / vals.detach() if config.k == 1 else vals / vals.sum(dim=-1, keepdim=True)
-    picked = from_picks(idx, vals, probs.shape[1], num_experts, config.hole)
+    return vals * config.routed_scaling_factor if config.routed_scaling_factor != 1.0 else vals
+
+
+def with_capacity(picked: Selection, probs: torch.Tensor, config: RoutingConfig, num_experts: int) -> Selection:
+    """``picked`` capped at ``C = ceil(token_capacity_factor · T · k / E)`` per real expert, if configured."""
     if config.token_capacity_factor is None:
         return picked
     capacity = expert_capacity(probs.shape[0], num_experts, config.k, config.token_capacity_factor)
@@ -127,12 +166,15 @@ def cap_columns(selection: Selection, probs: torch.Tensor, capacity: int, num_ex
 
 
 def expert_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
-                  subset: Optional[torch.Tensor] = None) -> Selection:
-    """Each column picks its top-C tokens (Zhou et al. 2022); weights are the raw scores. Tokens that no
-    real expert picked are the dropped ones."""
+                  subset: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> Selection:
+    """Each column picks its top-C tokens (Zhou et al. 2022); weights are the raw scores times
+    ``routed_scaling_factor``. Tokens that no real expert picked are the dropped ones. A per-column ``bias``
+    would not change which tokens a column takes, so expert choice has none (the config refuses it)."""
     num_tokens, num_columns = probs.shape
     c = expert_capacity(num_tokens, num_columns, config.k, config.capacity_factor, config.capacity)
     vals, tok = probs.t().topk(c, dim=-1)                                   # (E', C) each
+    if config.routed_scaling_factor != 1.0:
+        vals = vals * config.routed_scaling_factor
     expert_index = torch.arange(num_columns, device=probs.device).repeat_interleave(c)
     covered = torch.zeros(num_tokens, dtype=torch.bool, device=probs.device)
     covered[tok[:num_experts].reshape(-1)] = True
@@ -141,12 +183,20 @@ def expert_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
                      num_tokens - covered.sum(), (c,) * num_columns)
 
 
-Strategy = Callable[[torch.Tensor, RoutingConfig, int, Optional[torch.Tensor]], Selection]
-SELECTIONS: Dict[str, Strategy] = {"token_choice": token_choice, "expert_choice": expert_choice}
+Strategy = Callable[..., Selection]  # (probs, config, num_experts, subset=None, bias=None) -> Selection
+SELECTIONS: Dict[str, Strategy] = {"token_choice": token_choice, "expert_choice": expert_choice,
+                                   "group_limited_token_choice": group_limited_token_choice}
+
+
+def strategy_name(config: RoutingConfig) -> str:
+    """The name in :data:`SELECTIONS` of the config's strategy."""
+    if config.expert_choice:
+        return "expert_choice"
+    return "group_limited_token_choice" if config.n_group > 1 else "token_choice"
 
 
 def select(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
-           subset: Optional[torch.Tensor] = None) -> Selection:
-    """The config's strategy applied to ``probs`` (T, E') (and a sampler's ``subset``)."""
-    strategy = SELECTIONS["expert_choice" if config.expert_choice else "token_choice"]
-    return strategy(probs, config, num_experts, subset)
+           subset: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> Selection:
+    """The config's strategy applied to ``probs`` (T, E') (a sampler's ``subset``, the router's selection
+    ``bias`` (E'))."""
+    return SELECTIONS[strategy_name(config)](probs, config, num_experts, subset, bias)
