@@ -159,6 +159,9 @@ class RoutingConfig:
         if "prob" in self._aux_weights and (self.noise != "gaussian" or self.expert_choice):
             raise ValueError("aux_criterion 'prob' is Shazeer's smooth load estimator: it needs "
                              "noise='gaussian' and token choice (expert_choice=False)")
+        if "seq_balance" in self._aux_weights and self.expert_choice:
+            raise ValueError("aux_criterion 'seq_balance' counts each token's top-k: it needs token choice "
+                             "(expert_choice=False)")
         check_choice(self.aggregation, "aggregation", AGGREGATIONS)
         if isinstance(self.route, str):
             set_("route", ROUTE_ALIASES.get(self.route, self.route))

@@ -56,9 +56,15 @@ def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
     else:  # the sampled columns, best first; weight p · z: value p, gradient of p plus p times z's
         _, idx = top_k(probs.detach().masked_fill(subset.detach() == 0, -1.0), config.k)
         vals = probs.gather(-1, idx) * subset.gather(-1, idx).to(probs.dtype)
+    return from_picks(idx, combine_weights(vals, config), probs.shape[1], num_experts, config.hole)
+
+
+def combine_weights(vals: torch.Tensor, config: RoutingConfig) -> torch.Tensor:
+    """The picked scores (T, k) as combine weights: renormalised to sum to one with ``config.normalize``
+    (at k = 1 straight-through, ``p / stopgrad(p)``), else unchanged."""
     if config.normalize:
         vals = vals / vals.detach() if config.k == 1 else vals / vals.sum(dim=-1, keepdim=True)
-    return from_picks(idx, vals, probs.shape[1], num_experts, config.hole)
+    return vals
 
 
 def from_picks(indices: torch.Tensor, weights: torch.Tensor, num_columns: int, num_experts: int,
