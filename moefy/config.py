@@ -96,7 +96,8 @@ class RoutingConfig:
     aux_criterion: AuxCriterion = _option(None, "`None`, a name, a list, `{name: coef}`", "auxiliary losses "
                                           "(names in `moefy.routing.AUX_LOSSES`), summed with their coefficients "
                                           "into `block.aux_loss`; each one alone in `block.aux_losses`. Computed "
-                                          "in train and eval. `'prob'` needs `noise='gaussian'` and token choice.")
+                                          "in train and eval. `'prob'` needs `noise='gaussian'` and token choice, "
+                                          "`'seq_balance'` token choice.")
     aggregation: str = _option("sum", "`'sum'`, `'mean'`", "`sum`: `y_t = Σ_i w_ti f_i(x_t)`; `mean`: that sum "
                                "divided by the number of real experts that processed token t.")
     expert_choice: bool = _option(False, "`False`, `True`", "each expert takes its top-C tokens, "
