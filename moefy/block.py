@@ -46,7 +46,9 @@ class MoEBlock(nn.Module, ABC):
 
     The options are readable as attributes (``block.k``, ``block.hole``, ...; ``block.config`` holds them all).
     After a forward: ``block.routing`` (the :class:`~moefy.routing.record.Routing` record), ``block.aux_losses``
-    (name → scalar) and ``block.aux_loss`` (their weighted sum).
+    (name → scalar) and ``block.aux_loss`` (their weighted sum). ``block.global_balance``: the global-batch
+    counts of ``aux_criterion="global_switch"`` (:class:`~moefy.routing.losses.GlobalBalance`), else None;
+    ``block.router_replay``: set while a :class:`~moefy.routing.replay.RouterReplay` records or replays.
     """
 
     def __init__(self, experts: Iterable[nn.Module], input_dim: int, config: Optional[RoutingConfig] = None,

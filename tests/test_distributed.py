@@ -418,3 +418,8 @@ def test_one_rank_is_the_plain_block_and_bad_input_is_refused(one_rank):
         expert_parallel(MLPMixture(DIM, OUT, 2), aux_scope="mean")
     with pytest.raises(ValueError, match="no MoEBlock"):
         expert_parallel(nn.Linear(2, 2))
+
+
+def test_seq_balance_needs_local_aux_scope_under_expert_parallelism():
+    with pytest.raises(ValueError, match="seq_balance.*aux_scope='local'"):
+        expert_parallel(MLPMixture(DIM, OUT, 2, aux_criterion="seq_balance"))  # raised before any collective

@@ -25,8 +25,9 @@ def by_hand(b, x, indices, weights):
     return torch.stack(rows)
 
 
-def test_replay_reproduces_gumbel_training_picks_exactly():
-    b = block(k=2, noise="gumbel").train()
+@pytest.mark.parametrize("noise", ["gumbel", "simple"])
+def test_replay_reproduces_noisy_training_picks_exactly(noise):
+    b = block(k=2, noise=noise).train()
     x = torch.randn(64, 4)
     replay = RouterReplay(b)
     with replay.record():

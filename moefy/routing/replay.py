@@ -13,6 +13,9 @@ record, ``load + dropped == T·k`` and the aux losses see nothing special. The c
   (``torch.utils.checkpoint`` restores the RNG state, so a recomputed forward draws the same noise);
 * ``"frozen"``: the recorded weights, constants: the router gets no gradient through the combine.
 
+A replayed forward runs no sampler (``noise="simple"``): its picks are given, so its weights are the plain
+scores, without the sampler's gradient term.
+
 Usage::
 
     replay = RouterReplay(model)              # every MoEBlock of model
