@@ -44,9 +44,9 @@ def test_replay_reproduces_noisy_training_picks_exactly(noise):
     torch.testing.assert_close(r.weights, picked / picked.sum(-1, keepdim=True))
 
 
-@pytest.mark.parametrize("mode", ["recompute", "frozen"])
-def test_replay_weights_values_and_gradients_by_hand(mode):
-    b = block(k=2)
+@pytest.mark.parametrize("mode,normalize", [("recompute", True), ("recompute", False), ("frozen", True)])
+def test_replay_weights_values_and_gradients_by_hand(mode, normalize):
+    b = block(k=2, normalize=normalize)
     x = torch.randn(6, 4)
     replay = RouterReplay(b)
     with replay.record():
@@ -59,7 +59,7 @@ def test_replay_weights_values_and_gradients_by_hand(mode):
     assert torch.equal(b.routing.indices, indices)
     if mode == "recompute":
         p = (x @ b.router.gate.weight.t()).softmax(-1).gather(-1, indices)
-        weights = p / p.sum(-1, keepdim=True)
+        weights = p / p.sum(-1, keepdim=True) if normalize else p
     else:
         weights = recorded
     want = by_hand(b, x, indices, weights)

@@ -13,8 +13,8 @@ cv2         ``cv²(importance) + cv²(load)``, Shazeer et al. 2017          0
 switch      ``E' · Σ_e f_e p̄_e`` (Switch Transformer eq. 4, GShard)       1 (its minimum)
 z           ``mean_t logsumexp(logits_t)²`` (ST-MoE router z-loss)        not a balance loss
 balance     ``E' · Σ_e (p̄_e - 1/E')²`` = cv²(p̄) (seed 001's regulariser)  0
-seq_balance mean over sequences of ``Σ_i f_i P_i`` (DeepSeek-V3 eq. 17-20)    1 (its minimum)
-global_sw.  ``switch`` with ``f`` counted over all micro-batches and ranks    1 (its minimum)
+seq_balance mean over sequences of ``Σ_i f_i P_i`` (DeepSeek-V3 eq. 17-20)    1
+global_sw.  ``switch`` with ``f`` counted over all micro-batches and ranks    1
 =========== ============================================================ ===================
 
 ``seq_balance`` (DeepSeek-V3's complementary sequence-wise loss): per sequence of L routed tokens,
