@@ -20,7 +20,7 @@ from .dispatch.fused import fused_layout
 from .dispatch.rows import as_rows, kept_rows, with_side_inputs
 from .dispatch.shared import RunShared, add_shared
 from .fastpaths import set_plain_attribute
-from .routing.losses import AUX_LOSSES
+from .routing.losses import AUX_LOSSES, GlobalBalance
 from .routing.record import Routing
 from .routing.route import route as make_routing
 from .routing.router import Router
@@ -50,7 +50,9 @@ class MoEBlock(nn.Module, ABC):
 
     The options are readable as attributes (``block.k``, ``block.hole``, ...; ``block.config`` holds them all).
     After a forward: ``block.routing`` (the :class:`~moefy.routing.record.Routing` record), ``block.aux_losses``
-    (name → scalar) and ``block.aux_loss`` (their weighted sum).
+    (name → scalar) and ``block.aux_loss`` (their weighted sum). ``block.global_balance``: the global-batch
+    counts of ``aux_criterion="global_switch"`` (:class:`~moefy.routing.losses.GlobalBalance`), else None;
+    ``block.router_replay``: set while a :class:`~moefy.routing.replay.RouterReplay` records or replays.
     """
 
     def __init__(self, experts: Iterable[nn.Module], input_dim: int, config: Optional[RoutingConfig] = None,
@@ -87,6 +89,9 @@ class MoEBlock(nn.Module, ABC):
         self._looped = LoopedExperts(self.experts)
         self._fused = FusedExperts(self.experts, self._fused_layout) if self._fused_layout else None
         self.parallel = None  # set by moefy.parallel.expert_parallel: experts sharded over ranks
+        # aux_criterion "global_switch": the counts of the global batch (see routing.losses.GlobalBalance)
+        self.global_balance = GlobalBalance(self.num_columns) if "global_switch" in c._aux_weights else None
+        self.router_replay = None  # a RouterReplay's slot while it records or replays this block
         self.routing: Optional[Routing] = None
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.aux_loss = torch.zeros(())
@@ -148,7 +153,12 @@ class MoEBlock(nn.Module, ABC):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"x must have shape (T, input_dim={self.input_dim}), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        return make_routing(self.router, x, self.config, self.num_experts, tokens_shape, kept)
+        replay = self.router_replay  # set inside RouterReplay.record() / .replay() (moefy.routing.replay)
+        if replay is None:
+            return make_routing(self.router, x, self.config, self.num_experts, tokens_shape, kept)
+        routing = make_routing(self.router, x, self.config, self.num_experts, tokens_shape, kept, replay.take())
+        replay.keep(routing)
+        return routing
 
     def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert: Optional[RunExpert] = None) -> torch.Tensor:
         """Send ``rows`` (T, *F) to the experts the record names and combine: → (T, *F_out).
@@ -183,7 +193,8 @@ class MoEBlock(nn.Module, ABC):
         """Compute ``aux_losses`` (name → scalar) and their weighted sum ``aux_loss`` from ``routing``."""
         weights = self.config._aux_weights
         if weights:
-            self.aux_losses = {name: AUX_LOSSES[name](routing) for name in weights}
+            self.aux_losses = {name: (self.global_balance if name == "global_switch" else AUX_LOSSES[name])(routing)
+                               for name in weights}
             self.aux_loss = sum((c * self.aux_losses[n] for n, c in weights.items()), routing.logits.new_zeros(()))
         else:  # no loss: keep one zero per dtype / device instead of a new tensor every call, except under
             # torch.compile, where reading the last call's tensor would read a CUDA graph's recycled output
@@ -202,7 +213,7 @@ class MoEBlock(nn.Module, ABC):
         """Copies (``copy.deepcopy``, ``pickle``) start as if no forward had run: the last forward's routing
         record and aux losses hold that call's graph, which cannot be deep-copied and is not the block's."""
         state = super().__getstate__()
-        state.update(routing=None, aux_losses={}, aux_loss=torch.zeros(()))
+        state.update(routing=None, aux_losses={}, aux_loss=torch.zeros(()), router_replay=None)
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

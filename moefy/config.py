@@ -101,7 +101,8 @@ class RoutingConfig:
     aux_criterion: AuxCriterion = _option(None, "`None`, a name, a list, `{name: coef}`", "auxiliary losses "
                                           "(names in `moefy.routing.AUX_LOSSES`), summed with their coefficients "
                                           "into `block.aux_loss`; each one alone in `block.aux_losses`. Computed "
-                                          "in train and eval. `'prob'` needs `noise='gaussian'` and token choice.")
+                                          "in train and eval. `'prob'` needs `noise='gaussian'` and token choice, "
+                                          "`'seq_balance'` token choice.")
     aggregation: str = _option("sum", "`'sum'`, `'mean'`", "`sum`: `y_t = Σ_i w_ti f_i(x_t)`; `mean`: that sum "
                                "divided by the number of real experts that processed token t.")
     expert_choice: bool = _option(False, "`False`, `True`", "each expert takes its top-C tokens, "
@@ -199,6 +200,9 @@ class RoutingConfig:
         if "prob" in self._aux_weights and (self.noise != "gaussian" or self.expert_choice):
             raise ValueError("aux_criterion 'prob' is Shazeer's smooth load estimator: it needs "
                              "noise='gaussian' and token choice (expert_choice=False)")
+        if "seq_balance" in self._aux_weights and self.expert_choice:
+            raise ValueError("aux_criterion 'seq_balance' counts each token's top-k: it needs token choice "
+                             "(expert_choice=False)")
         check_choice(self.aggregation, "aggregation", AGGREGATIONS)
         if isinstance(self.route, str):
             set_("route", ROUTE_ALIASES.get(self.route, self.route))

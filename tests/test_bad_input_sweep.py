@@ -26,7 +26,7 @@ from moefy.observe import recorder as stats
 from moefy.observe.log import LogFormatError
 from moefy.recipes import distill, metrics, reliability
 from moefy.recipes.sparse_moe import MoE
-from moefy.routing import losses, noise
+from moefy.routing import losses, noise, replay
 from moefy.config import RoutingConfig
 from moefy.routing.router import Router
 from moefy.viz import patches
@@ -238,6 +238,30 @@ for _name in losses.AUX_LOSSES:
          r"r must be a Routing")
 case("importance", lambda t: losses.importance(None), TypeError, r"r must be a Routing")
 case("smooth_load", lambda t: losses.smooth_load(torch.ones(3)), TypeError, r"r must be a Routing")
+case("seq_balance_loss", lambda t: losses.seq_balance_loss(ran(expert_choice=True, k=1.0).routing), ValueError,
+     r"seq_balance needs a token_choice")
+case("global_switch_loss", lambda t: losses.global_switch_loss(ran().routing, torch.ones(7)), ValueError,
+     r"counts must be a tensor of shape \(E'=3,\)")
+case("global_switch_loss", lambda t: losses.global_switch_loss(ran().routing, [1, 2, 3]), ValueError,
+     r"counts must be a tensor")
+case("GlobalBalance", lambda t: losses.GlobalBalance(0), ValueError, r"num_columns must be")
+case("GlobalBalance", lambda t: losses.GlobalBalance(3.0), ValueError, r"num_columns must be")
+case("GlobalBalance", lambda t: losses.GlobalBalance(3, group=0), TypeError, r"group must be")
+case("GlobalBalance", lambda t: losses.GlobalBalance(3)("routing"), TypeError, r"r must be a Routing")
+case("GlobalBalance", lambda t: losses.GlobalBalance(4)(ran().routing), ValueError, r"routing r has 3")
+case("reset_global_balance", lambda t: losses.reset_global_balance("model"), TypeError, r"model must be")
+
+# -------------------------------------------------------------------------------- routing/replay.py
+case("RouterReplay", lambda t: replay.RouterReplay(None), TypeError, r"model must be an nn.Module")
+case("RouterReplay", lambda t: replay.RouterReplay(nn.Linear(2, 2)), ValueError, r"no MoEBlock")
+case("RouterReplay", lambda t: replay.RouterReplay(lin(expert_choice=True, k=1.0)), ValueError,
+     r"token choice only")
+case("RouterReplay.replay", lambda t: replay.RouterReplay(lin()).replay(weights="fixed").__enter__(), ValueError,
+     r"weights must be one of")
+case("replay_selection", lambda t: replay.replay_selection(torch.rand(5, 3), replay.Replayed(
+    torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1)), RoutingConfig(), 3), ValueError, r"indices .*T=5")
+case("replay_selection", lambda t: replay.replay_selection(torch.rand(4, 3), replay.Replayed(
+    torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2)), RoutingConfig(), 3), ValueError, r"k=2 .*k=1")
 
 # --------------------------------------------------------------------------------- routing/noise.py
 case("validate_noise", lambda t: noise.validate_noise("Gumbel"), ValueError, r"noise must be one of")
@@ -695,7 +719,7 @@ NOT_SWEPT = {
     "Routing", "AUX_LOSSES", "data", "metrics", "ReliabilityBins", "ImageDataset", "LayerStats", "LayerSeries",
     "TrainingLog", "LogFormatError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
     "ExpertParallelExperts", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
-    "layer_loads", "viz", "ROUTE_ALIASES",
+    "layer_loads", "viz", "ROUTE_ALIASES", "Replayed",
 }
 
 
@@ -708,7 +732,7 @@ PARALLEL_MODULES = [import_module(f"moefy.parallel.{m}") for m in ("expert_paral
 def test_every_public_name_is_swept():
     targets = {c.values[0].split(".")[-1] for c in CASES} | {c.values[0] for c in CASES}
     public = (_public(moefy) | _public(compat) | _public(moefy.viz) | _public(metrics) | _public(data)
-              | _public(stats) | _public(moelog) | _public(losses) | _public(noise) | _public(distill)
+              | _public(stats) | _public(moelog) | _public(losses) | _public(noise) | _public(replay) | _public(distill)
               | set().union(*map(_public, CONVERT_MODULES)) | _public(upcycle_hf)
               | set().union(*map(_public, PARALLEL_MODULES)) | _public(reliability))
     missing = sorted(public - targets - NOT_SWEPT)

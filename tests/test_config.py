@@ -74,7 +74,7 @@ BAD = [
     ("noise", 3, ValueError, r"noise must be one of"),
     ("noise", ["gumbel"], ValueError, r"noise must be one of"),
     ("aux_criterion", "load", ValueError,
-     r"^aux_criterion: unknown loss 'load'; allowed: \['balance', 'cv2', 'entropy', 'prob', 'switch', 'z'\]$"),
+     r"^aux_criterion: unknown loss 'load'; allowed: \['balance', 'cv2', 'entropy', 'global_switch', 'prob', 'seq_balance', 'switch', 'z'\]$"),
     ("aux_criterion", "Switch", ValueError, r"aux_criterion: unknown loss 'Switch'"),
     ("aux_criterion", ["switch", "zz"], ValueError, r"aux_criterion: unknown loss 'zz'; allowed"),
     ("aux_criterion", [["switch"]], ValueError, r"aux_criterion: unknown loss \['switch'\]"),

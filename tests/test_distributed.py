@@ -81,6 +81,8 @@ CASES_2 = [
     Case("groups_bias_shared_gate", 4, (3, 2), dict(k=2, n_group=2, topk_group=1, score_func="sigmoid",
                                                     selection_bias=True, routed_scaling_factor=2.0, num_shared=1,
                                                     shared_gate=True, aux_criterion="switch")),
+    Case("global_switch", 4, (3, 2), dict(k=2, hole=True, aux_criterion={"global_switch": 1.0, "z": 0.1})),
+    Case("seq_balance_local", 4, (3, 2), dict(k=2, aux_criterion="seq_balance"), aux_scope="local"),
 ]
 CASES_4 = [
     Case("four_ranks_skewed", 8, (2, 0, 3, 4), dict(k=2, hole=True, aux_criterion=["switch", "z"]), skew=True),
@@ -137,6 +139,36 @@ def run_case(case: Case, rank: int, world: int, group) -> dict:
     return out
 
 
+def data_parallel_global_balance(rank: int, world: int) -> dict:
+    """Replicated experts (no EP), global_switch counts all-reduced over the world: two micro-batches."""
+    torch.manual_seed(0)
+    block = MLPMixture(DIM, OUT, 4, k=2, aux_criterion="global_switch")
+    block.global_balance.group = dist.group.WORLD
+    x_all, _ = batch(Case("dp", 4, (2, 2), double=False))
+    losses = []
+    for micro in (slice(0, 2), slice(2, 4)):
+        block(x_all[micro][rank:rank + 1])
+        losses.append(block.aux_loss.detach())
+    return dict(counts=block.global_balance.counts.clone(), losses=losses)
+
+
+def expert_parallel_replay(rank: int, group) -> dict:
+    """Router replay on sharded experts with training noise: each rank replays its own tokens' picks."""
+    from moefy.routing import RouterReplay
+    net = expert_parallel(build(Case("replay", 4, (2, 2), dict(k=2, noise="gumbel"), double=False)), group=group)
+    x = batch(Case("replay", 4, (2, 2), double=False))[0][rank * 2:(rank + 1) * 2]
+    replay = RouterReplay(net)
+    with replay.record():
+        y = net(x)
+    recorded = net.moe.routing.indices.clone()
+    torch.manual_seed(100 + rank)
+    fresh = net(x)
+    with replay.replay(weights="frozen"):
+        again = net(x)
+    return dict(same=torch.equal(net.moe.routing.indices, recorded), y=y.detach(), again=again.detach(),
+                fresh_differs=not torch.equal(fresh, y))
+
+
 def _worker(rank: int, world: int, port: int, cases: List[Case], out_dir: str, load: Optional[str]):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -158,6 +190,9 @@ def _worker(rank: int, world: int, port: int, cases: List[Case], out_dir: str, l
                 except RuntimeError as err:
                     results["hang"] = (str(err), time.monotonic() - start)
             dist.barrier()
+        if world == 2:
+            results["dp_global_balance"] = data_parallel_global_balance(rank, world)
+            results["ep_replay"] = expert_parallel_replay(rank, group)
         if load is not None:  # a full checkpoint written by another number of ranks
             case = CASES_2[0]
             net = expert_parallel(build(case), group=group)
@@ -317,6 +352,28 @@ def test_a_missing_peer_fails_with_a_timeout_instead_of_hanging(runs):
     assert "Timed out" in message and HANG_TIMEOUT <= seconds < HANG_TIMEOUT + 10
 
 
+def test_global_balance_all_reduces_counts_over_data_parallel_ranks(runs):
+    ranks = [r["dp_global_balance"] for r in runs[2]]
+    torch.manual_seed(0)
+    block = MLPMixture(DIM, OUT, 4, k=2, aux_criterion="global_switch")
+    x_all, _ = batch(Case("dp", 4, (2, 2), double=False))
+    block(x_all)  # all 4 samples of both micro-batches of both ranks: the global batch
+    for r in ranks:
+        assert torch.equal(r["counts"], block.global_balance.counts)
+    # the last micro-batch's f is the global batch's: E' Σ f_e p̄_e with p̄ of that rank's micro-batch
+    total = block.global_balance.counts.float()
+    for rank, r in enumerate(ranks):
+        block(x_all[2 + rank:3 + rank])
+        want = 4 * ((total / total.sum()) * block.routing.probs.mean(0)).sum()
+        assert torch.allclose(r["losses"][1], want.detach())
+
+
+def test_router_replay_under_expert_parallelism_is_local(runs):
+    for r in (ranks["ep_replay"] for ranks in runs[2]):
+        assert r["same"] and r["fresh_differs"]
+        assert torch.allclose(r["again"], r["y"], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- in-process
 def test_sharded_experts_index_by_global_id_and_drop_foreign_keys():
     experts = ShardedExperts({2: nn.Linear(3, 2), 3: nn.Linear(3, 2)}, num_experts=4)
@@ -369,3 +426,8 @@ def test_one_rank_is_the_plain_block_and_bad_input_is_refused(one_rank):
         expert_parallel(MLPMixture(DIM, OUT, 2), aux_scope="mean")
     with pytest.raises(ValueError, match="no MoEBlock"):
         expert_parallel(nn.Linear(2, 2))
+
+
+def test_seq_balance_needs_local_aux_scope_under_expert_parallelism():
+    with pytest.raises(ValueError, match="seq_balance.*aux_scope='local'"):
+        expert_parallel(MLPMixture(DIM, OUT, 2, aux_criterion="seq_balance"))  # raised before any collective

@@ -105,3 +105,153 @@ def test_prob_loss_finite_in_eval_and_zero_init_noise():
     m = M().eval()
     m(torch.randn(32, 4))
     assert torch.isfinite(m.aux_loss) and float(m.aux_loss.detach()) >= 0
+
+
+# ----------------------------------------------------------------- seq_balance (DeepSeek-V3 eq. 17-20)
+import dataclasses
+
+from conftest import LinearMixture
+from moefy.routing.losses import GlobalBalance, global_switch_loss, reset_global_balance, seq_balance_loss
+
+
+def seq_routing(logits, tokens_shape, k=1, kept=None, sigmoid=False):
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    probs = logits.sigmoid() if sigmoid else logits.softmax(-1)
+    picked = token_choice(probs, RoutingConfig(k=k), logits.shape[1])
+    return Routing("token_choice", logits.shape[1], False, logits, logits, None, probs, picked.indices,
+                   picked.weights, picked.token_index, picked.expert_index, picked.weight, picked.count,
+                   tuple(tokens_shape), torch.tensor(0), kept=kept)
+
+
+def seq_balance_by_hand(probs, sequences, k):
+    """Eq. 17-20 with loops: per sequence (a list of row ids), f_i = E/(kL) #{t: i in topk(t)},
+    P_i = mean_t s'_{i,t}; the mean over sequences that have rows."""
+    probs = probs / probs.sum(-1, keepdim=True)
+    top = probs.topk(k, dim=-1).indices.tolist()
+    num_columns, values = probs.shape[1], []
+    for rows in sequences:
+        if not rows:
+            continue
+        length = len(rows)
+        values.append(sum(num_columns / (k * length) * sum(i in top[t] for t in rows)
+                          * sum(float(probs[t, i]) for t in rows) / length for i in range(num_columns)))
+    return sum(values) / len(values)
+
+
+def test_seq_balance_per_sequence_by_hand():
+    r = seq_routing(LOGITS, (2, 2))
+    p = torch.tensor(LOGITS, dtype=torch.float64).softmax(-1)
+    # sequence 0 = rows 0, 1 (argmax 0, 1): f = (1.5, 1.5, 0); sequence 1 = rows 2, 3 (argmax 0, 2): f = (1.5, 0, 1.5)
+    want = (1.5 * (p[0, 0] + p[1, 0]) / 2 + 1.5 * (p[0, 1] + p[1, 1]) / 2
+            + 1.5 * (p[2, 0] + p[3, 0]) / 2 + 1.5 * (p[2, 2] + p[3, 2]) / 2) / 2
+    assert float(seq_balance_loss(r)) == pytest.approx(float(want))
+    assert float(seq_balance_loss(r)) == pytest.approx(seq_balance_by_hand(p, [[0, 1], [2, 3]], 1))
+
+
+def test_seq_balance_flat_tokens_are_one_sequence_and_differ_from_per_sequence():
+    p = torch.tensor(LOGITS, dtype=torch.float64).softmax(-1)
+    flat = float(seq_balance_loss(seq_routing(LOGITS, (4,))))
+    assert flat == pytest.approx(seq_balance_by_hand(p, [[0, 1, 2, 3]], 1))
+    # flat, it is the Switch loss (f of all tokens times mean probs), here 3 * sum(f * pbar)
+    assert flat == pytest.approx(float(switch_loss(seq_routing(LOGITS, (4,)))))
+    assert flat != pytest.approx(float(seq_balance_loss(seq_routing(LOGITS, (2, 2)))))
+
+
+def test_seq_balance_k2_sigmoid_scores_are_normalised_per_token():
+    torch.manual_seed(3)
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    r = seq_routing(logits, (3, 2), k=2, sigmoid=True)
+    want = seq_balance_by_hand(logits.sigmoid(), [[0, 1], [2, 3], [4, 5]], 2)
+    assert float(seq_balance_loss(r)) == pytest.approx(want)
+
+
+def test_seq_balance_balanced_value_is_one():
+    one_hot = [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]
+    r = seq_routing(one_hot + one_hot[::-1], (2, 3))  # each sequence sends one token to each expert
+    assert float(seq_balance_loss(r)) == pytest.approx(1.0)
+
+
+def test_seq_balance_skips_masked_tokens():
+    # input (2, 2) with token 2 masked: rows 0, 1 are sequence 0, row 2 (input token 3) is sequence 1 alone
+    logits = [LOGITS[0], LOGITS[1], LOGITS[3]]
+    r = seq_routing(logits, (2, 2), kept=torch.tensor([0, 1, 3]))
+    p = torch.tensor(logits, dtype=torch.float64).softmax(-1)
+    assert float(seq_balance_loss(r)) == pytest.approx(seq_balance_by_hand(p, [[0, 1], [2]], 1))
+    # a sequence with every token masked is not counted
+    r = seq_routing(logits, (3, 2), kept=torch.tensor([0, 1, 5]))
+    assert float(seq_balance_loss(r)) == pytest.approx(seq_balance_by_hand(p, [[0, 1], [], [2]], 1))
+
+
+def test_seq_balance_on_a_block_with_token_mask_equals_each_sequence_alone():
+    torch.manual_seed(0)
+    block = LinearMixture(4, 3, 4, k=2, hole=True, aux_criterion="seq_balance").eval()
+    x = torch.randn(3, 5, 4)
+    mask = torch.rand(3, 5) > 0.3
+    mask[:, 0] = True
+    block(x, token_mask=mask)
+    masked = float(block.aux_losses["seq_balance"].detach())
+    alone = []
+    for b in range(3):
+        block(x[b][mask[b]].unsqueeze(0))
+        alone.append(float(block.aux_losses["seq_balance"].detach()))
+    assert masked == pytest.approx(sum(alone) / 3)
+    r = block.routing
+    assert r.num_tokens == int(mask[2].sum())
+
+
+def test_seq_balance_needs_token_choice():
+    with pytest.raises(ValueError, match="seq_balance.*token choice"):
+        RoutingConfig(expert_choice=True, aux_criterion="seq_balance")
+
+
+# ----------------------------------------------------------------- global_switch (Qiu et al. 2025)
+def test_global_switch_without_counts_is_switch_and_with_counts_uses_them():
+    r = routing(LOGITS)
+    assert float(global_switch_loss(r)) == pytest.approx(float(switch_loss(r)))
+    pbar = torch.tensor(LOGITS, dtype=torch.float64).softmax(-1).mean(0)
+    counts = torch.tensor([1, 5, 2])
+    assert float(global_switch_loss(r, counts)) == pytest.approx(3 * float((counts / 8 * pbar).sum()))
+    balanced = routing([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    assert float(global_switch_loss(balanced, torch.tensor([4, 4, 4]))) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="counts must be"):
+        global_switch_loss(r, torch.ones(4))
+
+
+def test_global_switch_counts_every_micro_batch_until_reset():
+    torch.manual_seed(0)
+    block = LinearMixture(4, 3, 4, k=2, hole=True, aux_criterion="global_switch")
+    x1, x2 = torch.randn(2, 6, 4), torch.randn(1, 5, 4)
+    block(x1)
+    c1 = block.routing.count.clone()
+    assert float(block.aux_loss) == pytest.approx(float(switch_loss(block.routing)))  # first: its own f
+    block(x2)
+    r2, c2 = block.routing, block.routing.count
+    total = (c1 + c2).double()
+    want = 5 * ((total / total.sum()) * r2.probs.mean(0)).sum()     # p̄ of this micro-batch only
+    assert float(block.aux_loss) == pytest.approx(float(want))
+    # the counts are those of the concatenated global batch (no noise: routing is per token)
+    assert torch.equal(block.global_balance.counts, c1 + c2)
+    assert torch.equal(block.route_rows(torch.cat([x1.reshape(-1, 4), x2.reshape(-1, 4)])).count, c1 + c2)
+    # gradient: f is a constant, p̄ carries it
+    block.router.gate.weight.grad = None
+    block.aux_loss.backward()
+    got = block.router.gate.weight.grad.clone()
+    block.router.gate.weight.grad = None
+    want = 5 * ((total / total.sum()) * block.router(x2.reshape(-1, 4))[3].mean(0)).sum()
+    want.backward()
+    torch.testing.assert_close(got, block.router.gate.weight.grad)
+    # eval adds nothing; reset starts a new global batch
+    block.eval()(x1)
+    assert torch.equal(block.global_balance.counts, c1 + c2)
+    assert reset_global_balance(block) == 1 and int(block.global_balance.counts.sum()) == 0
+    assert "global_balance" not in block.state_dict() and not any("counts" in k for k in block.state_dict())
+
+
+def test_global_balance_checks():
+    with pytest.raises(ValueError, match="num_columns"):
+        GlobalBalance(0)
+    with pytest.raises(TypeError, match="group"):
+        GlobalBalance(3, group="world")
+    with pytest.raises(ValueError, match="3 columns"):
+        GlobalBalance(3)(routing([[0.0, 1.0]]))
+    assert LinearMixture(4, 3, 2, aux_criterion="switch").global_balance is None

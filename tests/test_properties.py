@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from moefy.routing.losses import AUX_LOSSES
 from conftest import LinearMixture
 
-NONNEGATIVE = {"entropy", "prob", "cv2", "switch", "z", "balance"}
+NONNEGATIVE = {"entropy", "prob", "cv2", "switch", "z", "balance", "seq_balance", "global_switch"}
 
 
 @st.composite
@@ -19,6 +19,8 @@ def configs(draw):
     aux = draw(st.lists(st.sampled_from(sorted(AUX_LOSSES)), unique=True, max_size=3))
     if "prob" in aux and (noise != "gaussian" or expert_choice):
         aux.remove("prob")
+    if "seq_balance" in aux and expert_choice:
+        aux.remove("seq_balance")
     options = dict(num_experts=num_experts, hole=hole, expert_choice=expert_choice, noise=noise,
                    aux_criterion=aux, aggregation=draw(st.sampled_from(["sum", "mean"])),
                    normalize=draw(st.booleans()))

@@ -223,7 +223,7 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
         TypeError: ``module`` is not an nn.Module, ``group`` not a ProcessGroup, ``average_expert_grads``
             not a bool.
         ValueError: expert choice routing, E not divisible by W, an unknown ``aux_scope``, a block already
-            sharded, or no MoEBlock in ``module``.
+            sharded, no MoEBlock in ``module``, or ``seq_balance`` with ``aux_scope="global"``.
         RuntimeError: torch.distributed is not initialised (checked after the arguments).
     """
     _check_model(module, "module")
@@ -242,6 +242,9 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
         if block.expert_choice:
             raise ValueError(f"{block.moe_name}: expert parallelism supports token choice only; expert choice "
                              "would need a capacity over the whole group's batch (expert_choice=False)")
+        if aux_scope == "global" and "seq_balance" in block.aux_weights:
+            raise ValueError(f"{block.moe_name}: aux_criterion 'seq_balance' is per sequence and the sequences "
+                             "are each rank's own: use aux_scope='local'")
     _check_initialised("expert_parallel")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     for block in blocks:

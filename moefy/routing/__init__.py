@@ -6,12 +6,15 @@
   → :class:`Selection`; :data:`SELECTIONS`; :func:`cap_columns`, token choice's capacity.
 - ``route``: :func:`route`, rows and a config → the record (gate → noise → scores → selection).
 - ``noise``: training noise for the router (Gumbel, learned Gaussian std, input jitter).
+- ``replay``: :class:`RouterReplay`, record a forward's routing decisions and replay them later.
 - ``losses``: auxiliary load-balancing losses, ``AUX_LOSSES``.
 """
-from .losses import (AUX_LOSSES, balance_loss, cv2_loss, cv_squared, entropy_loss, importance, prob_loss,
+from .losses import (AUX_LOSSES, GlobalBalance, balance_loss, cv2_loss, cv_squared, entropy_loss,
+                     global_switch_loss, importance, prob_loss, reset_global_balance, seq_balance_loss,
                      smooth_load, switch_loss, z_loss)
 from .noise import NOISE_KINDS, GaussianNoiseStd, gumbel_like, validate_noise
 from .record import Routing
+from .replay import REPLAY_WEIGHTS, Replayed, RouterReplay, replay_selection
 from .router import SCORE_FUNCS, Router, router_dtype
 from .route import route
 from .select import (SELECTIONS, Selection, cap_columns, combine_weights, expert_capacity, expert_choice,
@@ -20,9 +23,11 @@ from .select import (SELECTIONS, Selection, cap_columns, combine_weights, expert
 
 __all__ = [
     "Routing", "Router", "router_dtype", "SCORE_FUNCS",
+    "RouterReplay", "Replayed", "replay_selection", "REPLAY_WEIGHTS",
     "route", "select", "Selection", "SELECTIONS", "token_choice", "expert_choice", "from_picks", "group_by_column",
     "expert_capacity", "cap_columns", "group_limited_token_choice", "combine_weights", "strategy_name",
     "NOISE_KINDS", "gumbel_like", "GaussianNoiseStd", "validate_noise",
     "AUX_LOSSES", "cv_squared", "importance", "smooth_load", "entropy_loss", "prob_loss", "cv2_loss",
-    "switch_loss", "z_loss", "balance_loss",
+    "switch_loss", "z_loss", "balance_loss", "seq_balance_loss", "global_switch_loss", "GlobalBalance",
+    "reset_global_balance",
 ]

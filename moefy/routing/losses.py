@@ -13,7 +13,21 @@ cv2         ``cv²(importance) + cv²(load)``, Shazeer et al. 2017          0
 switch      ``E' · Σ_e f_e p̄_e`` (Switch Transformer eq. 4, GShard)       1 (its minimum)
 z           ``mean_t logsumexp(logits_t)²`` (ST-MoE router z-loss)        not a balance loss
 balance     ``E' · Σ_e (p̄_e - 1/E')²`` = cv²(p̄) (seed 001's regulariser)  0
+seq_balance mean over sequences of ``Σ_i f_i P_i`` (DeepSeek-V3 eq. 17-20)    1
+global_sw.  ``switch`` with ``f`` counted over all micro-batches and ranks    1
 =========== ============================================================ ===================
+
+``seq_balance`` (DeepSeek-V3's complementary sequence-wise loss): per sequence of L routed tokens,
+``f_i = E' / (k L) · Σ_t 1[i ∈ topk(t)]`` and ``P_i = 1/L Σ_t s'_{i,t}``, ``s'`` the scores normalised to
+sum to one over the E' columns of each token; sequences are the leading dim of ``tokens_shape`` (B, L, ...),
+flat tokens (T,) are one sequence, masked tokens count nowhere, sequences with no routed token are skipped.
+DeepSeek-V3 counts the N_r routed experts; here the hole is a column like any other (E' = E + 1 with a hole),
+so its slots count in ``f`` and its score in ``P``, as in every loss here. Token choice only.
+
+``global_switch`` (global-batch balancing, Qiu et al. 2025 "Demons in the detail"): the Switch loss with
+``f`` the fraction of the assignments of every micro-batch since the last :meth:`GlobalBalance.reset`
+(and, with ``GlobalBalance.group``, of every rank of that group), and ``p̄`` this micro-batch's. The counts
+live in a :class:`GlobalBalance` on the block (``block.global_balance``); see there.
 
 ``importance_e`` is the sum over tokens of the combine weights given to column e; ``load_e`` is the
 expected number of tokens column e receives under the Gaussian noise (needs ``noise="gaussian"`` and token
@@ -27,9 +41,11 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.distributions import Normal
 
 from ..checks import check_number, check_tensor
@@ -49,10 +65,10 @@ def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 def _takes_routing(loss: Callable[[Routing], torch.Tensor]) -> Callable[[Routing], torch.Tensor]:
     """Reject anything but a Routing record up front, naming the argument."""
     @functools.wraps(loss)
-    def checked(r: Routing) -> torch.Tensor:
+    def checked(r: Routing, *args, **kwargs) -> torch.Tensor:
         if not isinstance(r, Routing):
             raise TypeError(f"{loss.__name__}: r must be a Routing record (block.routing), got {type(r).__name__}")
-        return loss(r)
+        return loss(r, *args, **kwargs)
     return checked
 
 
@@ -130,6 +146,114 @@ def balance_loss(r: Routing) -> torch.Tensor:
     return p.numel() * ((p - 1.0 / p.numel()) ** 2).sum()
 
 
+def _sequences(r: Routing):
+    """(T,) sequence id of each routed row and the number of sequences S: the leading dim of
+    ``tokens_shape`` (B, L, ...); flat tokens (T,) are one sequence."""
+    shape = r.tokens_shape
+    per_seq = math.prod(shape[1:]) if len(shape) > 1 else max(r.num_inputs, 1)
+    ids = r.kept if r.kept is not None else torch.arange(r.num_tokens, device=r.probs.device)  # (T,)
+    return torch.div(ids, per_seq, rounding_mode="floor"), (shape[0] if len(shape) > 1 else 1)
+
+
+@_takes_routing
+def seq_balance_loss(r: Routing) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss ``Σ_i f_i P_i`` per sequence, averaged over sequences."""
+    if r.mode != "token_choice":
+        raise ValueError(f"seq_balance needs a token_choice routing, got {r.mode!r}")
+    num_tokens, num_columns = r.probs.shape
+    if num_tokens == 0:
+        return r.probs.new_zeros(())
+    k = r.indices.shape[1]
+    seq, num_seqs = _sequences(r)                                                 # (T,)
+    scores = r.probs / r.probs.sum(dim=-1, keepdim=True).clamp_min(1e-20)         # (T, E') s'
+    length = r.probs.new_zeros(num_seqs).index_add(0, seq, r.probs.new_ones(num_tokens))  # (S,) L per sequence
+    p = r.probs.new_zeros(num_seqs, num_columns).index_add(0, seq, scores)        # (S, E') Σ_t s'
+    hits = r.probs.new_zeros(num_seqs, num_columns).index_put_(                   # (S, E') Σ_t 1[i ∈ topk(t)]
+        (seq.repeat_interleave(k), r.indices.reshape(-1)), r.probs.new_ones(num_tokens * k), accumulate=True)
+    length = length.clamp_min(1)[:, None]                                         # (S, 1)
+    per_seq = (num_columns / (k * length) * hits * (p / length)).sum(dim=-1)      # (S,), 0 without tokens
+    present = (hits.sum(dim=-1) > 0).sum()                                        # sequences with tokens
+    return per_seq.sum() / present.clamp_min(1)
+
+
+@_takes_routing
+def global_switch_loss(r: Routing, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``E' · Σ_e f_e p̄_e`` with ``f`` from ``counts`` (E',) (assignments per column over the global
+    batch; default this record's own, which is the Switch loss) and ``p̄`` from this record."""
+    counts = r.count if counts is None else counts
+    if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (r.probs.shape[1],):
+        raise ValueError(f"counts must be a tensor of shape (E'={r.probs.shape[1]},), got "
+                         f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+    counts = counts.to(r.probs.device, r.probs.dtype)
+    frac = counts / counts.sum().clamp_min(1)
+    return counts.numel() * (frac * _mean_probs(r)).sum()
+
+
+class GlobalBalance(nn.Module):
+    """The counts behind ``aux_criterion="global_switch"``: assignments per router column, summed over the
+    micro-batches of one optimizer step (and over the ranks of ``group``).
+
+    A block configured with ``global_switch`` holds one as ``block.global_balance``. Every training forward
+    adds its counts (all-reduced over ``group`` first when one is set) and returns
+    :func:`global_switch_loss` with the counts so far: ``f`` is exact for the last micro-batch of the step
+    and a running estimate before it (a later micro-batch's counts are unknown when an earlier one's loss is
+    backpropagated), ``p̄`` is always the micro-batch's own, so gradients stay per micro-batch. Call
+    :meth:`reset` (or :func:`reset_global_balance` on the model) after every optimizer step. Eval forwards
+    use the counts so far plus their own and store nothing. A recomputed forward (activation checkpointing)
+    counts again; that doubles every count alike when all forwards are recomputed.
+
+    Ranks: under expert parallelism with ``aux_scope="global"`` the record is already the whole group's, so
+    leave ``group`` None; with data parallelism (replicated experts, or ``aux_scope="local"``) set
+    ``block.global_balance.group`` to the data-parallel group so ``f`` counts every rank's tokens (one
+    all-reduce of E' ints per forward; every rank must forward).
+
+    Args:
+        num_columns: E'.
+        group: the process group to all-reduce the counts over, or None.
+    """
+
+    def __init__(self, num_columns: int, group: Optional["dist.ProcessGroup"] = None):
+        super().__init__()
+        if isinstance(num_columns, bool) or not isinstance(num_columns, int) or num_columns < 1:
+            raise ValueError(f"num_columns must be an int >= 1, got {num_columns!r}")
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+        self.group = group
+        self.register_buffer("counts", torch.zeros(num_columns, dtype=torch.long), persistent=False)  # (E',)
+
+    def forward(self, r: Routing) -> torch.Tensor:
+        """Add the record's counts (training only) and return the global-batch Switch loss."""
+        if not isinstance(r, Routing):
+            raise TypeError(f"GlobalBalance: r must be a Routing record (block.routing), got {type(r).__name__}")
+        if r.count.shape != self.counts.shape:
+            raise ValueError(f"GlobalBalance holds counts for {self.counts.numel()} columns, the routing r has "
+                             f"{r.count.numel()}")
+        count = r.count.detach().to(self.counts.device, torch.long, copy=True)   # (E',)
+        if self.group is not None:
+            dist.all_reduce(count, group=self.group)
+        total = self.counts + count                                               # (E',)
+        if self.training:
+            self.counts.copy_(total)
+        return global_switch_loss(r, total)
+
+    def reset(self) -> None:
+        """Start a new global batch: zero the counts."""
+        self.counts.zero_()
+
+    def extra_repr(self) -> str:
+        return f"columns={self.counts.numel()}"
+
+
+def reset_global_balance(model: nn.Module) -> int:
+    """Zero the counts of every :class:`GlobalBalance` in ``model``; returns how many were reset."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    found = [m for m in model.modules() if isinstance(m, GlobalBalance)]
+    for m in found:
+        m.reset()
+    return len(found)
+
+
 AUX_LOSSES: Dict[str, Callable[[Routing], torch.Tensor]] = {
     "entropy": entropy_loss,
     "prob": prob_loss,
@@ -137,4 +261,6 @@ AUX_LOSSES: Dict[str, Callable[[Routing], torch.Tensor]] = {
     "switch": switch_loss,
     "z": z_loss,
     "balance": balance_loss,
+    "seq_balance": seq_balance_loss,
+    "global_switch": global_switch_loss,
 }

@@ -45,6 +45,8 @@ class Routing:
         host_counts: ``count`` as host ints when the router already has them; else read back on first use of
             :attr:`counts` (on a GPU that read is the forward's one synchronisation, and a fused grouped-mm
             forward never makes it).
+        kept: (T,) long, the input token id of each routed row when some tokens were masked out
+            (``token_mask``); None when row t is input token t.
     """
 
     mode: str
@@ -63,6 +65,7 @@ class Routing:
     tokens_shape: Tuple[int, ...]
     dropped: torch.Tensor
     host_counts: Optional[Tuple[int, ...]] = field(default=None, repr=False)
+    kept: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (f"Routing({self.mode}, tokens={self.num_tokens}, experts={self.num_experts}, hole={self.hole}, "
@@ -124,4 +127,4 @@ class Routing:
                    noise_std=std, probs=probs, indices=indices, weights=picked.weights, token_index=token_index,
                    expert_index=picked.expert_index, weight=picked.weight, count=picked.count,
                    tokens_shape=tuple(tokens_shape if tokens_shape is not None else (logits.shape[0],)),
-                   dropped=picked.dropped, host_counts=picked.host_counts)
+                   dropped=picked.dropped, host_counts=picked.host_counts, kept=kept)
