@@ -20,6 +20,7 @@ from .dispatch.fused import fused_layout
 from .dispatch.rows import as_rows, kept_rows, with_side_inputs
 from .dispatch.shared import RunShared, add_shared
 from .fastpaths import set_plain_attribute
+from .routing.bias_balance import BiasBalance
 from .routing.losses import AUX_LOSSES, GlobalBalance
 from .routing.record import Routing
 from .routing.route import route as make_routing
@@ -52,6 +53,8 @@ class MoEBlock(nn.Module, ABC):
     After a forward: ``block.routing`` (the :class:`~moefy.routing.record.Routing` record), ``block.aux_losses``
     (name → scalar) and ``block.aux_loss`` (their weighted sum). ``block.global_balance``: the global-batch
     counts of ``aux_criterion="global_switch"`` (:class:`~moefy.routing.losses.GlobalBalance`), else None;
+    ``block.bias_balance``: the training picks behind ``bias_update_rate``
+    (:class:`~moefy.routing.bias_balance.BiasBalance`), else None;
     ``block.router_replay``: set while a :class:`~moefy.routing.replay.RouterReplay` records or replays.
     """
 
@@ -91,6 +94,8 @@ class MoEBlock(nn.Module, ABC):
         self.parallel = None  # set by moefy.parallel.expert_parallel: experts sharded over ranks
         # aux_criterion "global_switch": the counts of the global batch (see routing.losses.GlobalBalance)
         self.global_balance = GlobalBalance(self.num_columns) if "global_switch" in c._aux_weights else None
+        # bias_update_rate: the training picks behind the aux-loss-free bias update (see routing.bias_balance)
+        self.bias_balance = BiasBalance(self.num_experts, c.bias_update_rate) if c.bias_update_rate > 0 else None
         self.router_replay = None  # a RouterReplay's slot while it records or replays this block
         self.routing: Optional[Routing] = None
         self.aux_losses: Dict[str, torch.Tensor] = {}
@@ -140,6 +145,8 @@ class MoEBlock(nn.Module, ABC):
             y = y.reshape(*tokens_shape, *y.shape[1:])
         # 4. keep the record; aux losses from it (from the whole group's with expert parallelism)
         set_plain_attribute(self, "routing", routing)
+        if self.bias_balance is not None and self.training:
+            self.bias_balance.add(routing)
         global_losses = self.parallel is not None and bool(c._aux_weights)
         self.set_aux_losses(self.parallel.loss_routing(routing) if global_losses else routing)
         return y

@@ -23,7 +23,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 # shown in a block's repr only when they differ from their defaults
 _SUMMARY_EXTRAS = ("temperature", "score_func", "feature_dim", "fused", "selection_bias", "n_group", "topk_group",
-                   "routed_scaling_factor", "shared_gate")
+                   "routed_scaling_factor", "shared_gate", "bias_update_rate")
 AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
 
 
@@ -157,7 +157,14 @@ class RoutingConfig:
                                    "`router.score_correction_bias` (E',), zeros, saved in the state dict, added to "
                                    "the scores for choosing the experts only; the combine weights (and "
                                    "`routing.probs`) stay the unbiased scores (DeepSeek-V3's "
-                                   "`e_score_correction_bias`; moefy never updates it).")
+                                   "`e_score_correction_bias`; moefy changes it only with `bias_update_rate`).")
+    bias_update_rate: float = _option(0.0, "`0.0` (off), a number > 0", "with `selection_bias`: aux-loss-free "
+                                      "load balancing (Wang et al. 2024, DeepSeek-V3). Every training forward "
+                                      "counts the tokens each real expert picked (before capacity drops; not "
+                                      "the hole, nor masked tokens); `moefy.routing.update_selection_bias(model)`, "
+                                      "called after each `optimizer.step()`, moves each bias by "
+                                      "`rate · sign(mean_load − load_i)` and zeroes the counts (its `group` "
+                                      "all-reduces them across ranks). Eval forwards count nothing.")
     n_group: int = _option(1, "`1`, an int ≥ 1 dividing E", "token choice: group-limited routing "
                            "(DeepSeek-V3): the E experts form `n_group` groups of E/n_group; each token keeps its "
                            "`topk_group` best groups, scored by the sum of each group's top-2 (biased) scores, and "
@@ -233,6 +240,11 @@ class RoutingConfig:
             raise ValueError("selection_bias biases each token's top-k choice: it needs token choice "
                              "(expert_choice=False; a per-expert bias does not change an expert's top-C tokens) "
                              "and a noise other than 'simple' (which samples the experts)")
+        object.__setattr__(self, "bias_update_rate", check_number(
+            self.bias_update_rate, "bias_update_rate", low=0, what="a number >= 0 (0 is off)"))
+        if self.bias_update_rate > 0 and not self.selection_bias:
+            raise ValueError(f"bias_update_rate={self.bias_update_rate} moves the selection bias: it needs "
+                             f"selection_bias=True")
         if self.n_group > 1 and (self.expert_choice or self.hole or self.noise == "simple"):
             raise ValueError(f"n_group={self.n_group}: group-limited routing is token choice over real experts: it "
                              f"needs expert_choice=False, hole=False and a noise other than 'simple'")

@@ -26,7 +26,7 @@ from moefy.observe import recorder as stats
 from moefy.observe.log import LogFormatError
 from moefy.recipes import distill, metrics, reliability
 from moefy.recipes.sparse_moe import MoE
-from moefy.routing import losses, noise, replay
+from moefy.routing import bias_balance, losses, noise, replay
 from moefy.config import RoutingConfig
 from moefy.routing.router import Router
 from moefy.viz import patches
@@ -250,6 +250,29 @@ case("GlobalBalance", lambda t: losses.GlobalBalance(3, group=0), TypeError, r"g
 case("GlobalBalance", lambda t: losses.GlobalBalance(3)("routing"), TypeError, r"r must be a Routing")
 case("GlobalBalance", lambda t: losses.GlobalBalance(4)(ran().routing), ValueError, r"routing r has 3")
 case("reset_global_balance", lambda t: losses.reset_global_balance("model"), TypeError, r"model must be")
+
+# -------------------------------------------------------------------------------- routing/bias_balance.py
+case("bias_update", lambda t: bias_balance.bias_update([0.0, 0.0], torch.ones(2), 0.1), TypeError,
+     r"bias must be a floating-point torch.Tensor")
+case("bias_update", lambda t: bias_balance.bias_update(torch.zeros(2), [1, 2], 0.1), TypeError,
+     r"counts must be a torch.Tensor")
+case("bias_update", lambda t: bias_balance.bias_update(torch.zeros(2), torch.ones(3), 0.1), ValueError,
+     r"bias and counts must both have shape \(E,\)")
+case("bias_update", lambda t: bias_balance.bias_update(torch.zeros(2), torch.ones(2), 0), ValueError,
+     r"rate must be a finite number > 0, got 0")
+case("BiasBalance", lambda t: bias_balance.BiasBalance(0, 0.1), ValueError, r"num_experts must be")
+case("BiasBalance", lambda t: bias_balance.BiasBalance(3, -1), ValueError, r"rate must be")
+case("BiasBalance", lambda t: bias_balance.BiasBalance(3, 0.1).add("routing"), TypeError, r"r must be a Routing")
+case("BiasBalance", lambda t: bias_balance.BiasBalance(4, 0.1).add(ran().routing), ValueError,
+     r"the routing r has 3")
+case("update_selection_bias", lambda t: bias_balance.update_selection_bias("model"), TypeError,
+     r"model must be an nn.Module")
+case("update_selection_bias", lambda t: bias_balance.update_selection_bias(lin(), group=0), TypeError,
+     r"group must be")
+case("RoutingConfig", lambda t: RoutingConfig(bias_update_rate=0.1), ValueError,
+     r"bias_update_rate=0.1 .* needs selection_bias=True")
+case("RoutingConfig", lambda t: RoutingConfig(selection_bias=True, bias_update_rate="0.1"), ValueError,
+     r"bias_update_rate must be a number >= 0")
 
 # -------------------------------------------------------------------------------- routing/replay.py
 case("RouterReplay", lambda t: replay.RouterReplay(None), TypeError, r"model must be an nn.Module")
@@ -732,7 +755,7 @@ PARALLEL_MODULES = [import_module(f"moefy.parallel.{m}") for m in ("expert_paral
 def test_every_public_name_is_swept():
     targets = {c.values[0].split(".")[-1] for c in CASES} | {c.values[0] for c in CASES}
     public = (_public(moefy) | _public(compat) | _public(moefy.viz) | _public(metrics) | _public(data)
-              | _public(stats) | _public(moelog) | _public(losses) | _public(noise) | _public(replay) | _public(distill)
+              | _public(stats) | _public(moelog) | _public(losses) | _public(bias_balance) | _public(noise) | _public(replay) | _public(distill)
               | set().union(*map(_public, CONVERT_MODULES)) | _public(upcycle_hf)
               | set().union(*map(_public, PARALLEL_MODULES)) | _public(reliability))
     missing = sorted(public - targets - NOT_SWEPT)

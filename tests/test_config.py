@@ -32,10 +32,10 @@ def test_defaults_are_moeblocks_routing_defaults():
         k=1, hole=False, noise=None, aux_criterion=None, aggregation="sum", expert_choice=False, route="tokens",
         layer_id=None, capacity_factor=1.0, capacity=None, token_capacity_factor=None, drop_policy="probs",
         normalize=True, temperature=1.0, score_func="softmax", feature_dim=-1, fused=False, selection_bias=False,
-        n_group=1, topk_group=None, routed_scaling_factor=1.0, shared_gate=False)
+        bias_update_rate=0.0, n_group=1, topk_group=None, routed_scaling_factor=1.0, shared_gate=False)
     assert FIELDS == ["k", "hole", "noise", "aux_criterion", "aggregation", "expert_choice", "route", "layer_id",
                       "capacity_factor", "capacity", "token_capacity_factor", "drop_policy", "normalize",
-                      "temperature", "score_func", "feature_dim", "fused", "selection_bias", "n_group", "topk_group",
+                      "temperature", "score_func", "feature_dim", "fused", "selection_bias", "bias_update_rate", "n_group", "topk_group",
                       "routed_scaling_factor", "shared_gate"]
     assert c.aux_weights == {} and c == RoutingConfig.from_options()
 
@@ -128,6 +128,9 @@ BAD = [
     ("n_group", True, ValueError, r"n_group must be a positive int"),
     ("topk_group", 2, ValueError, r"^topk_group must be an int in \[1, n_group=1\] or None, got 2$"),
     ("topk_group", 0, ValueError, r"topk_group must be an int in"),
+    ("bias_update_rate", -0.5, ValueError, r"^bias_update_rate must be a number >= 0 \(0 is off\), got -0\.5$"),
+    ("bias_update_rate", float("nan"), ValueError, r"bias_update_rate must be"),
+    ("bias_update_rate", 0.1, ValueError, r"^bias_update_rate=0\.1 moves the selection bias: it needs selection_bias=True$"),
     ("routed_scaling_factor", 0, ValueError, r"^routed_scaling_factor must be a finite number > 0, got 0$"),
     ("routed_scaling_factor", float("inf"), ValueError, r"routed_scaling_factor must be"),
 ]

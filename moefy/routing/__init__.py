@@ -7,8 +7,10 @@
 - ``route``: :func:`route`, rows and a config → the record (gate → noise → scores → selection).
 - ``noise``: training noise for the router (Gumbel, learned Gaussian std, input jitter).
 - ``replay``: :class:`RouterReplay`, record a forward's routing decisions and replay them later.
+- ``bias_balance``: aux-loss-free load balancing of the selection bias, :func:`update_selection_bias`.
 - ``losses``: auxiliary load-balancing losses, ``AUX_LOSSES``.
 """
+from .bias_balance import BiasBalance, bias_update, update_selection_bias
 from .losses import (AUX_LOSSES, GlobalBalance, balance_loss, cv2_loss, cv_squared, entropy_loss,
                      global_switch_loss, importance, prob_loss, reset_global_balance, seq_balance_loss,
                      smooth_load, switch_loss, z_loss)
@@ -23,6 +25,7 @@ from .select import (SELECTIONS, Selection, cap_columns, combine_weights, expert
 
 __all__ = [
     "Routing", "Router", "router_dtype", "SCORE_FUNCS",
+    "BiasBalance", "bias_update", "update_selection_bias",
     "RouterReplay", "Replayed", "replay_selection", "REPLAY_WEIGHTS",
     "route", "select", "Selection", "SELECTIONS", "token_choice", "expert_choice", "from_picks", "group_by_column",
     "expert_capacity", "cap_columns", "group_limited_token_choice", "combine_weights", "strategy_name",
