@@ -132,6 +132,40 @@ def test_skewed_router_is_balanced_by_the_bias_update_alone():
     assert bias[0] == bias.min() and bias[0] < 0  # the favoured expert was pushed down
 
 
+def test_training_with_a_task_loss_accumulated_micro_batches_and_an_optimizer():
+    torch.manual_seed(0)
+    dim = 16
+    block = LinearMixture(dim, dim, 8, k=2, score_func="sigmoid", selection_bias=True, bias_update_rate=2e-3)
+    with torch.no_grad():
+        block.router.gate.weight.normal_(0, 0.1)
+        block.router.gate.weight[0] += 1.0
+    teacher = nn.Linear(dim, dim).requires_grad_(False)
+    opt = torch.optim.SGD(block.parameters(), lr=0.05)
+
+    def batch(n):
+        return torch.randn(n, dim) * 0.5 + 0.5
+
+    def max_over_mean():
+        with torch.no_grad():
+            block.eval()
+            block(batch(4096))
+            block.train()
+        count = block.routing.count.double()
+        return float(count.max() / count.mean())
+
+    start = max_over_mean()
+    for _ in range(300):
+        for _ in range(2):  # gradient accumulation: both micro-batches count in the update
+            x = batch(256)
+            (block(x) - teacher(x)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        used = update_selection_bias(block)
+    assert int(used[""].sum()) == 2 * 256 * 2
+    end = max_over_mean()
+    assert start > 2 and end < 1.2, (start, end)
+
+
 def test_config_needs_selection_bias_and_a_rate_of_at_least_zero():
     assert RoutingConfig().bias_update_rate == 0.0
     assert RoutingConfig(selection_bias=True, bias_update_rate=1).bias_update_rate == 1.0

@@ -152,6 +152,23 @@ def data_parallel_global_balance(rank: int, world: int) -> dict:
     return dict(counts=block.global_balance.counts.clone(), losses=losses)
 
 
+def bias_balance(rank: int, group) -> dict:
+    """Aux-loss-free bias updates with the counts all-reduced over the ranks: replicated experts (data
+    parallel, two micro-batches per rank) and sharded ones (expert parallel)."""
+    from moefy.routing import update_selection_bias
+    x_all, _ = batch(Case("dp", 4, (2, 2), double=False))
+    out = {}
+    for name in ("dp", "ep"):
+        torch.manual_seed(0)
+        block = MLPMixture(DIM, OUT, 4, k=2, selection_bias=True, bias_update_rate=0.1)
+        net = expert_parallel(block, group=group) if name == "ep" else block
+        for micro in (slice(0, 2), slice(2, 4)):
+            net(x_all[micro][rank:rank + 1])
+        counts = update_selection_bias(net, group=dist.group.WORLD if name == "dp" else group)
+        out[name] = dict(counts=next(iter(counts.values())), bias=block.router.score_correction_bias.clone())
+    return out
+
+
 def expert_parallel_replay(rank: int, group) -> dict:
     """Router replay on sharded experts with training noise: each rank replays its own tokens' picks."""
     from moefy.routing import RouterReplay
@@ -193,6 +210,7 @@ def _worker(rank: int, world: int, port: int, cases: List[Case], out_dir: str, l
         if world == 2:
             results["dp_global_balance"] = data_parallel_global_balance(rank, world)
             results["ep_replay"] = expert_parallel_replay(rank, group)
+            results["bias_balance"] = bias_balance(rank, group)
         if load is not None:  # a full checkpoint written by another number of ranks
             case = CASES_2[0]
             net = expert_parallel(build(case), group=group)
@@ -366,6 +384,21 @@ def test_global_balance_all_reduces_counts_over_data_parallel_ranks(runs):
         block(x_all[2 + rank:3 + rank])
         want = 4 * ((total / total.sum()) * block.routing.probs.mean(0)).sum()
         assert torch.allclose(r["losses"][1], want.detach())
+
+
+def test_bias_balance_all_reduces_counts_over_ranks(runs):
+    from moefy.routing import update_selection_bias
+    torch.manual_seed(0)
+    block = MLPMixture(DIM, OUT, 4, k=2, selection_bias=True, bias_update_rate=0.1)
+    x_all, _ = batch(Case("dp", 4, (2, 2), double=False))
+    block(x_all)  # every micro-batch of every rank in one forward: the same counts, the same update
+    want = update_selection_bias(block)[""]
+    assert int(want.sum()) == x_all.shape[0] * x_all.shape[1] * 2 and block.router.score_correction_bias.abs().sum() > 0
+    for ranks in runs[2]:
+        for name in ("dp", "ep"):
+            got = ranks["bias_balance"][name]
+            assert torch.equal(got["counts"], want), name
+            assert torch.equal(got["bias"], block.router.score_correction_bias), name
 
 
 def test_router_replay_under_expert_parallelism_is_local(runs):

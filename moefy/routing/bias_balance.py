@@ -13,6 +13,10 @@ Conventions: ``c`` counts the E real experts' picks before any token-choice capa
 asked for: a drop would hide an overload); with a hole, its column is neither counted nor moved (its bias
 stays where it is), and the mean is over the E real experts. Masked tokens count nowhere.
 
+The step is additive on the scores the bias is added to: with ``score_func="sigmoid"`` (DeepSeek-V3) every
+expert's score lives on the same (0, 1) scale; with a peaked softmax the experts that lose most tokens have
+scores near zero, far below one step, and balancing among them needs a smaller ``rate``.
+
 How it runs, without a particular trainer: a block with ``bias_update_rate > 0`` holds a :class:`BiasBalance`
 (``block.bias_balance``) whose non-persistent ``counts`` (E,) add up the picks of every *training* forward
 (so all micro-batches of a gradient-accumulation step count; eval forwards add nothing and never change the
