@@ -22,7 +22,9 @@ How it runs, without a particular trainer: a block with ``bias_update_rate > 0``
 (so all micro-batches of a gradient-accumulation step count; eval forwards add nothing and never change the
 bias). Call :func:`update_selection_bias` once per optimizer step, after ``optimizer.step()``: it applies the
 update to every such block and zeroes the counts. With data or expert parallelism pass the group whose ranks
-see different tokens: the counts are all-reduced over it first, so every rank applies the same update.
+see different tokens: the counts are all-reduced over it first, so every rank applies the same update. A
+forward recomputed by activation checkpointing counts again (as in ``GlobalBalance``); since only the sign of
+each expert's distance to the mean is used, recomputing every forward alike changes nothing.
 """
 from __future__ import annotations
 
