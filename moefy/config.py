@@ -101,13 +101,13 @@ class RoutingConfig:
     ``temperature`` floats.
     """
 
-    k: float = _option(1, "`1` … E'", "token choice: experts per token, an int (E' = E, plus the null experts and one "
-                       "with a hole). "
-                       "Expert choice: average experts per token in the capacity, any number in (0, E'].")
-    hole: bool = _option(False, "`False`, `True`", "one extra router column E. A token slot routed there "
-                         "contributes zero and is counted in `routing.dropped`; with `normalize`, its weight "
-                         "still takes part in the renormalisation (a token half-sent to the hole gets half the "
-                         "output).")
+    k: float = _option(1, "`1` … E'", "token choice: experts per token, an int (E' = E, plus the null experts "
+                       "and one with a hole). Expert choice: average experts per token in the capacity, any "
+                       "number in (0, E'].")
+    hole: bool = _option(False, "`False`, `True`", "one extra router column, the last (E without "
+                         "`null_experts`). A token slot routed there contributes zero and is counted in "
+                         "`routing.dropped`; with `normalize`, its weight still takes part in the renormalisation "
+                         "(a token half-sent to the hole gets half the output).")
     noise: Optional[str] = _option(None, "`None`, `'gumbel'`, `'gaussian'`, `'jitter'`, `'simple'`", "training only; eval "
                                    "routing is deterministic. `gumbel`: Gumbel(0,1) added to the logits (top-k "
                                    "then samples without replacement from the softmax). `gaussian`: Shazeer et al. "
@@ -201,7 +201,8 @@ class RoutingConfig:
         "more zero column). `copy`: `w·x`. `constant`: `w·(α1·x + α2·v_j)`, `(α1, α2) = softmax(W_j·x)`, "
         "`v_j` (D,) and `W_j` (2, D) learned (`block.constant_experts`). Copy and constant need expert outputs "
         "of the input's shape (constant: `route='tokens'`); their slots count in `routing.null_slots`, and "
-        "`sum(load) + null_slots + dropped == T·k`. Aux losses balance over all E' columns, null ones included.")
+        "`sum(load) + null_slots + dropped == T·k`. Aux losses balance over all E' columns, null ones included; "
+        "`aggregation='mean'` averages the real experts only.")
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # frozen: normalised values bypass __setattr__

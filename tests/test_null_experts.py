@@ -227,3 +227,28 @@ def test_training_log_names_the_null_columns(tmp_path):
     with pytest.raises(LogFormatError, match=r"'null_columns' must be a list of kinds in \['copy', 'constant', "
                                              r"'zero'\]"):
         read_log(path)
+
+
+def test_replay_reproduces_null_routing():
+    from moefy.routing import RouterReplay
+    block = LinearMixture(4, 4, 2, k=2, noise="gumbel", null_experts={"copy": 1, "constant": 1, "zero": 1})
+    x = torch.randn(30, 4)
+    replay = RouterReplay(block)
+    with replay.record():
+        y = block(x)
+    counts, dropped, null = block.routing.counts, int(block.routing.dropped), block.routing.null_slots
+    with replay.replay(weights="frozen"):  # the recorded weights: the noisy forward's output again
+        y2 = block(x)
+    assert block.routing.counts == counts and int(block.routing.dropped) == dropped
+    assert block.routing.null_slots == null
+    torch.testing.assert_close(y2, y)
+
+
+def test_patch_panels_put_null_columns_with_the_dropped():
+    from moefy.viz.patches import patch_masks
+    block = hand_block(k=1)
+    block(torch.stack([X, X]).reshape(1, 8, 2).float().double())  # 8 tokens = a 2x4 patch grid
+    masks, _, _ = patch_masks(block.routing, (2, 4), prefix_tokens=0)
+    assert masks.shape == (2, 2, 4)  # expert 0, then one "null / dropped" panel
+    assert masks[0].reshape(-1).tolist() == [True, False, False, False] * 2
+    assert masks[1].reshape(-1).tolist() == [False, True, True, True] * 2

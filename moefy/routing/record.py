@@ -26,19 +26,19 @@ class Routing:
     Attributes:
         mode: ``"token_choice"`` or ``"expert_choice"``.
         num_experts: E, real experts (the hole is not one of them).
-        hole: whether router column E is a hole expert.
+        hole: whether the last router column (E without null experts) is a hole expert.
         logits: (T, E') clean router logits, float32.
         noisy_logits: (T, E') logits after training noise (the same tensor as ``logits`` without noise).
         noise_std: (T, E') learned Gaussian noise std, or None.
         probs: (T, E') scores that selection used: softmax (or sigmoid) of ``noisy_logits / temperature``.
-        indices: token choice: (T, k) chosen router columns per token, best first (E = hole), as picked:
+        indices: token choice: (T, k) chosen router columns per token, best first (E' - 1 = hole), as picked:
             before capacity drops; expert choice: (E', C) chosen token ids per column.
         weights: same shape as ``indices``: the combine weight of each choice.
         token_index: (A,) token id of each assignment, grouped by column in column order. Assignments
             dropped over a token-choice capacity are not listed.
         expert_index: (A,) router column of each assignment, non-decreasing.
         weight: (A,) combine weight of each assignment.
-        count: (E',) long, assignments per router column (``count[E]`` is the hole's), on the routing's device.
+        count: (E',) long, assignments per router column (``count[-1]`` is the hole's), on the routing's device.
         tokens_shape: leading shape of the routed input, ``prod(tokens_shape) == T``.
         dropped: 0-dim long tensor; token choice: slots sent to the hole plus slots over a real expert's
             capacity (``token_capacity_factor``); expert choice: tokens that no real expert picked. Every
@@ -75,11 +75,12 @@ class Routing:
 
     def __repr__(self) -> str:
         return (f"Routing({self.mode}, tokens={self.num_tokens}, experts={self.num_experts}, hole={self.hole}, "
-                f"counts={list(self.counts)}, dropped={int(self.dropped)})")
+                f"counts={list(self.counts)}, dropped={int(self.dropped)}"
+                + (f", null={self.null_columns}, null_slots={self.null_slots})" if self.null_columns else ")"))
 
     @property
     def counts(self) -> Tuple[int, ...]:
-        """E' host ints, assignments per router column (``counts[E]`` is the hole's)."""
+        """E' host ints, assignments per router column (``counts[-1]`` is the hole's)."""
         if self.host_counts is None:
             object.__setattr__(self, "host_counts", tuple(self.count.tolist()))  # a cache, not a new value
         return self.host_counts
