@@ -17,6 +17,7 @@ from .config import RoutingConfig
 from .dispatch.combine import dispatch
 from .dispatch.experts import FusedExperts, LoopedExperts, RunExpert
 from .dispatch.fused import fused_layout
+from .dispatch.null import ConstantExperts, add_null
 from .dispatch.rows import as_rows, kept_rows, with_side_inputs
 from .dispatch.shared import RunShared, add_shared
 from .fastpaths import set_plain_attribute
@@ -48,6 +49,9 @@ class MoEBlock(nn.Module, ABC):
         shared_experts: optional always-on experts (DeepSeek-V3, Qwen2-MoE; :mod:`moefy.dispatch.shared`): run
             by :meth:`expert_forward` on every routed row, their outputs added to the routed mixture (gated
             per row with ``shared_gate=True``). Masked rows skip them; they count in no load or aux loss.
+
+    With ``null_experts`` (MoE++, :mod:`moefy.dispatch.null`) the router has extra columns after the real
+    experts; ``block.constant_experts`` holds the constant experts' parameters (None without any).
 
     The options are readable as attributes (``block.k``, ``block.hole``, ...; ``block.config`` holds them all).
     After a forward: ``block.routing`` (the :class:`~moefy.routing.record.Routing` record), ``block.aux_losses``
@@ -88,6 +92,8 @@ class MoEBlock(nn.Module, ABC):
         if c.shared_gate and self.shared_experts is None:
             raise ValueError("shared_gate=True gates the shared experts' output: pass shared_experts=[...]")
         self.shared_expert_gate = nn.Linear(input_dim, 1, bias=False) if c.shared_gate else None
+        constants = (c.null_experts or {}).get("constant", 0)  # MoE++'s constant experts (dispatch/null.py)
+        self.constant_experts = ConstantExperts(constants, input_dim) if constants else None
         # the expert-execution seam: how the experts run on their slices (see _execution)
         self._looped = LoopedExperts(self.experts)
         self._fused = FusedExperts(self.experts, self._fused_layout) if self._fused_layout else None
@@ -138,7 +144,9 @@ class MoEBlock(nn.Module, ABC):
         run = with_side_inputs(self.expert_forward, self.experts, tokens_shape, args, kwargs) \
             if args or kwargs else None
         y = self.dispatch(rows, routing, run)
-        if self.shared_experts is not None:  # 3b. + the always-on shared experts, on the routed rows only
+        if routing.num_computed_null:  # 3b. + the copy / constant null experts' slots (MoE++)
+            y = add_null(y, rows, routing, self.constant_experts)
+        if self.shared_experts is not None:  # 3c. + the always-on shared experts, on the routed rows only
             y = add_shared(y, rows, router_in, kept, len(self.shared_experts), self._shared_runner(
                 tokens_shape, args, kwargs), self.shared_expert_gate)
         if c.route == "tokens" and len(tokens_shape) != 1:
@@ -231,7 +239,7 @@ class MoEBlock(nn.Module, ABC):
             rows, cols = gate.shape
             what = (f"input_dim={cols}, this block has input_dim={self.input_dim}" if cols != self.input_dim else
                     f"{rows} router columns, this block has {self.num_columns} "
-                    f"({self.num_experts} experts{' + hole' if self.hole else ''})")
+                    f"({self.num_experts} experts{self._extra_columns()})")
             raise ValueError(f"checkpoint does not fit {self.moe_name} at '{prefix or '.'}': the checkpoint has {what}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -252,7 +260,8 @@ class MoEBlock(nn.Module, ABC):
         """(E', N) long: ``load[e, n]`` = samples whose token at position n went to column e.
 
         N is the input's second-to-last dim for inputs (B, N, D) and more; 1 for (B, D) inputs and for
-        per-sample routing. Row E is the hole when there is one. Assignments dropped over a token-choice
+        per-sample routing. Rows E, E+1, ... are the null experts (``config.null_columns``), then the hole
+        (last) when there is one. Assignments dropped over a token-choice
         capacity are in no row (they count in ``routing.dropped``).
         """
         r = self._last()
@@ -266,10 +275,14 @@ class MoEBlock(nn.Module, ABC):
         """(E',) long: tokens each router column received in the last forward."""
         return self._last().count.to("cpu", torch.long, copy=True)
 
+    def _extra_columns(self) -> str:
+        null = len(self.config.null_columns)
+        return (f" + {null} null experts" if null else "") + (" + hole" if self.hole else "")
+
     @property
     def moe_name(self) -> str:
         layer = self.layer_id if self.layer_id is not None else "?"
-        return f"layer {layer} / {type(self).__name__} ({self.num_experts} experts{' + hole' if self.hole else ''})"
+        return f"layer {layer} / {type(self).__name__} ({self.num_experts} experts{self._extra_columns()})"
 
     def extra_repr(self) -> str:
         text = self.config.summary(self.num_experts)

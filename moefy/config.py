@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from .checks import check_bool, check_choice, check_int, check_number
 
@@ -21,9 +21,10 @@ ROUTES = ("tokens", "samples")
 ROUTE_ALIASES = {"images": "samples"}  # the original MoEfy's name (re-exported by moefy.compat)
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
+NULL_KINDS = ("copy", "constant", "zero")  # the null columns' order after the real experts (then the hole)
 # shown in a block's repr only when they differ from their defaults
 _SUMMARY_EXTRAS = ("temperature", "score_func", "feature_dim", "fused", "selection_bias", "n_group", "topk_group",
-                   "routed_scaling_factor", "shared_gate", "bias_update_rate")
+                   "routed_scaling_factor", "shared_gate", "bias_update_rate", "null_experts")
 AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
 
 
@@ -40,9 +41,27 @@ def _aux_loss_names() -> tuple:
     return tuple(AUX_LOSSES)
 
 
-def _k_message(k: Any, columns: Optional[int], hole: bool) -> str:
+def _k_message(k: Any, columns: Optional[int], hole: bool, nulls: int = 0) -> str:
     top = columns if columns is not None else ("E + 1" if hole else "E")
-    return f"k must be a number in [1, {top}] (the number of experts{' + hole' if hole else ''}), got {k!r}"
+    what = "experts" + (" + null experts" if nulls else "") + (" + hole" if hole else "")
+    return f"k must be a number in [1, {top}] (the number of {what}), got {k!r}"
+
+
+def _parse_null(null_experts: Any) -> Optional[Dict[str, int]]:
+    """``null_experts`` → ``{kind: count}`` of the kinds with count ≥ 1, in :data:`NULL_KINDS` order (None if
+    none)."""
+    if null_experts is None:
+        return None
+    if not isinstance(null_experts, Mapping):
+        raise TypeError(f"null_experts must be None or a mapping {{kind: count}} with kinds in {list(NULL_KINDS)}, "
+                        f"got {type(null_experts).__name__}")
+    unknown = sorted(str(n) for n in null_experts if n not in NULL_KINDS)
+    if unknown:
+        raise ValueError(f"null_experts: unknown kind(s) {unknown}; allowed: {list(NULL_KINDS)}")
+    counts = {kind: check_int(null_experts[kind], f"null_experts[{kind!r}]", min=0)
+              for kind in NULL_KINDS if kind in null_experts}
+    counts = {kind: n for kind, n in counts.items() if n}
+    return counts or None
 
 
 def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
@@ -82,12 +101,13 @@ class RoutingConfig:
     ``temperature`` floats.
     """
 
-    k: float = _option(1, "`1` … E'", "token choice: experts per token, an int (E' = E, plus one with a hole). "
-                       "Expert choice: average experts per token in the capacity, any number in (0, E'].")
-    hole: bool = _option(False, "`False`, `True`", "one extra router column E. A token slot routed there "
-                         "contributes zero and is counted in `routing.dropped`; with `normalize`, its weight "
-                         "still takes part in the renormalisation (a token half-sent to the hole gets half the "
-                         "output).")
+    k: float = _option(1, "`1` … E'", "token choice: experts per token, an int (E' = E, plus the null experts "
+                       "and one with a hole). Expert choice: average experts per token in the capacity, any "
+                       "number in (0, E'].")
+    hole: bool = _option(False, "`False`, `True`", "one extra router column, the last (E without "
+                         "`null_experts`). A token slot routed there contributes zero and is counted in "
+                         "`routing.dropped`; with `normalize`, its weight still takes part in the renormalisation "
+                         "(a token half-sent to the hole gets half the output).")
     noise: Optional[str] = _option(None, "`None`, `'gumbel'`, `'gaussian'`, `'jitter'`, `'simple'`", "training only; eval "
                                    "routing is deterministic. `gumbel`: Gumbel(0,1) added to the logits (top-k "
                                    "then samples without replacement from the softmax). `gaussian`: Shazeer et al. "
@@ -181,10 +201,21 @@ class RoutingConfig:
                                 "(Qwen2-MoE's `shared_expert_gate`); without it the shared outputs are added as they "
                                 "are (DeepSeek-V3).")
 
+    null_experts: Optional[Mapping[str, int]] = _option(
+        None, "`None`, `{'copy': n, 'constant': n, 'zero': n}`", "token choice: MoE++'s zero-computation "
+        "experts (Jin et al. 2024), extra router columns after the real experts, in the order copy, constant, "
+        "zero (then the hole). `zero`: contributes nothing, its slots count in `routing.dropped` (the hole is one "
+        "more zero column). `copy`: `w·x`. `constant`: `w·(α1·x + α2·v_j)`, `(α1, α2) = softmax(W_j·x)`, "
+        "`v_j` (D,) and `W_j` (2, D) learned (`block.constant_experts`). Copy and constant need expert outputs "
+        "of the input's shape (constant: `route='tokens'`); their slots count in `routing.null_slots`, and "
+        "`sum(load) + null_slots + dropped == T·k`. Aux losses balance over all E' columns, null ones included; "
+        "`aggregation='mean'` averages the real experts only.")
+
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # frozen: normalised values bypass __setattr__
         for flag in ("hole", "expert_choice", "normalize", "fused", "selection_bias", "shared_gate"):
             check_bool(getattr(self, flag), flag)
+        set_("null_experts", _parse_null(self.null_experts))
         k = self.k
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < float("inf"):
             raise ValueError(_k_message(k, None, self.hole))
@@ -228,6 +259,23 @@ class RoutingConfig:
         check_choice(self.score_func, "score_func", SCORE_FUNCS)
         check_int(self.feature_dim, "feature_dim", what="an int (a dim of x)", type_error=TypeError)
         self._check_groups()
+        if self.null_experts and (self.expert_choice or self.n_group > 1):
+            raise ValueError("null_experts are router columns a token picks: they need token choice "
+                             "(expert_choice=False) without expert groups (n_group=1)")
+        if self.null_experts and "constant" in self.null_experts and self.route != "tokens":
+            raise ValueError("null_experts 'constant' adds a learned (D,) vector to a token's output: it needs "
+                             "route='tokens'")
+
+    @property
+    def null_columns(self) -> Tuple[str, ...]:
+        """The kind of each null router column, in column order (E, E+1, ...; the hole, if any, comes after)."""
+        counts = self.null_experts or {}
+        return tuple(kind for kind in NULL_KINDS for _ in range(counts.get(kind, 0)))
+
+    @property
+    def zero_columns(self) -> int:
+        """Router columns at the end whose slots are dropped: the zero null experts plus the hole."""
+        return (self.null_experts or {}).get("zero", 0) + int(self.hole)
 
     def _check_groups(self) -> None:
         """Selection bias, expert groups and the routed scaling factor."""
@@ -258,11 +306,11 @@ class RoutingConfig:
         return dict(self._aux_weights)
 
     def check_columns(self, num_experts: int) -> int:
-        """E' = ``num_experts`` + hole router columns, after checking that ``k`` fits in them (and, with expert
+        """E' = ``num_experts`` + null experts + hole router columns, after checking that ``k`` fits in them (and, with expert
         groups, that ``n_group`` divides E and ``k`` fits in the ``topk_group`` kept groups)."""
-        columns = check_int(num_experts, "num_experts", min=1) + int(self.hole)
+        columns = check_int(num_experts, "num_experts", min=1) + len(self.null_columns) + int(self.hole)
         if self.k > columns:
-            raise ValueError(_k_message(self.k, columns, self.hole))
+            raise ValueError(_k_message(self.k, columns, self.hole, len(self.null_columns)))
         if self.n_group == 1:
             return columns
         if num_experts % self.n_group:

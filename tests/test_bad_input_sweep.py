@@ -321,6 +321,19 @@ case("RoutingConfig", lambda t: RoutingConfig(n_group=2, hole=True), ValueError,
 case("RoutingConfig", lambda t: RoutingConfig(n_group=2, expert_choice=True), ValueError,
      r"n_group=2: .* expert_choice=False")
 case("RoutingConfig", lambda t: RoutingConfig(n_group=2, noise="simple"), ValueError, r"n_group=2: .*'simple'")
+case("RoutingConfig", lambda t: RoutingConfig(null_experts="zero"), TypeError, r"null_experts must be None or a mapping")
+case("RoutingConfig", lambda t: RoutingConfig(null_experts={"Zero": 1}), ValueError, r"null_experts: unknown kind")
+case("RoutingConfig", lambda t: RoutingConfig(null_experts={"copy": -1}), ValueError,
+     r"null_experts\['copy'\] must be an int >= 0")
+case("RoutingConfig", lambda t: RoutingConfig(null_experts={"zero": None}), ValueError, r"null_experts\['zero'\]")
+case("RoutingConfig", lambda t: RoutingConfig(null_experts={"zero": 1}, expert_choice=True), ValueError,
+     r"null_experts .*\(expert_choice=False\)")
+case("RoutingConfig", lambda t: RoutingConfig(null_experts={"constant": 1}, route="samples"), ValueError,
+     r"null_experts 'constant' .*route='tokens'")
+case("MoEBlock", lambda t: lin(null_experts={"copy": 1})(torch.randn(3, 4)), ValueError,
+     r"null_experts 'copy' / 'constant' .* input's shape \(4,\)")
+case("MoEBlock", lambda t: lin(k=5, null_experts={"zero": 1}), ValueError,
+     r"k must be a number in \[1, 4\] \(the number of experts \+ null experts\)")
 case("RoutingConfig", lambda t: RoutingConfig(selection_bias=True, noise="simple"), ValueError,
      r"selection_bias .* noise other than 'simple'")
 case("RoutingConfig", lambda t: RoutingConfig(selection_bias=True, expert_choice=True), ValueError,
@@ -659,6 +672,8 @@ case("viz.affinity_csv", lambda t: moefy.viz.affinity_csv(a_log(t).layers["model
 
 # ---------------------------------------------------------------------------------------- parallel/
 case("expert_parallel", lambda t: moefy.expert_parallel("model"), TypeError, r"module must be an nn.Module")
+case("expert_parallel", lambda t: moefy.expert_parallel(lin(null_experts={"zero": 1})), ValueError,
+     r"expert parallelism does not support null_experts")
 case("expert_parallel", lambda t: moefy.expert_parallel(lin(), aux_scope="world"), ValueError,
      r"aux_scope must be one of \('global', 'local'\)")
 case("expert_parallel", lambda t: moefy.expert_parallel(lin(), average_expert_grads="no"), TypeError,

@@ -32,11 +32,12 @@ def test_defaults_are_moeblocks_routing_defaults():
         k=1, hole=False, noise=None, aux_criterion=None, aggregation="sum", expert_choice=False, route="tokens",
         layer_id=None, capacity_factor=1.0, capacity=None, token_capacity_factor=None, drop_policy="probs",
         normalize=True, temperature=1.0, score_func="softmax", feature_dim=-1, fused=False, selection_bias=False,
-        bias_update_rate=0.0, n_group=1, topk_group=None, routed_scaling_factor=1.0, shared_gate=False)
+        bias_update_rate=0.0, n_group=1, topk_group=None, routed_scaling_factor=1.0, shared_gate=False,
+        null_experts=None)
     assert FIELDS == ["k", "hole", "noise", "aux_criterion", "aggregation", "expert_choice", "route", "layer_id",
                       "capacity_factor", "capacity", "token_capacity_factor", "drop_policy", "normalize",
-                      "temperature", "score_func", "feature_dim", "fused", "selection_bias", "bias_update_rate", "n_group", "topk_group",
-                      "routed_scaling_factor", "shared_gate"]
+                      "temperature", "score_func", "feature_dim", "fused", "selection_bias", "bias_update_rate",
+                      "n_group", "topk_group", "routed_scaling_factor", "shared_gate", "null_experts"]
     assert c.aux_weights == {} and c == RoutingConfig.from_options()
 
 
@@ -133,6 +134,13 @@ BAD = [
     ("bias_update_rate", 0.1, ValueError, r"^bias_update_rate=0\.1 moves the selection bias: it needs selection_bias=True$"),
     ("routed_scaling_factor", 0, ValueError, r"^routed_scaling_factor must be a finite number > 0, got 0$"),
     ("routed_scaling_factor", float("inf"), ValueError, r"routed_scaling_factor must be"),
+    ("null_experts", [("zero", 1)], TypeError, r"^null_experts must be None or a mapping \{kind: count\} with "
+     r"kinds in \['copy', 'constant', 'zero'\], got list$"),
+    ("null_experts", {"one": 1}, ValueError, r"^null_experts: unknown kind\(s\) \['one'\]; allowed: \['copy', "
+     r"'constant', 'zero'\]$"),
+    ("null_experts", {"zero": -1}, ValueError, r"^null_experts\['zero'\] must be an int >= 0, got -1$"),
+    ("null_experts", {"copy": 1.0}, ValueError, r"null_experts\['copy'\] must be an int"),
+    ("null_experts", {"copy": True}, ValueError, r"null_experts\['copy'\] must be an int"),
 ]
 
 

@@ -31,7 +31,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("options", [dict(k=2), dict(k=1), dict(k=2, hole=True), dict(k=2, aggregation="mean"),
-                                     dict(k=2, expert_choice=True, capacity_factor=1.25)])
+                                     dict(k=2, expert_choice=True, capacity_factor=1.25),
+                                     dict(k=2, hole=True, null_experts={"copy": 1, "constant": 2, "zero": 1})])
 def test_cuda_float32_matches_cpu_float64(options):
     torch.manual_seed(0)
     ref = Mixture(mlps(6), 64, **options).double()

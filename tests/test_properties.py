@@ -71,3 +71,47 @@ def test_routing_invariants(config):
         (y.float().sum() + block.aux_loss).backward()
         for p in block.experts.parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@st.composite
+def null_configs(draw):
+    """Token choice with MoE++ null experts (D → D experts so copy and constant apply)."""
+    num_experts = draw(st.integers(1, 4))
+    null = {kind: draw(st.integers(0, 2)) for kind in ("zero", "copy", "constant")}
+    hole = draw(st.booleans())
+    columns = num_experts + sum(null.values()) + int(hole)
+    options = dict(num_experts=num_experts, hole=hole, null_experts=null, k=draw(st.integers(1, columns)),
+                   normalize=draw(st.booleans()), noise=draw(st.sampled_from([None, "gumbel", "simple"])),
+                   token_capacity_factor=draw(st.sampled_from([None, 0.5, 1.0])),
+                   aux_criterion=draw(st.lists(st.sampled_from(["switch", "balance", "z"]), unique=True, max_size=2)))
+    shape = draw(st.sampled_from([(0,), (1,), (7,), (2, 5), (2, 3, 4)]))
+    masked = draw(st.booleans())
+    return options, shape, masked, draw(st.booleans()), draw(st.integers(0, 2 ** 16))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(null_configs())
+def test_null_expert_slots_are_processed_null_or_dropped(config):
+    """``sum(load) + null_slots + dropped == T·k``: every slot reaches a real expert, a copy / constant null
+    expert, or is dropped (zero expert, hole, over capacity); zero / hole slots are exactly the dropped tail."""
+    options, shape, masked, training, seed = config
+    torch.manual_seed(seed)
+    block = LinearMixture(4, 4, **options).train(training)
+    x = torch.randn(*shape, 4)
+    mask = torch.rand(shape) > 0.4 if masked else None
+    y = block(x, token_mask=mask)
+    r = block.routing
+    t, k, e = r.num_tokens, options["k"], block.num_experts
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert len(r.counts) == block.num_columns == e + len(r.null_columns) + int(options["hole"])
+    assert int(sum(r.load)) + r.null_slots + int(r.dropped) == t * k
+    zero_tail = sum(r.counts[block.num_columns - block.config.zero_columns:])
+    over = int((r.picked_count[:e] - r.count[:e]).sum())
+    assert int(r.dropped) == zero_tail + over
+    assert r.null_slots == sum(n for n, kind in zip(r.null_counts, r.null_columns) if kind != "zero")
+    if mask is not None:
+        assert torch.all(y[~mask] == 0)
+    if training and t and y.requires_grad:
+        (y.sum() + block.aux_loss).backward()
+        for p in block.parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all()

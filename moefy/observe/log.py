@@ -11,7 +11,9 @@ One JSON object a line, one line per epoch::
 Required on every line: ``epoch`` (int ≥ 0, strictly increasing), ``routing_acc`` (number in [0, 1], or null
 when trained without labels), ``entropy`` (number ≥ 0, mean router entropy in nats) and ``utilization`` (E'
 numbers ≥ 0: fraction of assignments per router column, hole last; the same E' on every line).
-Optional: ``metrics`` (name → number or null), ``hole`` (true: the last column is a hole), ``dropped``
+Optional: ``metrics`` (name → number or null), ``hole`` (true: the last column is a hole), ``null_columns``
+(the kinds, ``"copy"`` / ``"constant"`` / ``"zero"``, of the MoE++ null-expert columns that come after the
+experts and before the hole; written only when there are some), ``dropped``
 (fraction of token slots dropped), ``affinity`` (class × column assignment counts, E' columns) and ``layers``
 (one object per MoE layer with ``layer`` (its name) and the same routing fields; the same layers on every
 line). The top-level routing fields are those of
@@ -34,7 +36,8 @@ from ..checks import check_path
 REQUIRED = ("epoch", "routing_acc", "entropy", "utilization")
 MAX_EPOCH = 2 ** 53  # epochs stay exact as floats (plot axes)
 MAX_ABS = 1e300  # larger magnitudes overflow the arithmetic of plot axis limits
-ROUTING_FIELDS = ("routing_acc", "entropy", "utilization", "hole", "dropped", "affinity")
+ROUTING_FIELDS = ("routing_acc", "entropy", "utilization", "hole", "null_columns", "dropped", "affinity")
+NULL_KINDS = ("copy", "constant", "zero")  # as moefy.config.NULL_KINDS (this module reads logs without torch)
 PathLike = Union[str, Path]
 
 
@@ -61,6 +64,7 @@ class LayerSeries:
     affinity: Optional[List[List[float]]] = None
     affinity_epoch: Optional[int] = None
     hole: bool = False
+    null_columns: List[str] = field(default_factory=list)
 
     @property
     def num_columns(self) -> int:
@@ -206,6 +210,7 @@ def _append(log: TrainingLog, entry: dict) -> None:
         series.utilization.append(list(layer["utilization"]))
         series.dropped.append(layer.get("dropped"))
         series.hole = bool(layer.get("hole", False))
+        series.null_columns = list(layer.get("null_columns") or [])
         if layer.get("affinity") is not None:
             series.affinity, series.affinity_epoch = layer["affinity"], entry["epoch"]
     for name, value in (entry.get("metrics") or {}).items():
@@ -302,6 +307,11 @@ def _check_routing(obj: dict, fail, where: str, want_columns: Optional[int]) -> 
              f"(one per router column)")
     if not isinstance(obj.get("hole", False), bool):
         fail(f"{where}'hole' must be true or false, got {_short(obj['hole'])}")
+    null = obj.get("null_columns", [])
+    if not (isinstance(null, list) and all(isinstance(k, str) and k in NULL_KINDS for k in null)
+            and len(null) + int(obj.get("hole", False)) < len(util)):
+        fail(f"{where}'null_columns' must be a list of kinds in {list(NULL_KINDS)} that leaves at least one "
+             f"expert column in 'utilization', got {_short(null)}")
     dropped = obj.get("dropped")
     if dropped is not None and not (_is_number(dropped) and 0 <= dropped <= 1):
         fail(f"{where}'dropped' must be a fraction in [0, 1] or null, got {_short(dropped)}")

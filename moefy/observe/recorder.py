@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,7 +31,8 @@ class LayerStats:
     Attributes:
         name: the block's module name in the model (``""`` for the model itself).
         layer_id: the block's ``layer_id``.
-        num_experts, hole: the block's E and whether column E is a hole.
+        num_experts, hole: the block's E and whether its last column is a hole.
+        null_columns: the kinds of its null-expert columns E, E+1, ... (``config.null_columns``), before the hole.
         forwards: forwards recorded.
         tokens: tokens routed (samples, with per-sample routing).
         slots: token slots: ``tokens · k`` for token choice, ``tokens`` for expert choice.
@@ -39,8 +40,10 @@ class LayerStats:
         position_load: (E', N) float64 assignments per column and token position (as
             :meth:`MoEBlock.experts_load`), or None once two forwards disagreed on N.
         entropy_sum: sum over tokens of the entropy (nats) of the router scores of each token.
-        dropped: token slots sent to the hole or over an expert's capacity (token choice), or tokens no real
-            expert picked (expert choice). ``load`` counts only kept assignments (the hole's included).
+        dropped: token slots sent to the hole, a zero null expert or over an expert's capacity (token choice),
+            or tokens no real expert picked (expert choice). ``load`` counts only kept assignments (the null
+            experts' and the hole's included).
+        null_slots: token slots sent to copy or constant null experts (computed, not dropped).
         affinity: (C, E') float64 assignments of tokens of class c to column e, or None without labels.
     """
 
@@ -56,11 +59,13 @@ class LayerStats:
     entropy_sum: float = 0.0
     dropped: int = 0
     affinity: Optional[torch.Tensor] = None
+    null_columns: Tuple[str, ...] = ()
+    null_slots: int = 0
     _positions_consistent: bool = field(default=True, repr=False)
 
     @property
     def num_columns(self) -> int:
-        return self.num_experts + int(self.hole)
+        return self.num_experts + len(self.null_columns) + int(self.hole)
 
     @property
     def utilization(self) -> List[float]:
@@ -149,6 +154,7 @@ class RoutingRecorder:
         """Forget everything recorded (e.g. at the start of an epoch). Hooks stay attached."""
         self.stats: Dict[str, LayerStats] = {
             name: LayerStats(name=name, layer_id=b.layer_id, num_experts=b.num_experts, hole=b.hole,
+                             null_columns=b.config.null_columns,
                              load=torch.zeros(b.num_columns, dtype=torch.float64))
             for name, b in self.blocks.items()}
 
@@ -189,6 +195,7 @@ class RoutingRecorder:
         s.load += torch.tensor(r.counts, dtype=torch.float64)
         s.entropy_sum += float(token_entropy(r.probs).sum())
         s.dropped += int(r.dropped)
+        s.null_slots += r.null_slots
         if s._positions_consistent:
             pos = block.experts_load().double().cpu()
             if s.position_load is None:
@@ -227,6 +234,8 @@ def layer_summary(s: LayerStats) -> dict:
         raise TypeError(f"s must be a LayerStats (RoutingRecorder.stats[name]), got {type(s).__name__}")
     out = {"layer": s.name or "model", "routing_acc": _round(s.routing_acc), "entropy": _round(s.entropy),
            "utilization": [_round(u) for u in s.utilization], "hole": s.hole, "dropped": _round(s.dropped_frac)}
+    if s.null_columns:
+        out["null_columns"] = list(s.null_columns)
     if s.affinity is not None:
         out["affinity"] = [[int(v) for v in row] for row in s.affinity.tolist()]
     return out

@@ -242,6 +242,9 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
         if block.expert_choice:
             raise ValueError(f"{block.moe_name}: expert parallelism supports token choice only; expert choice "
                              "would need a capacity over the whole group's batch (expert_choice=False)")
+        if block.null_experts:
+            raise ValueError(f"{block.moe_name}: expert parallelism does not support null_experts (MoE++'s "
+                             "zero / copy / constant experts); use null_experts=None")
         if aux_scope == "global" and "seq_balance" in block.aux_weights:
             raise ValueError(f"{block.moe_name}: aux_criterion 'seq_balance' is per sequence and the sequences "
                              "are each rank's own: use aux_scope='local'")

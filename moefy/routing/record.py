@@ -1,7 +1,8 @@
 """The record of what the router decided: :class:`Routing`.
 
-Shapes: T tokens (or samples, with per-sample routing), D features, E experts, E' = E + 1 router columns
-with a hole expert (column E is the hole), k experts per token, C tokens per expert (expert choice),
+Shapes: T tokens (or samples, with per-sample routing), D features, E experts, E' router columns: the E
+real experts, then the null experts (``null_columns``: copy, constant, zero, in that order), then the hole
+(the last column, with ``hole``), k experts per token, C tokens per expert (expert choice),
 A = number of (token, expert) assignments.
 """
 from __future__ import annotations
@@ -25,19 +26,19 @@ class Routing:
     Attributes:
         mode: ``"token_choice"`` or ``"expert_choice"``.
         num_experts: E, real experts (the hole is not one of them).
-        hole: whether router column E is a hole expert.
+        hole: whether the last router column (E without null experts) is a hole expert.
         logits: (T, E') clean router logits, float32.
         noisy_logits: (T, E') logits after training noise (the same tensor as ``logits`` without noise).
         noise_std: (T, E') learned Gaussian noise std, or None.
         probs: (T, E') scores that selection used: softmax (or sigmoid) of ``noisy_logits / temperature``.
-        indices: token choice: (T, k) chosen router columns per token, best first (E = hole), as picked:
+        indices: token choice: (T, k) chosen router columns per token, best first (E' - 1 = hole), as picked:
             before capacity drops; expert choice: (E', C) chosen token ids per column.
         weights: same shape as ``indices``: the combine weight of each choice.
         token_index: (A,) token id of each assignment, grouped by column in column order. Assignments
             dropped over a token-choice capacity are not listed.
         expert_index: (A,) router column of each assignment, non-decreasing.
         weight: (A,) combine weight of each assignment.
-        count: (E',) long, assignments per router column (``count[E]`` is the hole's), on the routing's device.
+        count: (E',) long, assignments per router column (``count[-1]`` is the hole's), on the routing's device.
         tokens_shape: leading shape of the routed input, ``prod(tokens_shape) == T``.
         dropped: 0-dim long tensor; token choice: slots sent to the hole plus slots over a real expert's
             capacity (``token_capacity_factor``); expert choice: tokens that no real expert picked. Every
@@ -47,6 +48,10 @@ class Routing:
             forward never makes it).
         kept: (T,) long, the input token id of each routed row when some tokens were masked out
             (``token_mask``); None when row t is input token t.
+        null_columns: the kind (``"copy"``, ``"constant"``, ``"zero"``) of router columns E, E+1, ... (MoE++'s
+            null experts, before the hole); () without them. Zero slots count in ``dropped``; copy and
+            constant slots in :attr:`null_slots`, so for token choice
+            ``sum(load) + null_slots + dropped == T·k``.
     """
 
     mode: str
@@ -66,14 +71,16 @@ class Routing:
     dropped: torch.Tensor
     host_counts: Optional[Tuple[int, ...]] = field(default=None, repr=False)
     kept: Optional[torch.Tensor] = field(default=None, repr=False)
+    null_columns: Tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (f"Routing({self.mode}, tokens={self.num_tokens}, experts={self.num_experts}, hole={self.hole}, "
-                f"counts={list(self.counts)}, dropped={int(self.dropped)})")
+                f"counts={list(self.counts)}, dropped={int(self.dropped)}"
+                + (f", null={self.null_columns}, null_slots={self.null_slots})" if self.null_columns else ")"))
 
     @property
     def counts(self) -> Tuple[int, ...]:
-        """E' host ints, assignments per router column (``counts[E]`` is the hole's)."""
+        """E' host ints, assignments per router column (``counts[-1]`` is the hole's)."""
         if self.host_counts is None:
             object.__setattr__(self, "host_counts", tuple(self.count.tolist()))  # a cache, not a new value
         return self.host_counts
@@ -103,17 +110,34 @@ class Routing:
         return count_ids(self.indices.reshape(-1), self.probs.shape[1])
 
     @property
+    def null_counts(self) -> Tuple[int, ...]:
+        """Host ints, assignments per null column (``null_columns`` order; the hole's is ``counts[-1]``)."""
+        return self.counts[self.num_experts: self.num_experts + len(self.null_columns)]
+
+    @property
+    def num_computed_null(self) -> int:
+        """Null columns whose slots contribute (copy and constant): the first ones of ``null_columns``."""
+        return sum(kind != "zero" for kind in self.null_columns)
+
+    @property
+    def null_slots(self) -> int:
+        """Slots sent to a copy or constant null expert: they contribute ``w·x`` / ``w·(α1·x + α2·v)`` and
+        are not dropped (zero null experts' slots are in ``dropped``)."""
+        return sum(self.null_counts[: self.num_computed_null])
+
+    @property
     def num_assigned(self) -> int:
         """A: assignments that reach a real expert, ``sum(load)``; they come first in ``token_index``, the
-        hole's are the tail (capacity drops are not listed at all). Without a hole that is every assignment,
-        known without reading counts."""
-        if not self.hole:
+        null experts' and the hole's are the tail (capacity drops are not listed at all). Without a hole or
+        null experts that is every assignment, known without reading counts."""
+        if not self.hole and not self.null_columns:
             return self.token_index.shape[0]
         return sum(self.counts[: self.num_experts])
 
     @classmethod
     def build(cls, scores: Sequence[Optional[torch.Tensor]], picked: "Selection", num_experts: int, hole: bool,
-              tokens_shape: Optional[Tuple[int, ...]] = None, kept: Optional[torch.Tensor] = None) -> "Routing":
+              tokens_shape: Optional[Tuple[int, ...]] = None, kept: Optional[torch.Tensor] = None,
+              null_columns: Tuple[str, ...] = ()) -> "Routing":
         """The record of one forward, from the router's ``scores`` = (logits, noisy_logits, noise_std, probs)
         and a strategy's selection (:mod:`moefy.routing.select`). ``kept`` (T,) maps the T routed rows to
         their ids among all input tokens when some were masked out, so the record's token ids index the input."""
@@ -127,4 +151,5 @@ class Routing:
                    noise_std=std, probs=probs, indices=indices, weights=picked.weights, token_index=token_index,
                    expert_index=picked.expert_index, weight=picked.weight, count=picked.count,
                    tokens_shape=tuple(tokens_shape if tokens_shape is not None else (logits.shape[0],)),
-                   dropped=picked.dropped, host_counts=picked.host_counts, kept=kept)
+                   dropped=picked.dropped, host_counts=picked.host_counts, kept=kept,
+                   null_columns=tuple(null_columns))

@@ -79,7 +79,7 @@ def replay_selection(probs: torch.Tensor, replayed: Replayed, config: RoutingCon
         vals = replayed.weights.to(probs.device, probs.dtype)                   # (T, k) constants
     else:
         vals = combine_weights(probs.gather(-1, idx), config)                   # (T, k)
-    return from_picks(idx, vals, num_columns, num_experts, config.hole)
+    return from_picks(idx, vals, num_columns, num_experts, config.zero_columns)
 
 
 class _Slot:

@@ -26,10 +26,10 @@ def route(router: Router, x: torch.Tensor, config: RoutingConfig, num_experts: i
     scores = router(x)                                   # logits, noisy_logits, noise_std, probs: (T, E')
     if replay is not None:                               # the recorded picks, weighted as replay.mode says
         picked = replay_selection(scores[3], replay, config, num_experts)
-        return Routing.build(scores, picked, num_experts, config.hole, tokens_shape, kept)
+        return Routing.build(scores, picked, num_experts, config.hole, tokens_shape, kept, config.null_columns)
     subset = None
     if config.noise == "simple" and router.training:     # SIMPLE: k-hot (T, E'), marginals' gradient
         subset = simple_subset(scores[1] / config.temperature, config.k)
     bias = router.score_correction_bias                  # (E',) for selection only, or None
     picked = select(scores[3], config, num_experts, subset, bias)  # assignments grouped by column
-    return Routing.build(scores, picked, num_experts, config.hole, tokens_shape, kept)
+    return Routing.build(scores, picked, num_experts, config.hole, tokens_shape, kept, config.null_columns)

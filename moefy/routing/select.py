@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -63,7 +63,7 @@ def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
         vals = probs.gather(-1, idx)                                                    # (T, k)
     else:
         vals, idx = top_k(probs, config.k)                                  # (T, k) each
-    picked = from_picks(idx, combine_weights(vals, config), probs.shape[1], num_experts, config.hole)
+    picked = from_picks(idx, combine_weights(vals, config), probs.shape[1], num_experts, config.zero_columns)
     return with_capacity(picked, probs, config, num_experts)
 
 
@@ -109,13 +109,15 @@ def with_capacity(picked: Selection, probs: torch.Tensor, config: RoutingConfig,
 
 
 def from_picks(indices: torch.Tensor, weights: torch.Tensor, num_columns: int, num_experts: int,
-               hole: bool) -> Selection:
+               hole: Union[bool, int]) -> Selection:
     """Token-choice picks (T, k) as a selection: one stable sort groups the assignments by column; slots
-    sent to the hole (column E) are the dropped ones."""
+    sent to the last ``hole`` columns (True: one, the hole; an int: the zero null experts plus the hole,
+    ``config.zero_columns``) are the dropped ones."""
     token_index, expert_index, weight = group_by_column(indices, weights)  # (T*k,) each
     count = count_ids(expert_index, num_columns)                             # (E',)
     host_counts = None if count.is_cuda else tuple(count.tolist())          # on a GPU: read back when needed
-    dropped = count[num_experts] if hole else NO_DROPS
+    zeros = int(hole)
+    dropped = (count[num_columns - 1] if zeros == 1 else count[num_columns - zeros:].sum()) if zeros else NO_DROPS
     return Selection("token_choice", indices, weights, token_index, expert_index, weight, count, dropped,
                      host_counts)
 
@@ -138,10 +140,10 @@ def expert_capacity(num_tokens: int, num_columns: int, k: float, capacity_factor
 
 def cap_columns(selection: Selection, probs: torch.Tensor, capacity: int, num_experts: int,
                 policy: str = "probs") -> Selection:
-    """A token-choice selection with at most ``capacity`` assignments per real column (the hole is never
-    capped). ``policy`` says which an over-full column keeps: ``"probs"``: the highest scores ``probs``
-    (T, E') of the picks (ties: earlier tokens); ``"position"``: the earliest tokens. The others leave the
-    assignment list (so nothing downstream runs or counts them) and are added to ``dropped``; ``indices`` /
+    """A token-choice selection with at most ``capacity`` assignments per real column (the hole and the null
+    experts are never capped). ``policy`` says which an over-full column keeps: ``"probs"``: the highest scores
+    ``probs`` (T, E') of the picks (ties: earlier tokens); ``"position"``: the earliest tokens. The others leave
+    the assignment list (so nothing downstream runs or counts them) and are added to ``dropped``; ``indices`` /
     ``weights`` keep the picks as made. Keeps the column grouping and the token order inside a column."""
     col, count = selection.expert_index, selection.count                     # (A,), (E',)
     if capacity >= probs.shape[0] or col.numel() == 0:                       # nothing can overflow

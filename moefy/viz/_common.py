@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Dict, Sequence, Tuple
 
 from matplotlib.figure import Figure
 
@@ -23,9 +23,24 @@ def new_figure(panels: int, panel_size: Tuple[float, float] = (3.2, 2.6), max_co
     return fig, axes[:panels]
 
 
-def column_names(num_experts: int, hole: bool):
-    """Router column labels: ``expert 0`` … ``expert E-1`` and ``hole``."""
-    return [f"expert {e}" for e in range(num_experts)] + (["hole"] if hole else [])
+NULL_COLORS = {"copy": "#6f8fa8", "constant": "#b39a6b", "zero": "#c4c4c4"}
+NULL_LABELS = {"copy": "copy", "constant": "const", "zero": "zero"}
+
+
+def column_names(num_experts: int, hole: bool, null_columns: Sequence[str] = ()):
+    """Router column labels: ``expert 0`` … ``expert E-1``, the null experts numbered per kind (``copy 0``,
+    ``const 0``, ``zero 0``, ...) and ``hole``."""
+    seen: Dict[str, int] = {}
+    nulls = []
+    for kind in null_columns:
+        nulls.append(f"{NULL_LABELS[kind]} {seen.get(kind, 0)}")
+        seen[kind] = seen.get(kind, 0) + 1
+    return [f"expert {e}" for e in range(num_experts)] + nulls + (["hole"] if hole else [])
+
+
+def column_colors(num_experts: int, hole: bool, null_columns: Sequence[str] = ()):
+    """One colour per router column: the experts', a muted one per null kind, grey for the hole."""
+    return expert_colors(num_experts) + [NULL_COLORS[k] for k in null_columns] + [HOLE_COLOR] * hole
 
 
 def expert_colors(n: int):

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..observe.log import LayerSeries, TrainingLog
-from ._common import HOLE_COLOR, expert_colors, new_figure
+from ._common import column_colors, column_names, new_figure
 
 
 def _check_log(log) -> TrainingLog:
@@ -29,14 +29,17 @@ def _plain(text: str) -> str:
 
 
 def _columns(series: LayerSeries) -> List[str]:
-    n = series.num_columns
-    return [f"expert {e}" for e in range(n - 1)] + (["hole"] if series.hole else [f"expert {n - 1}"])
+    return column_names(_num_experts(series), series.hole, series.null_columns)
+
+
+def _num_experts(series: LayerSeries) -> int:
+    return series.num_columns - len(series.null_columns) - int(series.hole)
 
 
 def _draw_utilization(ax, log: TrainingLog, series: LayerSeries) -> None:
     util = np.asarray(series.utilization)
-    names, hole = _columns(series), series.hole
-    colors = expert_colors(util.shape[1] - hole) + [HOLE_COLOR] * hole
+    names = _columns(series)
+    colors = column_colors(_num_experts(series), series.hole, series.null_columns)
     for j, (name, color) in enumerate(zip(names, colors)):
         ax.plot(log.epochs, util[:, j], marker="o", ms=3, color=color, label=name,
                 ls="--" if name == "hole" else "-")

@@ -148,7 +148,8 @@ def patch_masks(routing: Routing, grid: Tuple[int, int], prefix_tokens: Optional
     images = routing.num_inputs // per_image
     if not 0 <= sample < images:
         raise ValueError(f"sample must be in [0, {images}), got {sample}")
-    e, extra_panel = routing.num_experts, routing.hole or routing.mode == "expert_choice"
+    e = routing.num_experts  # null experts and the hole share the last panel
+    extra_panel = routing.hole or bool(routing.null_columns) or routing.mode == "expert_choice"
     panels = e + int(extra_panel)
     tok = routing.token_index.cpu().numpy() - sample * per_image
     col = routing.expert_index.cpu().numpy()
@@ -236,7 +237,8 @@ def route_image(image: ImageLike, model: nn.Module, patch_size: Union[int, Seque
             raise ValueError(f"block {name or 'model'!r}: {err}") from None
         names = column_names(block.num_experts, False)
         if masks.shape[0] > block.num_experts:
-            names.append("hole / dropped" if block.hole else "dropped")
+            names.append(("null / " if block.config.null_columns else "") + ("hole / dropped" if block.hole
+                                                                               else "dropped"))
         out.append(PatchRouting(name=name or "model", title=block.moe_name, image=shown, patch_size=(ph, pw),
                                 masks=masks, panel_names=names, prefix_tokens=prefix, prefix_routed=routed,
                                 whole_image=whole or seen[name].num_tokens == 1))
