@@ -21,6 +21,7 @@ from .dispatch.null import ConstantExperts, add_null
 from .dispatch.rows import as_rows, kept_rows, with_side_inputs
 from .dispatch.shared import RunShared, add_shared
 from .fastpaths import set_plain_attribute
+from .routing.views import LastRoutingViews
 from .routing.bias_balance import BiasBalance
 from .routing.losses import AUX_LOSSES, GlobalBalance
 from .routing.record import Routing
@@ -33,7 +34,7 @@ def _compiling() -> bool:
     return bool(is_compiling is not None and is_compiling())
 
 
-class MoEBlock(nn.Module, ABC):
+class MoEBlock(LastRoutingViews, nn.Module, ABC):
     """A mixture of experts over any expert modules.
 
     Subclass it: build the experts, pass them to ``super().__init__(experts=..., input_dim=..., **options)``
@@ -243,37 +244,6 @@ class MoEBlock(nn.Module, ABC):
             raise ValueError(f"checkpoint does not fit {self.moe_name} at '{prefix or '.'}': the checkpoint has {what}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    # ------------------------------------------------------------------ views of the last routing
-    @property
-    def routing_matrix(self) -> torch.Tensor:
-        """(T, E') router scores of the last forward."""
-        return self._last().probs
-
-    def _last(self) -> Routing:
-        if self.routing is None:
-            raise RuntimeError(f"{self.moe_name} has not run a forward yet: no routing to show")
-        return self.routing
-
-    @torch.no_grad()
-    def experts_load(self) -> torch.Tensor:
-        """(E', N) long: ``load[e, n]`` = samples whose token at position n went to column e.
-
-        N is the input's second-to-last dim for inputs (B, N, D) and more; 1 for (B, D) inputs and for
-        per-sample routing. Rows E, E+1, ... are the null experts (``config.null_columns``), then the hole
-        (last) when there is one. Assignments dropped over a token-choice
-        capacity are in no row (they count in ``routing.dropped``).
-        """
-        r = self._last()
-        positions = r.tokens_shape[-1] if (self.route == "tokens" and len(r.tokens_shape) > 1) else 1
-        load = torch.zeros(self.num_columns, positions, dtype=torch.long, device=r.token_index.device)
-        pos = r.token_index % positions
-        return load.index_put_((r.expert_index, pos), torch.ones_like(pos), accumulate=True)
-
-    @torch.no_grad()
-    def abs_experts_load(self) -> torch.Tensor:
-        """(E',) long: tokens each router column received in the last forward."""
-        return self._last().count.to("cpu", torch.long, copy=True)
 
     def _extra_columns(self) -> str:
         null = len(self.config.null_columns)

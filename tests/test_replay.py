@@ -173,3 +173,24 @@ def test_replay_recomputes_under_activation_checkpointing():
     with replay.replay():
         (b(x) * probe).sum().backward()
     torch.testing.assert_close(got, x.grad)
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_replay_drops_the_slots_the_recorded_forward_dropped(policy):
+    """With a token-choice capacity the replay keeps exactly the recorded kept set, even after the router
+    changed (the capacity ranks the picks by the recorded scores)."""
+    b = block(k=2, noise="gumbel", token_capacity_factor=0.6, drop_policy=policy).train()
+    x = torch.randn(40, 4)
+    replay = RouterReplay(b)
+    with replay.record():
+        b(x)
+    want = b.routing
+    assert int(want.dropped) > 0  # C = ceil(0.6 · 40 · 2 / 4) = 12 < the fullest expert's picks
+    with torch.no_grad():
+        b.router.gate.weight.add_(torch.randn_like(b.router.gate.weight))  # the policy has moved
+    with replay.replay():
+        b(x)
+    got = b.routing
+    assert torch.equal(got.token_index, want.token_index) and torch.equal(got.expert_index, want.expert_index)
+    assert got.counts == want.counts and int(got.dropped) == int(want.dropped)
+    assert sum(got.counts[:4]) + int(got.dropped) == 40 * 2

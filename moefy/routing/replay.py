@@ -48,7 +48,7 @@ from torch import nn
 from ..checks import check_choice
 from ..config import RoutingConfig
 from .record import Routing
-from .select import Selection, combine_weights, from_picks
+from .select import Selection, combine_weights, from_picks, with_capacity
 
 REPLAY_WEIGHTS = ("recompute", "frozen")
 
@@ -56,11 +56,14 @@ REPLAY_WEIGHTS = ("recompute", "frozen")
 @dataclass(frozen=True)
 class Replayed:
     """One recorded call of one block: ``indices`` (T, k) long router columns, ``weights`` (T, k) the
-    recorded combine weights (detached), and how to weight the replay (``"recompute"`` / ``"frozen"``)."""
+    recorded combine weights (detached), how to weight the replay (``"recompute"`` / ``"frozen"``), and the
+    recorded scores (T, E') (detached) that a token-choice capacity ranks the picks by, so a replay drops
+    exactly the slots the recorded forward dropped."""
 
     indices: torch.Tensor
     weights: torch.Tensor
     mode: str = "recompute"
+    scores: Optional[torch.Tensor] = None
 
 
 def replay_selection(probs: torch.Tensor, replayed: Replayed, config: RoutingConfig, num_experts: int) -> Selection:
@@ -79,7 +82,9 @@ def replay_selection(probs: torch.Tensor, replayed: Replayed, config: RoutingCon
         vals = replayed.weights.to(probs.device, probs.dtype)                   # (T, k) constants
     else:
         vals = combine_weights(probs.gather(-1, idx), config)                   # (T, k)
-    return from_picks(idx, vals, num_columns, num_experts, config.zero_columns)
+    picked = from_picks(idx, vals, num_columns, num_experts, config.zero_columns)
+    ranked_by = replayed.scores.to(probs.device) if replayed.scores is not None else probs
+    return with_capacity(picked, ranked_by, config, num_experts)  # the recorded drops, by the recorded scores
 
 
 class _Slot:
@@ -97,11 +102,12 @@ class _Slot:
                                f"{self.next + 1}; record the same forwards you replay")
         call = self.calls[self.next]
         self.next += 1
-        return Replayed(call.indices, call.weights, self.mode)
+        return Replayed(call.indices, call.weights, self.mode, call.scores)
 
     def keep(self, routing: Routing) -> None:
         if self.mode is None:
-            self.calls.append(Replayed(routing.indices.detach(), routing.weights.detach()))
+            self.calls.append(Replayed(routing.indices.detach(), routing.weights.detach(),
+                                       scores=routing.probs.detach()))
 
 
 class RouterReplay:
