@@ -115,3 +115,57 @@ def test_null_expert_slots_are_processed_null_or_dropped(config):
         (y.sum() + block.aux_loss).backward()
         for p in block.parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@st.composite
+def deepseek_configs(draw):
+    """Token choice with DeepSeek-V3's pieces: groups, a selection bias, scaling, shared experts, capacity."""
+    groups = draw(st.sampled_from([1, 2, 3]))
+    num_experts = groups * draw(st.integers(1, 3))
+    topk_group = draw(st.integers(1, groups))
+    k = draw(st.integers(1, topk_group * num_experts // groups))
+    options = dict(num_experts=num_experts, k=k, n_group=groups, topk_group=topk_group,
+                   score_func=draw(st.sampled_from(["softmax", "sigmoid"])), selection_bias=draw(st.booleans()),
+                   routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])), normalize=draw(st.booleans()),
+                   noise=draw(st.sampled_from([None, "gumbel"])),
+                   token_capacity_factor=draw(st.sampled_from([None, 0.5, 1.0])),
+                   aux_criterion=draw(st.lists(st.sampled_from(["switch", "seq_balance", "z"]), unique=True,
+                                               max_size=2)))
+    shared = draw(st.integers(0, 2))
+    gate = shared > 0 and draw(st.booleans())
+    shape = draw(st.sampled_from([(0,), (1,), (7,), (2, 5), (2, 3, 4)]))
+    return options, shared, gate, shape, draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2 ** 16))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deepseek_configs())
+def test_group_limited_routing_keeps_every_slot_counted(config):
+    """``sum(load) + dropped == T·k`` with groups, bias, scaling, shared experts and capacity; every token's
+    picks are distinct and lie in at most ``topk_group`` groups; normalised weights sum to the scaling factor."""
+    options, shared, gate, shape, masked, training, seed = config
+    torch.manual_seed(seed)
+    block = LinearMixture(5, 3, shared_experts=[torch.nn.Linear(5, 3) for _ in range(shared)] or None,
+                          shared_gate=gate, **options).train(training)
+    if options["selection_bias"]:
+        with torch.no_grad():
+            block.router.score_correction_bias.normal_()
+    x = torch.randn(*shape, 5)
+    mask = torch.rand(shape) > 0.4 if masked else None
+    y = block(x, token_mask=mask)
+    r = block.routing
+    t, k, e, groups = r.num_tokens, options["k"], block.num_experts, options["n_group"]
+    assert y.shape == (*shape, 3) and torch.isfinite(y).all()
+    assert int(sum(r.load)) + int(r.dropped) == t * k
+    if t:
+        picks = r.indices.sort(-1).values
+        assert (picks[:, 1:] != picks[:, :-1]).all()
+        per_group = e // groups
+        assert all(len(set((row // per_group).tolist())) <= options["topk_group"] for row in r.indices)
+        if options["normalize"]:
+            torch.testing.assert_close(r.weights.sum(-1), torch.full((t,), options["routed_scaling_factor"]))
+    if mask is not None:
+        assert torch.all(y[~mask] == 0)
+    if training and t and y.requires_grad:
+        (y.sum() + block.aux_loss).backward()
+        for p in block.parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all()
