@@ -21,12 +21,12 @@ from .dispatch.null import ConstantExperts, add_null
 from .dispatch.rows import as_rows, kept_rows, with_side_inputs
 from .dispatch.shared import RunShared, add_shared
 from .fastpaths import set_plain_attribute
-from .routing.views import LastRoutingViews
 from .routing.bias_balance import BiasBalance
 from .routing.losses import AUX_LOSSES, GlobalBalance
 from .routing.record import Routing
 from .routing.route import route as make_routing
 from .routing.router import Router
+from .routing.views import LastRoutingViews
 
 
 def _compiling() -> bool:
