@@ -73,6 +73,15 @@ def test_routing_invariants(config):
             assert p.grad is not None and torch.isfinite(p.grad).all()
 
 
+def masked_are_zero_and_every_parameter_learns(block, y, mask, backward: bool) -> None:
+    if mask is not None:
+        assert torch.all(y[~mask] == 0)
+    if backward and y.requires_grad:
+        (y.sum() + block.aux_loss).backward()
+        for p in block.parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
 @st.composite
 def null_configs(draw):
     """Token choice with MoE++ null experts (D → D experts so copy and constant apply)."""
@@ -109,12 +118,7 @@ def test_null_expert_slots_are_processed_null_or_dropped(config):
     over = int((r.picked_count[:e] - r.count[:e]).sum())
     assert int(r.dropped) == zero_tail + over
     assert r.null_slots == sum(n for n, kind in zip(r.null_counts, r.null_columns) if kind != "zero")
-    if mask is not None:
-        assert torch.all(y[~mask] == 0)
-    if training and t and y.requires_grad:
-        (y.sum() + block.aux_loss).backward()
-        for p in block.parameters():
-            assert p.grad is not None and torch.isfinite(p.grad).all()
+    masked_are_zero_and_every_parameter_learns(block, y, mask, training and t > 0)
 
 
 @st.composite
@@ -163,9 +167,4 @@ def test_group_limited_routing_keeps_every_slot_counted(config):
         assert all(len(set((row // per_group).tolist())) <= options["topk_group"] for row in r.indices)
         if options["normalize"]:
             torch.testing.assert_close(r.weights.sum(-1), torch.full((t,), options["routed_scaling_factor"]))
-    if mask is not None:
-        assert torch.all(y[~mask] == 0)
-    if training and t and y.requires_grad:
-        (y.sum() + block.aux_loss).backward()
-        for p in block.parameters():
-            assert p.grad is not None and torch.isfinite(p.grad).all()
+    masked_are_zero_and_every_parameter_learns(block, y, mask, training and t > 0)
