@@ -74,7 +74,7 @@ class ModuleMixture(MoEBlock):
         check_int(num_shared, "num_shared", min=0)
         base = RoutingConfig.from_options(config, **options)
         given = route if route is not None else (base.route if base.route != "tokens" else None)
-        auto = explain_routing(module, route=given)  # probes the module only when it has to pick the route
+        auto = explain_routing(module, route=given, input_dim=input_dim)  # probes the module only when it has to pick the route
         route = ROUTE_ALIASES.get(auto.route, auto.route)
         auto_dim, auto_feature_dim = auto.input_dim, auto.feature_dim
         input_dim = auto_dim if input_dim is None else input_dim

@@ -17,6 +17,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
+from ..checks import check_choice, check_int, check_module
+from ..config import ROUTE_ALIASES, ROUTES
 from ..dispatch.fused import ELEMENTWISE
 
 _ELEMENTWISE = ELEMENTWISE + (nn.PReLU, nn.Dropout)  # position-wise, though not fusable
@@ -85,6 +87,8 @@ def probe_position_wise(module: nn.Module, input_dim: int) -> bool:
     Runs in eval mode without gradients (train flags restored). Raises what the forward raises (a forward
     that needs other arguments) and TypeError for an output that is not a tensor with the (2, 5) leading dims.
     """
+    check_module(module, "module")
+    check_int(input_dim, "input_dim", min=1)
     param = next(module.parameters(), None)
     device, dtype = (param.device, param.dtype) if param is not None and param.is_floating_point() else (None, None)
     flags = [(m, m.training) for m in module.modules()]
@@ -108,19 +112,22 @@ def probe_position_wise(module: nn.Module, input_dim: int) -> bool:
     return same(y_rows, y.reshape(10, *y.shape[2:])[rows]) and same(y_perm, y[:, perm])
 
 
-def explain_routing(module: nn.Module, route: Optional[str] = None) -> RouteChoice:
+def explain_routing(module: nn.Module, route: Optional[str] = None, input_dim: Optional[int] = None) -> RouteChoice:
     """:func:`infer_routing` with the reason for the log (see the module docstring for the rules); a given
-    ``route`` is kept (no probe), only the sizes are inferred."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    ``route`` is kept (no probe), a given ``input_dim`` is the size the probe uses."""
+    check_module(module, "module")
+    if input_dim is not None:
+        check_int(input_dim, "input_dim", min=1)
     size, channels_first = _first_input_layer(module)
+    size = size if input_dim is None else input_dim
     if route is not None:
+        check_choice(ROUTE_ALIASES.get(route, route), "route", ROUTES)
         return RouteChoice(route, size, 1 if channels_first and route != "tokens" else -1, f"route={route!r} given")
     if _position_wise(module):
         return RouteChoice("tokens", size, -1, f"position-wise layers: {_leaf_types(module)}")
     feature_dim = 1 if channels_first else -1
-    mixing = next((m for m in module.modules() if isinstance(m, _MIXING)), None)
-    if mixing is not None:
+    mixing = next((m for m in module.modules() if isinstance(m, _MIXING) or "Attention" in type(m).__name__), None)
+    if mixing is not None:  # (HF attention classes: LlamaAttention, BertSelfAttention, ...)
         what = "channels on dim 1" if isinstance(mixing, _CHANNELS_FIRST) else "mixes positions"
         return RouteChoice("samples", size, feature_dim, f"contains {type(mixing).__name__}: {what}")
     known = type(module).__name__ in HF_POSITION_WISE
