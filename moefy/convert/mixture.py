@@ -20,7 +20,7 @@ from torch import nn
 from ..block import MoEBlock
 from ..checks import check_int, check_number
 from ..config import ROUTE_ALIASES, RoutingConfig
-from .routes import _CONV, explain_routing, infer_routing  # noqa: F401 (infer_routing: re-exported)
+from .routes import _CONV, explain_routing, infer_routing  # noqa: F401 (infer_routing: its old home)
 
 
 def _check_module(value, name: str) -> None:
@@ -51,7 +51,8 @@ class ModuleMixture(MoEBlock):
         input_dim: D, the features the router reads; inferred from the module (``in_features``,
             ``in_channels``, ``embed_dim``, ...) when None.
         route, feature_dim: as in :class:`~moefy.config.RoutingConfig`; chosen by :func:`infer_routing` unless
-            given here or set to a non-default value in ``config``.
+            given here or set to a non-default value in ``config`` (``route_reason`` says why, ``route_unsure``
+            is True where the module could not be classified and routes per sample).
         expert_noise: breaks the symmetry of the copies: every floating parameter ``p`` of every expert gets
             ``N(0, (expert_noise * rms(p))^2)`` noise. 0 (default) keeps the mixture exact.
         num_shared: S ≥ 0 more copies as shared experts (:mod:`moefy.dispatch.shared`), run on every routed
