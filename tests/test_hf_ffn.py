@@ -96,6 +96,13 @@ class CumSum(nn.Module):
         return self.proj(x).cumsum(dim=1)
 
 
+class SelfMix(nn.Module):
+    """Mixes positions yet permutes with them (attention without positions): only the row-subset check sees it."""
+
+    def forward(self, x):
+        return torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+
+
 class NeedsMask(nn.Module):
     def __init__(self, d):
         super().__init__()
@@ -114,6 +121,9 @@ def test_probe_plain_modules():
     torch.manual_seed(0)
     assert probe_position_wise(SwiGLU(6, 10), 6) is True
     assert probe_position_wise(CumSum(6), 6) is False
+    x = torch.randn(2, 5, 6)  # (B, L, D)
+    assert torch.allclose(SelfMix()(x[:, [4, 2, 0, 1, 3]]), SelfMix()(x)[:, [4, 2, 0, 1, 3]], atol=1e-6)
+    assert probe_position_wise(SelfMix(), 6) is False
     assert infer_routing(SwiGLU(6, 10)) == ("tokens", 6, -1)
     assert infer_routing(CumSum(6)) == ("samples", 6, -1)
     choice = explain_routing(CumSum(6))
