@@ -21,6 +21,7 @@ import moefy.viz
 from conftest import LinearMixture
 from moefy import compat, convert, data
 from moefy.convert import hf as upcycle_hf
+from moefy.convert import routes
 from moefy.observe import log as moelog
 from moefy.observe import recorder as stats
 from moefy.observe.log import LogFormatError
@@ -417,6 +418,11 @@ case("load_dense_state_dict", lambda t: moefy.load_dense_state_dict(dense_checkp
 case("load_dense_state_dict", lambda t: moefy.load_dense_state_dict(dense_checkpoint()[0], {}), RuntimeError,
      r"load_dense_state_dict: missing keys")
 case("infer_routing", lambda t: convert.infer_routing("linear"), TypeError, r"module must be an nn.Module")
+case("explain_routing", lambda t: routes.explain_routing(None), TypeError, r"module must be an nn.Module")
+case("explain_routing", lambda t: routes.explain_routing(nn.Linear(2, 2), route="pixels"), ValueError, r"route must be one of")
+case("explain_routing", lambda t: routes.explain_routing(nn.Linear(2, 2), input_dim=0), ValueError, r"input_dim must be")
+case("probe_position_wise", lambda t: routes.probe_position_wise(nn.Linear(2, 2), 2.5), ValueError, r"input_dim must be")
+case("probe_position_wise", lambda t: routes.probe_position_wise("mlp", 2), TypeError, r"module must be an nn.Module")
 case("dense_key_map", lambda t: convert.dense_key_map(None), TypeError, r"model must be an nn.Module")
 
 # ---------------------------------------------------------------------- MoE (recipes/sparse_moe.py)
@@ -757,13 +763,14 @@ NOT_SWEPT = {
     "Routing", "AUX_LOSSES", "data", "metrics", "ReliabilityBins", "ImageDataset", "LayerStats", "LayerSeries",
     "TrainingLog", "LogFormatError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
     "ExpertParallelExperts", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
-    "layer_loads", "viz", "ROUTE_ALIASES", "Replayed",
+    "layer_loads", "viz", "ROUTE_ALIASES", "Replayed", "RouteChoice",
 }
 
 
 # the modules that convert.py and distributed.py were split into (import_module: moefy.convert.merge, read as an
 # attribute, is the function merge)
-CONVERT_MODULES = [import_module(f"moefy.convert.{m}") for m in ("mixture", "surgery", "merge", "checkpoint")]
+CONVERT_MODULES = [import_module(f"moefy.convert.{m}") for m in ("mixture", "routes", "surgery", "merge",
+                                                                      "checkpoint")]
 PARALLEL_MODULES = [import_module(f"moefy.parallel.{m}") for m in ("expert_parallel", "checkpoint")]
 
 

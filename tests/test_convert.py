@@ -146,7 +146,7 @@ def test_automatic_routing_per_module_kind():
     assert infer_routing(nn.Conv2d(3, 8, 3)) == ("samples", 3, 1)
     assert infer_routing(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())) == ("samples", 3, 1)
     assert infer_routing(nn.MultiheadAttention(8, 2, batch_first=True)) == ("samples", 8, -1)
-    assert infer_routing(SwiGLU(7, 3)) == ("samples", 7, -1)  # unknown forward: whole samples, always exact
+    assert infer_routing(SwiGLU(7, 3)) == ("tokens", 7, -1)  # probed: acts on every row alone
     assert infer_routing(ConvBlock()) == ("samples", 3, 1)
     assert infer_routing(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 2))) == ("samples", 5, 1)
     assert isinstance(moefy(nn.MultiheadAttention(8, 2)), AttentionMixture)

@@ -1,6 +1,7 @@
 """Conversion: clone a module, or chosen submodules of a model, into mixtures of their copies, and back to dense.
 
-- ``mixture``: :class:`ModuleMixture`, :class:`AttentionMixture`, :func:`infer_routing`.
+- ``mixture``: :class:`ModuleMixture`, :class:`AttentionMixture`.
+- ``routes``: :func:`infer_routing` / :func:`explain_routing` (per token or per sample, probed where unknown).
 - ``surgery``: :func:`moefy` (one module, or every ``target`` submodule of a model in place), :func:`moefy_chain`.
 - ``merge``: :func:`merge` a mixture into one dense module, :func:`unmoefy` a whole model.
 - ``checkpoint``: :func:`dense_key_map`, :func:`load_dense_state_dict` (a dense checkpoint into a moefied model).
@@ -9,11 +10,12 @@
 from .checkpoint import dense_key_map, load_dense_state_dict
 from .hf import INSTALL_HINT, encode, ffn_layers, load_bert, mean_pool, minilm_path, moefy_bert_ffn
 from .merge import merge, unmoefy
-from .mixture import AttentionMixture, ModuleMixture, infer_routing
+from .mixture import AttentionMixture, ModuleMixture
+from .routes import RouteChoice, explain_routing, infer_routing, probe_position_wise
 from .surgery import Target, moefy, moefy_chain
 
 __all__ = [
-    "ModuleMixture", "AttentionMixture", "infer_routing", "moefy", "moefy_chain", "Target",
+    "ModuleMixture", "AttentionMixture", "infer_routing", "explain_routing", "probe_position_wise", "RouteChoice", "moefy", "moefy_chain", "Target",
     "merge", "unmoefy", "dense_key_map", "load_dense_state_dict",
     "INSTALL_HINT", "minilm_path", "load_bert", "ffn_layers", "moefy_bert_ffn", "mean_pool", "encode",
 ]

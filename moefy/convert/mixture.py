@@ -1,5 +1,5 @@
 """ModuleMixture / AttentionMixture: a mixture of deep copies of one module with a fresh router, and
-:func:`infer_routing`, which picks per-token or per-sample routing that keeps the module exact.
+:func:`infer_routing` (:mod:`moefy.convert.routes`) picks per-token or per-sample routing that keeps it exact.
 
 Every expert starts as a deep copy of the module (weights, buffers, requires_grad, train/eval state) and the
 router is fresh. With the default routing (token choice, top-k weights renormalised to sum to one, no hole)
@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -20,51 +20,7 @@ from torch import nn
 from ..block import MoEBlock
 from ..checks import check_int, check_number
 from ..config import ROUTE_ALIASES, RoutingConfig
-from ..dispatch.fused import ELEMENTWISE
-
-
-_ELEMENTWISE = ELEMENTWISE + (nn.PReLU, nn.Dropout)  # position-wise, though not fusable
-_POSITION_WISE = (nn.Linear, nn.LayerNorm, *_ELEMENTWISE) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _position_wise(module: nn.Module) -> bool:
-    """Linear / norms / elementwise layers, or Sequentials of them: they act on each vector on its own."""
-    if isinstance(module, nn.Sequential):
-        return len(module) > 0 and all(_position_wise(m) for m in module)
-    return isinstance(module, _POSITION_WISE)
-
-
-_CHANNELS_FIRST = _CONV + (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
-
-
-def _first_input_layer(module: nn.Module) -> Tuple[Optional[int], bool]:
-    """``(feature size, channels first)`` of the first submodule (``module.modules()`` order) that declares
-    its input features: Linear, conv, attention, RNN, norms."""
-    for m in module.modules():
-        for attr in ("in_features", "in_channels", "embed_dim", "input_size", "d_model", "num_features",
-                     "num_channels"):
-            if isinstance(getattr(m, attr, None), int):
-                return getattr(m, attr), isinstance(m, _CHANNELS_FIRST)
-        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
-            return m.normalized_shape[0], False
-    return None, False
-
-
-def infer_routing(module: nn.Module) -> Tuple[str, Optional[int], int]:
-    """``(route, input_dim, feature_dim)`` that keep ``module`` exact inside a mixture.
-
-    Per token for a Linear or a Sequential of position-wise layers (Linear, norms, activations, dropout);
-    per sample for everything else: convolutions (channels on dim 1), attention, and any other module, since
-    a module that sees whole samples computes what it computed before whatever it does inside. Pass
-    ``route="tokens"`` to ``moefy`` for a custom position-wise module (a SwiGLU FFN) to route per token.
-    ``input_dim`` is the input size of the first layer that declares one (None if none does).
-    """
-    _check_module(module, "module")
-    size, channels_first = _first_input_layer(module)
-    if _position_wise(module):
-        return "tokens", size, -1
-    return "samples", size, 1 if channels_first else -1
+from .routes import _CONV, explain_routing, infer_routing  # noqa: F401 (infer_routing: its old home)
 
 
 def _check_module(value, name: str) -> None:
@@ -95,7 +51,8 @@ class ModuleMixture(MoEBlock):
         input_dim: D, the features the router reads; inferred from the module (``in_features``,
             ``in_channels``, ``embed_dim``, ...) when None.
         route, feature_dim: as in :class:`~moefy.config.RoutingConfig`; chosen by :func:`infer_routing` unless
-            given here or set to a non-default value in ``config``.
+            given here or set to a non-default value in ``config`` (``route_reason`` says why, ``route_unsure``
+            is True where the module could not be classified and routes per sample).
         expert_noise: breaks the symmetry of the copies: every floating parameter ``p`` of every expert gets
             ``N(0, (expert_noise * rms(p))^2)`` noise. 0 (default) keeps the mixture exact.
         num_shared: S ≥ 0 more copies as shared experts (:mod:`moefy.dispatch.shared`), run on every routed
@@ -117,10 +74,10 @@ class ModuleMixture(MoEBlock):
         check_number(expert_noise, "expert_noise", low=0, what="a number >= 0 (a relative std)")
         check_int(num_shared, "num_shared", min=0)
         base = RoutingConfig.from_options(config, **options)
-        auto_route, auto_dim, auto_feature_dim = infer_routing(module)
-        if route is None:
-            route = base.route if base.route != "tokens" else auto_route
-        route = ROUTE_ALIASES.get(route, route)
+        given = route if route is not None else (base.route if base.route != "tokens" else None)
+        auto = explain_routing(module, route=given, input_dim=input_dim)  # probes the module only when it has to pick the route
+        route = ROUTE_ALIASES.get(auto.route, auto.route)
+        auto_dim, auto_feature_dim = auto.input_dim, auto.feature_dim
         input_dim = auto_dim if input_dim is None else input_dim
         if input_dim is None:
             raise ValueError(f"input_dim: cannot infer the input feature size of {type(module).__name__}; "
@@ -153,6 +110,7 @@ class ModuleMixture(MoEBlock):
         self.training = module.training  # the experts keep their own (possibly mixed) train/eval flags
         self.router.train(module.training)
         self.expert_noise = float(expert_noise)
+        self.route_reason, self.route_unsure = auto.reason, auto.unsure  # why this route (logged by moefy())
         self.conv_ndim = next((m.weight.dim() for m in [module] if isinstance(m, _CONV)), None)
         # For experts built from several sibling modules (moefy_chain): expert child name -> path of the module
         # it was copied from, relative to the module dense_root_depth levels above this mixture.

@@ -18,9 +18,18 @@ logger = logging.getLogger(__name__)
 Target = Union[str, Sequence[str], Type[nn.Module], Tuple[Type[nn.Module], ...], Callable[[str, nn.Module], bool]]
 
 
-def _mixture(module: nn.Module, **options) -> ModuleMixture:
+def _mixture(module: nn.Module, name: Optional[str] = None, **options) -> ModuleMixture:
+    """The mixture of ``module``; logs (``moefy`` logger) the route it got and why, and warns where moefy
+    could not classify the module and routed it per sample."""
     cls = AttentionMixture if isinstance(module, nn.MultiheadAttention) else ModuleMixture
-    return cls(module, **options)
+    mixture = cls(module, **options)
+    label = f"{name} ({type(module).__name__})" if name else type(module).__name__
+    logger.info("moefy: %s -> %d experts, k=%d, route=%s (%s)", label, len(mixture.experts), mixture.k,
+                mixture.route, mixture.route_reason)
+    if mixture.route_unsure:
+        logger.warning("moefy: %s routes per sample (whole sequences to one expert): %s. If it is position-wise "
+                       "(an FFN), pass route=\"tokens\" to moefy() to route every token", label, mixture.route_reason)
+    return mixture
 
 
 def _glob_regex(pattern: str) -> "re.Pattern":
@@ -67,7 +76,8 @@ def moefy(module: nn.Module, num_experts: int = 4, k: Optional[int] = None, *,
             ``(name, module) -> bool``. The outermost match wins; the model itself is never a target.
         **options: ``route``, ``input_dim``, ``feature_dim``, ``expert_noise``, ``config`` (see
             :class:`ModuleMixture`) and every :class:`~moefy.config.RoutingConfig` field. Without ``route`` each match gets its own
-            (:func:`infer_routing`): per token for Linear / MLP, per sample for conv, attention and the rest.
+            (:func:`infer_routing`): per token for Linear, MLPs and position-wise FFNs (probed; HF LlamaMLP,
+            GPT2MLP, BertIntermediate ...), per sample for conv, attention and what mixes positions; logged.
             Without ``layer_id`` the mixtures of a model are numbered 0, 1, ... in module order.
 
     Returns:
@@ -97,11 +107,10 @@ def moefy(module: nn.Module, num_experts: int = 4, k: Optional[int] = None, *,
         if getattr(options.get("config"), "layer_id", None) is None:
             opts.setdefault("layer_id", i)
         try:
-            mixture = _mixture(module.get_submodule(name), num_experts=num_experts, k=k, **opts)
+            mixture = _mixture(module.get_submodule(name), name, num_experts=num_experts, k=k, **opts)
         except (TypeError, ValueError) as err:
             raise type(err)(f"moefy target {name!r}: {err}") from err
         _set_submodule(module, name, mixture)
-        logger.info("moefy: %s -> %d experts, k=%d, route=%s", name, num_experts, mixture.k, mixture.route)
     return module
 
 
@@ -126,7 +135,7 @@ def moefy_chain(parent: nn.Module, names: Sequence[str], num_experts: int = 4, k
             parts.append(parent.get_submodule(name))
         except AttributeError as err:
             raise ValueError(f"names: {type(parent).__name__} has no submodule {name!r}") from err
-    mixture = _mixture(nn.Sequential(*parts), num_experts=num_experts, k=k, **options)
+    mixture = _mixture(nn.Sequential(*parts), "+".join(names), num_experts=num_experts, k=k, **options)
     mixture.dense_sources = {str(i): name for i, name in enumerate(names)}
     mixture.dense_root_depth = len(names[0].split("."))
     _set_submodule(parent, names[0], mixture)
