@@ -174,6 +174,14 @@ def test_root_mixture_and_tied_weights_round_trip(tmp_path):
     _same(model, loaded, torch.randint(0, 10, (2, 5)))
 
 
+def test_dtypes_round_trip(tmp_path):
+    model = moefy.moefy(Net(), 3, k=2, target="blocks.*", expert_noise=0.1).double()  # the routers too
+    moefy.save(model, tmp_path)
+    loaded = moefy.load(Net().double(), tmp_path)  # rebuilt routers start float32
+    assert loaded.blocks[0].router.gate.weight.dtype == torch.float64
+    _same(model, loaded, torch.randn(2, 3, 8, dtype=torch.float64))
+
+
 def test_without_safetensors_falls_back_to_torch_save(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)

@@ -210,5 +210,16 @@ def load(model: nn.Module, folder) -> nn.Module:
                          f"unexpected keys {unexpected[:8]}, shape mismatches {shapes[:8]}"
                          + (" (and more)" if max(len(missing), len(unexpected), len(shapes)) > 8 else "")
                          + "; pass the dense model this folder was saved from")
+    _match_dtypes(model, state)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _match_dtypes(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Give every floating tensor the saved dtype, so a router cast with the model (``model.double()`` after
+    ``moefy``, where a rebuilt router is float32) computes what it computed when saved."""
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        saved = state[key]
+        if tensor.dtype != saved.dtype and tensor.is_floating_point() and saved.is_floating_point():
+            with torch.no_grad():
+                tensor.data = tensor.data.to(saved.dtype)
