@@ -13,6 +13,8 @@ from .routing import Routing
 # upcycling: copies of a module (or of chosen submodules of a model) as a mixture, and back to dense
 from .convert import (AttentionMixture, ModuleMixture, load_dense_state_dict, merge, moefy, moefy_chain,
                       unmoefy)
+# saving: a moefied model's weights and conversions, and re-applying them to a fresh dense model
+from .convert.save import load, save
 # observing: routing statistics, the JSON-lines training log, and the plots (viz is imported on first use)
 from .observe import LogFormatError, RoutingRecorder, TrainingLogWriter, read_log
 # parallel: experts sharded over the ranks of a process group, and their checkpoints
@@ -23,6 +25,7 @@ from .recipes import MoE, block_distillation_loss, mode_loss, mutual_distillatio
 __all__ = [
     "MoEBlock", "RoutingConfig", "Routing", "aux_loss", "moe_blocks",
     "moefy", "moefy_chain", "merge", "unmoefy", "load_dense_state_dict", "ModuleMixture", "AttentionMixture",
+    "save", "load",
     "RoutingRecorder", "TrainingLogWriter", "read_log", "LogFormatError", "viz",
     "expert_parallel", "sharded_names", "merge_state_dicts", "full_state_dict",
     "MoE", "mutual_distillation_loss", "mode_loss", "block_distillation_loss",

@@ -16,6 +16,7 @@ README = Path(__file__).parent.parent / "README.md"
 CURATED = [
     "MoEBlock", "RoutingConfig", "Routing", "aux_loss", "moe_blocks",
     "moefy", "moefy_chain", "merge", "unmoefy", "load_dense_state_dict", "ModuleMixture", "AttentionMixture",
+    "save", "load",
     "RoutingRecorder", "TrainingLogWriter", "read_log", "LogFormatError", "viz",
     "expert_parallel", "sharded_names", "merge_state_dicts", "full_state_dict",
     "MoE", "mutual_distillation_loss", "mode_loss", "block_distillation_loss",
@@ -26,7 +27,8 @@ HOMES = {
     "MoEBlock": "moefy.block", "RoutingConfig": "moefy.config", "Routing": "moefy.routing",
     "aux_loss": "moefy.block", "moe_blocks": "moefy.block", "moefy": "moefy.convert", "moefy_chain": "moefy.convert",
     "merge": "moefy.convert", "unmoefy": "moefy.convert", "load_dense_state_dict": "moefy.convert",
-    "ModuleMixture": "moefy.convert", "AttentionMixture": "moefy.convert", "RoutingRecorder": "moefy.observe",
+    "ModuleMixture": "moefy.convert", "AttentionMixture": "moefy.convert", "save": "moefy.convert.save",
+    "load": "moefy.convert.save", "RoutingRecorder": "moefy.observe",
     "TrainingLogWriter": "moefy.observe", "read_log": "moefy.observe", "LogFormatError": "moefy.observe",
     "expert_parallel": "moefy.parallel", "sharded_names": "moefy.parallel", "merge_state_dicts": "moefy.parallel",
     "full_state_dict": "moefy.parallel", "MoE": "moefy.recipes", "mutual_distillation_loss": "moefy.recipes",

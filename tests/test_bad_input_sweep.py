@@ -29,6 +29,7 @@ from moefy.recipes import distill, metrics, reliability
 from moefy.recipes.sparse_moe import MoE
 from moefy.routing import bias_balance, losses, noise, replay
 from moefy.config import RoutingConfig
+from moefy.convert import save as save_mod
 from moefy.routing.router import Router
 from moefy.viz import patches
 
@@ -408,6 +409,15 @@ case("moefy_chain", lambda t: moefy.moefy_chain(BertLayer(), [3]), ValueError, r
 case("moefy_chain", lambda t: moefy.moefy_chain("parent", ["a"]), TypeError, r"parent must be an nn.Module")
 case("moefy_chain", lambda t: moefy.moefy_chain(BertLayer(), ["intermediate"], num_experts=0), ValueError,
      r"num_experts must be")
+case("save", lambda t: moefy.save("model", t), TypeError, r"model must be an nn.Module, got str")
+case("save", lambda t: moefy.save(lin(), 3), TypeError, r"folder must be a path")
+case("describe", lambda t: save_mod.describe([1]), TypeError, r"model must be an nn.Module, got list")
+case("load", lambda t: moefy.load("model", t), TypeError, r"model must be an nn.Module, got str")
+case("load", lambda t: moefy.load(nn.Linear(4, 4), None), TypeError, r"folder must be a path")
+case("load", lambda t: moefy.load(nn.Linear(4, 4), t / "missing"), FileNotFoundError, r"folder .* does not exist")
+case("load", lambda t: moefy.load(nn.Linear(4, 4), t), FileNotFoundError, r"has no moefy.json .* moefy.save")
+case("load", lambda t: (moefy.save(moefy.moefy(nn.Sequential(nn.Linear(4, 4)), 2, target="0"), t),
+                        moefy.load(nn.Sequential(nn.ReLU()), t)), ValueError, r"submodule '0'|pass the dense model")
 case("load_dense_state_dict", lambda t: moefy.load_dense_state_dict("model", {}), TypeError, r"model must be")
 case("load_dense_state_dict", lambda t: moefy.load_dense_state_dict(dense_checkpoint()[0], [1, 2]), TypeError,
      r"state_dict must be a mapping")
@@ -770,7 +780,7 @@ NOT_SWEPT = {
 # the modules that convert.py and distributed.py were split into (import_module: moefy.convert.merge, read as an
 # attribute, is the function merge)
 CONVERT_MODULES = [import_module(f"moefy.convert.{m}") for m in ("mixture", "routes", "surgery", "merge",
-                                                                      "checkpoint")]
+                                                                      "checkpoint", "save")]
 PARALLEL_MODULES = [import_module(f"moefy.parallel.{m}") for m in ("expert_parallel", "checkpoint")]
 
 

@@ -5,6 +5,7 @@
 - ``surgery``: :func:`moefy` (one module, or every ``target`` submodule of a model in place), :func:`moefy_chain`.
 - ``merge``: :func:`merge` a mixture into one dense module, :func:`unmoefy` a whole model.
 - ``checkpoint``: :func:`dense_key_map`, :func:`load_dense_state_dict` (a dense checkpoint into a moefied model).
+- ``save``: ``save`` / ``load`` a moefied model (weights + ``moefy.json``); top level only, as ``moefy.save``.
 - ``hf``: upcycling Hugging Face BERT-style encoders (optional extra ``moefy[hf]``).
 """
 from .checkpoint import dense_key_map, load_dense_state_dict

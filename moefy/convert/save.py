@@ -1,0 +1,225 @@
+"""save / load a moefied model without loss, PEFT-style: a JSON description of every conversion
+(``moefy.json``, like PEFT's ``adapter_config.json``) next to the weights (``model.safetensors``, or ``model.pt``
+without the optional ``safetensors`` package).
+
+:func:`load` takes a fresh *dense* base model of the same architecture, re-applies every recorded
+:func:`~moefy.convert.surgery.moefy` / :func:`~moefy.convert.surgery.moefy_chain` call on the same path with the
+same :class:`~moefy.config.RoutingConfig` (``expert_noise=0``: the weights come from the file), then loads the
+weights with ``load_state_dict(strict=True)``. Hugging Face's ``save_pretrained`` / ``from_pretrained`` know
+nothing of the experts: ``from_pretrained`` of such a folder gives a dense model with fresh MLP weights (its load
+report lists the expert weights as UNEXPECTED); :func:`load` refuses a folder without ``moefy.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from ..config import RoutingConfig
+from .mixture import AttentionMixture, ModuleMixture
+from .surgery import _mixture, _set_submodule, moefy_chain
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "moefy.json"
+SAFETENSORS_NAME, TORCH_NAME = "model.safetensors", "model.pt"
+_CLASSES = {"ModuleMixture": ModuleMixture, "AttentionMixture": AttentionMixture}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _check_model(model, name: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+
+
+def describe(model: nn.Module) -> List[Dict[str, Any]]:
+    """One JSON-serialisable entry per mixture made by ``moefy()`` / ``moefy_chain()``, in module order."""
+    _check_model(model)
+    entries, seen = [], []
+    for path, m in model.named_modules():
+        if not isinstance(m, ModuleMixture):
+            continue
+        if any(path.startswith(s + ".") for s in seen):
+            raise ValueError(f"model: mixture {path!r} is nested inside mixture {seen[-1]!r}; moefy.save "
+                             f"records top-level conversions only")
+        seen.append(path)
+        cls = type(m).__name__
+        if cls not in _CLASSES:
+            raise ValueError(f"model: {path!r} is a {cls}, a subclass of ModuleMixture that moefy.load cannot "
+                             f"rebuild; only ModuleMixture and AttentionMixture (made by moefy()) are recorded")
+        entry = {"path": path, "class": cls, "num_experts": m.num_experts,
+                 "num_shared": len(m.shared_experts) if m.shared_experts is not None else 0,
+                 "input_dim": m.input_dim, "config": _jsonable(dataclasses.asdict(m.config)), "chain": None}
+        if m.dense_sources is not None:  # moefy_chain: parent = dense_root_depth levels above the mixture
+            parts = path.split(".")
+            entry["chain"] = {"parent": ".".join(parts[:len(parts) - m.dense_root_depth]),
+                              "names": [m.dense_sources[str(i)] for i in range(len(m.dense_sources))]}
+        entries.append(entry)
+    return entries
+
+
+def _tensors(model: nn.Module):
+    """The state dict with tensors that share storage stored once: ``(tensors, aliases {key: kept key})``."""
+    tensors, aliases, seen, storages = {}, {}, {}, set()
+    for key, t in model.state_dict().items():
+        t = t.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        ptr = t.untyped_storage().data_ptr()
+        tensors[key] = t.contiguous().cpu() if not (t.numel() and ptr in storages) else t.clone().cpu()
+        storages.add(ptr)
+    return tensors, aliases
+
+
+def save(model: nn.Module, folder: str) -> str:
+    """Write ``model``'s weights and ``moefy.json`` (every conversion, for :func:`load`) into ``folder``.
+
+    Args:
+        model: a moefied model (or any module: then ``moefy.json`` lists no conversion).
+        folder: created if missing.
+    Returns:
+        the path of the weights file written: ``model.safetensors`` with the ``safetensors`` package
+        (``pip install moefy[save]``), else ``model.pt`` (``torch.save`` of the state dict).
+    """
+    _check_model(model)
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
+    entries = describe(model)
+    os.makedirs(folder, exist_ok=True)
+    tensors, aliases = _tensors(model)
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        save_file = None
+    name = SAFETENSORS_NAME if save_file is not None else TORCH_NAME
+    path = os.path.join(folder, name)
+    if save_file is not None:
+        save_file(tensors, path, metadata={"format": "pt", "saved_by": "moefy"})
+    else:
+        torch.save(tensors, path)
+    meta = {"format_version": FORMAT_VERSION, "weights": name, "aliases": aliases, "conversions": entries}
+    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    return path
+
+
+def _read(folder) -> Dict[str, Any]:
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder {os.fspath(folder)!r} does not exist or is not a directory")
+    config = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(config):
+        files = sorted(os.listdir(folder))
+        how = (" It looks like a Hugging Face save_pretrained folder (config.json): save_pretrained does not "
+               "record the experts; save the moefied model with moefy.save(model, folder)."
+               if "config.json" in files else " Save a moefied model with moefy.save(model, folder).")
+        raise FileNotFoundError(f"folder {os.fspath(folder)!r} has no {CONFIG_NAME} (files: {files}), so it was "
+                                f"not written by moefy.save.{how}")
+    with open(config, encoding="utf-8") as f:
+        meta = json.load(f)
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"folder {os.fspath(folder)!r}: {CONFIG_NAME} has format_version {version!r}; this moefy "
+                         f"reads format_version {FORMAT_VERSION}")
+    return meta
+
+
+def _apply(model: nn.Module, entry: Dict[str, Any], folder) -> nn.Module:
+    """Re-apply one recorded conversion to ``model`` in place; the new mixture (or the root one)."""
+    config = RoutingConfig(**entry["config"])
+    options = dict(num_experts=entry["num_experts"], config=config, input_dim=entry["input_dim"],
+                   num_shared=entry["num_shared"], expert_noise=0.0)
+    path, chain = entry["path"], entry["chain"]
+    try:
+        if chain is not None:
+            parent = model.get_submodule(chain["parent"]) if chain["parent"] else model
+            return moefy_chain(parent, chain["names"], **options)
+        dense = model.get_submodule(path) if path else model
+    except (AttributeError, ValueError) as err:
+        raise ValueError(f"model: the base model has no submodule {path!r} that {CONFIG_NAME} in "
+                         f"{os.fspath(folder)!r} converts ({err}); pass the dense model this folder was "
+                         f"saved from") from err
+    if entry["class"] == "ModuleMixture":  # route / feature_dim as saved, not re-inferred
+        options.update(route=config.route, feature_dim=config.feature_dim)
+    mixture = _mixture(dense, **options)
+    if type(mixture).__name__ != entry["class"]:
+        raise ValueError(f"model: {path!r} in the base model is a {type(dense).__name__}, which moefy turns into "
+                         f"a {type(mixture).__name__}; {CONFIG_NAME} in {os.fspath(folder)!r} records a "
+                         f"{entry['class']}")
+    if path:
+        _set_submodule(model, path, mixture)
+    return mixture
+
+
+def _load_weights(folder, meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    path = os.path.join(folder, meta.get("weights", ""))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"folder {os.fspath(folder)!r}: weights file {meta.get('weights')!r} is missing")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise ImportError(f"folder {os.fspath(folder)!r} holds {SAFETENSORS_NAME}: pip install safetensors "
+                              f"(or moefy[save])") from err
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, kept in meta.get("aliases", {}).items():
+        state[key] = state[kept]
+    return state
+
+
+def load(model: nn.Module, folder) -> nn.Module:
+    """Re-apply every conversion recorded by :func:`save` in ``folder`` to the dense base ``model`` (in place),
+    then load the saved weights strictly.
+
+    Returns:
+        ``model``, converted and loaded (the new mixture if the saved model was itself one mixture).
+    Raises:
+        FileNotFoundError: ``folder`` missing, or not written by :func:`save` (no ``moefy.json``).
+        ValueError: a recorded path missing from ``model``, or missing / unexpected / mis-shaped weights.
+    """
+    _check_model(model)
+    meta = _read(folder)
+    for entry in meta["conversions"]:
+        result = _apply(model, entry, folder)
+        if not entry["path"]:
+            model = result
+    state = _load_weights(folder, meta)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: saved {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"model does not match the weights in {os.fspath(folder)!r}: missing keys {missing[:8]}, "
+                         f"unexpected keys {unexpected[:8]}, shape mismatches {shapes[:8]}"
+                         + (" (and more)" if max(len(missing), len(unexpected), len(shapes)) > 8 else "")
+                         + "; pass the dense model this folder was saved from")
+    _match_dtypes(model, state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _match_dtypes(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Give every floating tensor the saved dtype, so a router cast with the model (``model.double()`` after
+    ``moefy``, where a rebuilt router is float32) computes what it computed when saved."""
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        saved = state[key]
+        if tensor.dtype != saved.dtype and tensor.is_floating_point() and saved.is_floating_point():
+            with torch.no_grad():
+                tensor.data = tensor.data.to(saved.dtype)
