@@ -7,19 +7,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from conftest import SwiGLU
 from moefy.convert import (AttentionMixture, ModuleMixture, dense_key_map, infer_routing, load_dense_state_dict,
                            merge, moefy, moefy_chain, unmoefy)
 
 F64 = dict(atol=1e-12, rtol=1e-12)  # identical experts: sum_i w_i f(x), sum_i w_i = 1 up to one rounding
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.gate, self.up, self.down = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False), nn.Linear(h, d)
-
-    def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class FFNBlock(nn.Module):

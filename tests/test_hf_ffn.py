@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from conftest import SwiGLU
 from moefy import moefy
 from moefy.convert import ModuleMixture, infer_routing
 from moefy.convert.routes import explain_routing, probe_position_wise
@@ -74,15 +74,6 @@ def test_per_token_routing_splits_a_sequence(family):
         if isinstance(m, ModuleMixture):
             idx = m.routing.indices.reshape(2, 7)  # (B, L): one expert per token
             assert any(len(set(row.tolist())) > 1 for row in idx)  # tokens of one sequence, different experts
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.gate, self.up, self.down = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False), nn.Linear(h, d)
-
-    def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class CumSum(nn.Module):
