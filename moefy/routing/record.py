@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
 
-from ..fastpaths import count_ids
-
 if TYPE_CHECKING:
     from .select import Selection
 
@@ -52,6 +50,8 @@ class Routing:
             null experts, before the hole); () without them. Zero slots count in ``dropped``; copy and
             constant slots in :attr:`null_slots`, so for token choice
             ``sum(load) + null_slots + dropped == T·k``.
+        count_before_drops: (E',) the picks per column before a token-choice capacity dropped some; None
+            when nothing was capped (read it as :attr:`picked_count`).
     """
 
     mode: str
@@ -72,6 +72,7 @@ class Routing:
     host_counts: Optional[Tuple[int, ...]] = field(default=None, repr=False)
     kept: Optional[torch.Tensor] = field(default=None, repr=False)
     null_columns: Tuple[str, ...] = ()
+    count_before_drops: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (f"Routing({self.mode}, tokens={self.num_tokens}, experts={self.num_experts}, hole={self.hole}, "
@@ -105,9 +106,7 @@ class Routing:
         """(E',) long, on the device: assignments per router column as the router picked them, before
         capacity drops (token choice: the columns in ``indices``, hole included; expert choice: ``count``).
         Equal to ``count`` without a token-choice capacity."""
-        if self.mode != "token_choice":
-            return self.count
-        return count_ids(self.indices.reshape(-1), self.probs.shape[1])
+        return self.count if self.count_before_drops is None else self.count_before_drops
 
     @property
     def null_counts(self) -> Tuple[int, ...]:
@@ -152,4 +151,4 @@ class Routing:
                    expert_index=picked.expert_index, weight=picked.weight, count=picked.count,
                    tokens_shape=tuple(tokens_shape if tokens_shape is not None else (logits.shape[0],)),
                    dropped=picked.dropped, host_counts=picked.host_counts, kept=kept,
-                   null_columns=tuple(null_columns))
+                   null_columns=tuple(null_columns), count_before_drops=picked.picked_count)

@@ -35,6 +35,8 @@ class Selection:
         count: (E',) long, assignments per column, on the device.
         dropped: 0-dim long, token slots no real expert processes (sent to the hole or over capacity).
         host_counts: ``count`` as host ints where the strategy knows them without a device read, else None.
+        picked_count: (E',) assignments per column before capacity drops; None when nothing was capped
+            (then it is ``count``).
     """
 
     mode: str
@@ -46,6 +48,7 @@ class Selection:
     count: torch.Tensor
     dropped: torch.Tensor
     host_counts: Optional[Tuple[int, ...]] = None
+    picked_count: Optional[torch.Tensor] = None
 
 
 def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
@@ -164,7 +167,7 @@ def cap_columns(selection: Selection, probs: torch.Tensor, capacity: int, num_ex
     host_counts = None if selection.host_counts is None else tuple(
         min(n, capacity) if e < num_experts else n for e, n in enumerate(selection.host_counts))
     return Selection(selection.mode, selection.indices, selection.weights, selection.token_index[keep],
-                     col[keep], selection.weight[keep], capped, selection.dropped + over, host_counts)
+                     col[keep], selection.weight[keep], capped, selection.dropped + over, host_counts, count)
 
 
 def expert_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
