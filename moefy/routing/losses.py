@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributions import Normal
 
-from ..checks import check_number, check_tensor
+from ..checks import check_int, check_number, check_tensor
 from .record import Routing
 
 
@@ -128,9 +128,7 @@ def cv2_loss(r: Routing) -> torch.Tensor:
 
 @_takes_routing
 def switch_loss(r: Routing) -> torch.Tensor:
-    counts = r.picked_count.to(r.probs.dtype)                              # (E',) before capacity drops
-    frac = counts / counts.sum().clamp_min(1)
-    return counts.numel() * (frac * _mean_probs(r)).sum()
+    return global_switch_loss(r)  # f from this record's own picks
 
 
 @_takes_routing
@@ -179,8 +177,9 @@ def seq_balance_loss(r: Routing) -> torch.Tensor:
 @_takes_routing
 def global_switch_loss(r: Routing, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``E' · Σ_e f_e p̄_e`` with ``f`` from ``counts`` (E',) (assignments per column over the global
-    batch; default this record's own, which is the Switch loss) and ``p̄`` from this record."""
-    counts = r.count if counts is None else counts
+    batch; default this record's own picks before capacity drops, which is the Switch loss) and ``p̄`` from
+    this record."""
+    counts = r.picked_count if counts is None else counts
     if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (r.probs.shape[1],):
         raise ValueError(f"counts must be a tensor of shape (E'={r.probs.shape[1]},), got "
                          f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
@@ -214,8 +213,7 @@ class GlobalBalance(nn.Module):
 
     def __init__(self, num_columns: int, group: Optional["dist.ProcessGroup"] = None):
         super().__init__()
-        if isinstance(num_columns, bool) or not isinstance(num_columns, int) or num_columns < 1:
-            raise ValueError(f"num_columns must be an int >= 1, got {num_columns!r}")
+        check_int(num_columns, "num_columns", min=1, what="an int >= 1")
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
         self.group = group
@@ -228,7 +226,7 @@ class GlobalBalance(nn.Module):
         if r.count.shape != self.counts.shape:
             raise ValueError(f"GlobalBalance holds counts for {self.counts.numel()} columns, the routing r has "
                              f"{r.count.numel()}")
-        count = r.count.detach().to(self.counts.device, torch.long, copy=True)   # (E',)
+        count = r.picked_count.detach().to(self.counts.device, torch.long, copy=True)  # (E',) before drops
         if self.group is not None:
             dist.all_reduce(count, group=self.group)
         total = self.counts + count                                               # (E',)
