@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..routing.record import Routing
+from .experts import zero_grad_path
 
 
 class ConstantExperts(nn.Module):
@@ -71,6 +72,5 @@ def add_null(y: torch.Tensor, rows: torch.Tensor, routing: Routing,
     x = rows.index_select(0, tok)                                             # (B, *F)
     if constants is not None:
         j = routing.expert_index[start + n_copy:start + n_copy + n_const] - (e + copies)  # (B_const,)
-        x = torch.cat([x[:n_copy], constants(x[n_copy:], j)]) if n_const else \
-            x + sum(p.sum() for p in constants.parameters()).to(x.dtype) * 0  # zero gradients, not None
+        x = torch.cat([x[:n_copy], constants(x[n_copy:], j)]) if n_const else zero_grad_path(x, [constants], [0])
     return y.index_add(0, tok, x * w.reshape((-1,) + (1,) * (x.dim() - 1)))
