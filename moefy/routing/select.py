@@ -4,8 +4,9 @@ A strategy is a function ``(probs (T, E'), config, num_experts, subset=None, bia
 :data:`SELECTIONS` names them and :func:`select` picks the config's. ``subset`` is a sampler's choice of columns
 (SIMPLE's k-hot (T, E'), in training), used instead of the strategy's own picks where it applies. ``bias`` (E')
 is the router's selection bias (DeepSeek-V3's ``e_score_correction_bias``): added to the scores to choose,
-never to the combine weights, which are always taken from ``probs``. Every strategy hands back its assignments grouped by column
-(column order, tokens in order inside a column), so dispatch can cut them into contiguous slices, and says
+never to the combine weights, which are always taken from ``probs``. Every strategy hands back its
+assignments grouped by column (column order, tokens in order inside a column), so dispatch can cut them into
+contiguous slices, and says
 how many token slots it dropped. Token choice with a capacity (``token_capacity_factor``) then caps each
 real column with :func:`cap_columns`: the assignments over capacity leave the list and count as dropped, so
 the record and dispatch see an ordinary selection. Shapes as in :mod:`moefy.routing.record`.
