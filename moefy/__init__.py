@@ -32,7 +32,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("viz", "compat")  # viz loads matplotlib, which ``import moefy`` does not need
+_LAZY_SUBMODULES = ("viz", "compat", "hf")  # viz loads matplotlib, hf transformers: ``import moefy`` needs neither
 _OLD_NAMES = ("Router", "cv_squared", "AUX_LOSSES", "data", "metrics")  # moefy 0.1's, = moefy.compat.TOP_LEVEL
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import moefy
+import moefy.hf
 import moefy.viz
 from conftest import LinearMixture
 from moefy import compat, convert, data
@@ -733,6 +734,18 @@ case("encode", lambda t: upcycle_hf.encode(BertLayer(), None, "one sentence"), T
      r"sentences must be a list of strings")
 case("encode", lambda t: upcycle_hf.encode(BertLayer(), None, [1, 2]), TypeError, r"sentences must be")
 
+# ------------------------------------------------------------------------------------ moefy.hf
+case("from_hf", lambda t: moefy.hf.from_hf("mixtral"), TypeError, r"model must be a transformers model")
+case("from_hf", lambda t: moefy.hf.from_hf(nn.Linear(2, 2)), ValueError,
+     r"model: Linear \(model_type None\) is not a Hugging Face MoE model moefy imports")
+case("export", lambda t: moefy.hf.export(nn.Linear(2, 2), t), TypeError, r"model must be a transformers model")
+case("HFMoEBlock", lambda t: moefy.hf.HFMoEBlock(8, 4, 0, "silu"), ValueError, r"num_experts must be")
+case("HFMoEBlock", lambda t: moefy.hf.HFMoEBlock(8, 4, 2, "silu", shared_hidden=-1), ValueError,
+     r"shared_hidden must be")
+case("SwiGLU", lambda t: moefy.hf.SwiGLU(0, 4), ValueError, r"dim must be")
+case("SwiGLU", lambda t: moefy.hf.SwiGLU(8, 2.5), ValueError, r"hidden must be")
+case("SwiGLU", lambda t: moefy.hf.SwiGLU(8, 4, act="swish2"), ValueError, r"act must be the name of a transformers activation")
+
 
 # ---------------------------------------------------------------------------------------- tests
 class _Hang(Exception):
@@ -756,7 +769,8 @@ def test_bad_input(target, call, error, match, tmp_path):
     # raised by moefy itself: not an error surfacing from deep inside torch / numpy / the standard library
     assert type(info.value) is error or (error is ValueError and type(info.value) is LogFormatError)
     frame = Path(str(info.traceback[-1].path))
-    assert frame.parent.name in ("moefy", "viz", "routing", "dispatch", "convert", "observe", "parallel", "recipes") \
+    assert frame.parent.name in ("moefy", "viz", "routing", "dispatch", "convert", "observe", "parallel", "recipes",
+                                 "hf") \
         and "moefy" in frame.parts, (frame, info.value)
 
 
@@ -773,7 +787,7 @@ NOT_SWEPT = {
     "Routing", "AUX_LOSSES", "data", "metrics", "ReliabilityBins", "ImageDataset", "LayerStats", "LayerSeries",
     "TrainingLog", "LogFormatError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
     "ExpertParallelExperts", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
-    "layer_loads", "viz", "ROUTE_ALIASES", "Replayed", "RouteChoice",
+    "layer_loads", "viz", "ROUTE_ALIASES", "Replayed", "RouteChoice", "FAMILIES", "MoEFamily",
 }
 
 
@@ -789,7 +803,7 @@ def test_every_public_name_is_swept():
     public = (_public(moefy) | _public(compat) | _public(moefy.viz) | _public(metrics) | _public(data)
               | _public(stats) | _public(moelog) | _public(losses) | _public(bias_balance) | _public(noise) | _public(replay) | _public(distill)
               | set().union(*map(_public, CONVERT_MODULES)) | _public(upcycle_hf)
-              | set().union(*map(_public, PARALLEL_MODULES)) | _public(reliability))
+              | set().union(*map(_public, PARALLEL_MODULES)) | _public(reliability) | _public(moefy.hf))
     missing = sorted(public - targets - NOT_SWEPT)
     assert not missing, f"public names without a bad-input case: {missing}"
     assert len(CASES) >= 300, len(CASES)

@@ -5,9 +5,11 @@ without the optional ``safetensors`` package).
 :func:`load` takes a fresh *dense* base model of the same architecture, re-applies every recorded
 :func:`~moefy.convert.surgery.moefy` / :func:`~moefy.convert.surgery.moefy_chain` call on the same path with the
 same :class:`~moefy.config.RoutingConfig` (``expert_noise=0``: the weights come from the file), then loads the
-weights with ``load_state_dict(strict=True)``. Hugging Face's ``save_pretrained`` / ``from_pretrained`` know
+weights with ``load_state_dict(strict=True)``. A model imported by :func:`moefy.hf.from_hf` loads into a fresh model of
+its own HF MoE class: each recorded block is converted again. Hugging Face's ``save_pretrained`` / ``from_pretrained`` know
 nothing of the experts: ``from_pretrained`` of such a folder gives a dense model with fresh MLP weights (its load
-report lists the expert weights as UNEXPECTED); :func:`load` refuses a folder without ``moefy.json``.
+report lists the expert weights as UNEXPECTED); :func:`load` refuses a folder without ``moefy.json``, and
+:func:`moefy.hf.export` writes a checkpoint ``from_pretrained`` does load, as a native MoE architecture.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import RoutingConfig
+from ..hf.block import HFMoEBlock
 from .mixture import AttentionMixture, ModuleMixture
 from .surgery import _mixture, _set_submodule, moefy_chain
 
@@ -47,16 +50,21 @@ def describe(model: nn.Module) -> List[Dict[str, Any]]:
     _check_model(model)
     entries, seen = [], []
     for path, m in model.named_modules():
-        if not isinstance(m, ModuleMixture):
+        if not isinstance(m, (ModuleMixture, HFMoEBlock)):
             continue
         if any(path.startswith(s + ".") for s in seen):
             raise ValueError(f"model: mixture {path!r} is nested inside mixture {seen[-1]!r}; moefy.save "
                              f"records top-level conversions only")
         seen.append(path)
         cls = type(m).__name__
+        if isinstance(m, HFMoEBlock):  # made by moefy.hf.from_hf: load converts the HF block at path again
+            entries.append({"path": path, "class": cls, "source": m.source,
+                            "config": _jsonable(dataclasses.asdict(m.config))})
+            continue
         if cls not in _CLASSES:
             raise ValueError(f"model: {path!r} is a {cls}, a subclass of ModuleMixture that moefy.load cannot "
-                             f"rebuild; only ModuleMixture and AttentionMixture (made by moefy()) are recorded")
+                             f"rebuild; only ModuleMixture and AttentionMixture (made by moefy()) and HFMoEBlock "
+                             f"(made by moefy.hf.from_hf) are recorded")
         entry = {"path": path, "class": cls, "num_experts": m.num_experts,
                  "num_shared": len(m.shared_experts) if m.shared_experts is not None else 0,
                  "input_dim": m.input_dim, "config": _jsonable(dataclasses.asdict(m.config)), "chain": None}
@@ -140,6 +148,9 @@ def _read(folder) -> Dict[str, Any]:
 
 def _apply(model: nn.Module, entry: Dict[str, Any], folder) -> nn.Module:
     """Re-apply one recorded conversion to ``model`` in place; the new mixture (or the root one)."""
+    if entry["class"] == "HFMoEBlock":
+        from ..hf.from_hf import convert_at
+        return convert_at(model, entry["path"])
     config = RoutingConfig(**entry["config"])
     options = dict(num_experts=entry["num_experts"], config=config, input_dim=entry["input_dim"],
                    num_shared=entry["num_shared"], expert_noise=0.0)

@@ -1,0 +1,15 @@
+"""Hugging Face models in and out (optional extra ``pip install moefy[hf]``: transformers).
+
+- :func:`from_hf`: the MoE blocks of a transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+  DeepSeek-V3) as moefy blocks, in place, same logits.
+- :func:`export`: a moefied Llama / Mistral / Qwen2 / Qwen3, or an imported model, as a native transformers
+  MoE checkpoint (Mixtral / Qwen2-MoE / Qwen3-MoE / its own class) that ``from_pretrained`` loads.
+- Save and load of any moefied model (HF or not): :func:`moefy.save` / :func:`moefy.load`.
+- Upcycling BERT-style encoders and the offline MiniLM weights: :mod:`moefy.convert.hf`.
+"""
+from .block import HFMoEBlock, SwiGLU
+from .export import export
+from .families import FAMILIES, MoEFamily
+from .from_hf import from_hf
+
+__all__ = ["from_hf", "export", "HFMoEBlock", "SwiGLU", "FAMILIES", "MoEFamily"]

@@ -1,0 +1,168 @@
+"""export(): a moefied Hugging Face model as a native transformers MoE checkpoint.
+
+A moefied Llama / Mistral becomes a Mixtral checkpoint, a moefied Qwen2 / Qwen3 a Qwen2-MoE / Qwen3-MoE one (with
+the dense layers that were not moefied as ``mlp_only_layers``), and a model imported by :func:`moefy.hf.from_hf`
+goes back to its own architecture with the same weights. The folder is written by transformers' own
+``save_pretrained``, so ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it without moefy.
+
+What the target cannot express is refused, naming the option and the architecture: routing options that change
+its outputs (hole, expert choice, noise, capacity, sigmoid scores, groups, ... — every RoutingConfig field but
+:data:`~moefy.hf.families.TRAINING_ONLY`), experts that are not bias-free SwiGLU MLPs with the model's
+activation, shared experts where it has none, mixtures anywhere but the decoder MLPs, weights it has no place for.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..block import MoEBlock
+from .block import concat_swiglu, same_activation, stack_experts, swiglu_weights
+from .families import TRAINING_ONLY, MoEFamily, family_of, transformers_module
+
+_NOT_CONFIG = ("model_type", "architectures", "transformers_version", "_name_or_path")
+
+
+def _decoder_mixtures(model: nn.Module, family: MoEFamily) -> Dict[int, Tuple[str, MoEBlock]]:
+    """{decoder layer index: (path, block)} of every mixture; each must be a whole decoder MLP."""
+    layers = {}
+    for path, m in model.named_modules():
+        if not isinstance(m, MoEBlock) or any(path.startswith(p + ".") for p, _ in layers.values()):
+            continue
+        found = re.fullmatch(r"(?:.*\.)?layers\.(\d+)\.mlp", path)
+        if found is None:
+            raise ValueError(f"model: the mixture at {path!r} is not a decoder layer's MLP (layers.<i>.mlp); "
+                             f"{family.name} has mixtures only there")
+        layers[int(found.group(1))] = (path, m)
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no mixture to export; moefy its MLPs first "
+                         f"(moefy(model, num_experts, k, target='mlp'))")
+    return layers
+
+
+def _moe_config(model: nn.Module, family: MoEFamily, layers: Dict[int, Tuple[str, MoEBlock]]):
+    """The target config of a moefied dense model: its own fields, plus the mixtures' sizes and routing."""
+    transformers = transformers_module()
+    dense = model.config
+    path, block = layers[min(layers)]
+    hidden = swiglu_weights(block.experts[0], f"{path}.experts.0")[0].shape[0]
+    shared = [m for m in (block.shared_experts or [])]
+    dense_layers = sorted(set(range(dense.num_hidden_layers)) - set(layers))
+    if dense_layers and not family.partial:
+        raise ValueError(f"model: decoder layers {dense_layers} keep a dense MLP; {family.name} has a mixture in "
+                         f"every layer: moefy every layer's mlp")
+    fields = {k: v for k, v in dense.to_dict().items() if k not in _NOT_CONFIG}
+    fields.update({family.num_experts: block.num_experts, "num_experts_per_tok": block.k,
+                   family.expert_hidden: hidden, "output_router_logits": False})
+    if family.partial:
+        fields.update(decoder_sparse_step=1, mlp_only_layers=dense_layers, norm_topk_prob=block.normalize)
+    if family.shared == "gated":
+        fields["shared_expert_intermediate_size"] = sum(
+            swiglu_weights(m, f"{path}.shared_experts.{j}")[0].shape[0] for j, m in enumerate(shared))
+    if family.model_type == "mixtral":
+        fields["router_jitter_noise"] = 0.0
+    return getattr(transformers, f"{family.name}Config")(**fields)
+
+
+def _check_block(path: str, block: MoEBlock, family: MoEFamily, config) -> None:
+    """ValueError naming the first option / expert of ``block`` that ``family`` under ``config`` cannot express."""
+    want = family.routing_config(config)
+    for field in type(want).__dataclass_fields__:
+        got, needed = getattr(block.config, field), getattr(want, field)
+        if field in TRAINING_ONLY or got == needed or (field == "shared_gate" and block.shared_experts is None):
+            continue
+        raise ValueError(f"{path}: {field}={got!r} cannot be exported to {family.name}: its router computes with "
+                         f"{field}={needed!r}")
+    if block.shared_experts is not None and family.shared is None:
+        raise ValueError(f"{path}: num_shared={len(block.shared_experts)} cannot be exported to {family.name}: it "
+                         f"has no shared expert")
+    if block.num_columns != block.num_experts or block.constant_experts is not None:
+        raise ValueError(f"{path}: router columns beyond the experts cannot be exported to {family.name}")
+    for name, experts in (("experts", block.experts), ("shared_experts", block.shared_experts or [])):
+        for i, expert in enumerate(experts):
+            swiglu_weights(expert, f"{path}.{name}.{i}")
+            if not same_activation(expert, config.hidden_act):
+                raise ValueError(f"{path}.{name}.{i}: its activation {type(expert.act_fn).__name__} is not the "
+                                 f"{family.name} config's hidden_act={config.hidden_act!r}")
+
+
+def _block_state(path: str, block: MoEBlock, family: MoEFamily) -> Dict[str, torch.Tensor]:
+    """The HF block's weights, named as in transformers' modules, from a moefy block."""
+    p = path + "."
+    gate_up, down = stack_experts(block.experts, f"{path}.experts")  # (E, 2H, D), (E, D, H)
+    state = {p + "gate.weight": block.router.gate.weight.detach(), p + "experts.gate_up_proj": gate_up,
+             p + "experts.down_proj": down}
+    if family.model_type == "deepseek_v3":
+        state[p + "gate.e_score_correction_bias"] = block.router.score_correction_bias.detach()
+    if family.shared is not None:
+        parts = concat_swiglu(block.shared_experts or [], f"{path}.shared_experts", block.input_dim)
+        for part, w in zip(("gate_proj", "up_proj", "down_proj"), parts):
+            state[f"{p}{family.shared_path}.{part}.weight"] = w.to(down.dtype)
+    if family.shared == "gated":
+        g = block.shared_expert_gate
+        state[p + "shared_expert_gate.weight"] = g.weight.detach() if g is not None else down.new_zeros(1, block.input_dim)
+    return state
+
+
+def _target_class(model: nn.Module, family: MoEFamily):
+    transformers = transformers_module()
+    own = type(model.config).__name__[:-len("Config")]
+    name = type(model).__name__
+    target = family.name + name[len(own):] if name.startswith(own) else name
+    cls = getattr(transformers, target, None)
+    if cls is None:
+        raise ValueError(f"model: {name} has no {family.name} counterpart in transformers ({target} does not exist)")
+    return cls
+
+
+def export(model: nn.Module, folder) -> str:
+    """Write ``model`` as a native transformers MoE checkpoint (``save_pretrained`` format) into ``folder``.
+
+    Args:
+        model: a transformers model whose decoder MLPs are moefy mixtures: a moefied Llama / Mistral / Qwen2 /
+            Qwen3 (``moefy(model, E, k, target="mlp")``, SwiGLU experts), or a model converted by
+            :func:`moefy.hf.from_hf`.
+        folder: created if missing.
+    Returns:
+        ``folder``; ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` (or the model's own head
+        class) gives the same logits.
+    Raises:
+        ValueError: what the target architecture cannot express, named (see the module docstring).
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model (with .config), got {type(model).__name__}")
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
+    family = family_of(model)
+    layers = _decoder_mixtures(model, family)
+    imported = model.config.model_type == family.model_type
+    config = model.config if imported else _moe_config(model, family, layers)
+    state = {}
+    for path, block in layers.values():
+        _check_block(path, block, family, config)
+        state.update(_block_state(path, block, family))
+    inside = tuple(path + "." for path, _ in layers.values())
+    state.update({k: v.detach() for k, v in model.state_dict().items() if not k.startswith(inside)})
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # Qwen2-MoE without shared expert
+        target = _target_class(model, family)(config)
+    _check_keys(target, state, family, model)
+    target.load_state_dict(state, strict=True, assign=True)
+    target.save_pretrained(folder)
+    return folder
+
+
+def _check_keys(target: nn.Module, state: Dict[str, torch.Tensor], family: MoEFamily, model: nn.Module) -> None:
+    own = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    missing: List[str] = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} for {family.name}'s {own[k]}" for k in set(own) & set(state)
+                    if tuple(state[k].shape) != own[k])
+    if missing or extra or shapes:
+        raise ValueError(f"model: {type(model).__name__} does not fit {family.name}: weights {family.name} has no "
+                         f"place for {extra[:6]}, weights it needs that the model lacks {missing[:6]}, shape "
+                         f"mismatches {shapes[:6]}")

@@ -1,0 +1,101 @@
+"""from_hf(): the MoE blocks of a transformers model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) as moefy
+blocks, in place, with the same weights and the same outputs.
+
+After it, every moefy tool reads the model: ``block.routing`` after a forward, :class:`~moefy.RoutingRecorder`,
+the load plots and heatmaps, the training log and ``moefy plot``, router replay; :func:`moefy.save` /
+:func:`moefy.load` keep it, and :func:`moefy.hf.export` writes the original architecture back.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+
+from ..convert.surgery import _set_submodule
+from .block import HFMoEBlock
+from .families import FAMILIES, MoEFamily
+
+logger = logging.getLogger(__name__)
+
+
+def _layer_index(path: str, default: int) -> int:
+    found = re.findall(r"(?:^|\.)layers\.(\d+)(?:\.|$)", path)
+    return int(found[-1]) if found else default
+
+
+def convert_block(hf_block: nn.Module, family: MoEFamily, config, layer_id: int) -> HFMoEBlock:
+    """One HF MoE block → an :class:`HFMoEBlock` with its weights (copied), on its device and dtype."""
+    gate_up, down = hf_block.experts.gate_up_proj, hf_block.experts.down_proj  # (E, 2H, D), (E, D, H)
+    num_experts, dim, hidden = down.shape
+    shared = getattr(hf_block, family.shared_path) if family.shared_path else None
+    jitter = getattr(hf_block, "jitter_noise", 0.0)
+    if jitter:
+        logger.warning("moefy.hf.from_hf: layer %d: router_jitter_noise=%s is not carried over (it scales the "
+                       "experts' inputs too, which moefy's noise='jitter' does not); training routes without it",
+                       layer_id, jitter)
+    block = HFMoEBlock(dim, hidden, num_experts, config.hidden_act,
+                       shared.gate_proj.out_features if shared is not None else 0, source=type(hf_block).__name__,
+                       config=family.routing_config(config), layer_id=layer_id)
+    block.to(device=down.device, dtype=down.dtype)
+    with torch.no_grad():
+        block.router.gate.weight.copy_(hf_block.gate.weight)
+        if block.config.selection_bias:
+            block.router.score_correction_bias.copy_(hf_block.gate.e_score_correction_bias)
+        for e, expert in enumerate(block.experts):
+            expert.gate_proj.weight.copy_(gate_up[e, :hidden])
+            expert.up_proj.weight.copy_(gate_up[e, hidden:])
+            expert.down_proj.weight.copy_(down[e])
+        if shared is not None:
+            mine = block.shared_experts[0]
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                getattr(mine, part).weight.copy_(getattr(shared, part).weight)
+        if block.shared_expert_gate is not None:
+            block.shared_expert_gate.weight.copy_(hf_block.shared_expert_gate.weight)
+    block.train(hf_block.training)
+    return block
+
+
+def _family(model: nn.Module) -> MoEFamily:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers model (nn.Module), got {type(model).__name__}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"model: {type(model).__name__} (model_type {model_type!r}) is not a Hugging Face MoE "
+                         f"model moefy imports; model types: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def from_hf(model: nn.Module) -> nn.Module:
+    """Convert every MoE block of a transformers MoE model into an :class:`HFMoEBlock`, in place.
+
+    Args:
+        model: a transformers model of a family in :data:`moefy.hf.families.FAMILIES` (``MixtralForCausalLM``,
+            ``Qwen2MoeModel``, ``DeepseekV3ForCausalLM``, ...), with its ``config``.
+    Returns:
+        ``model``, its blocks replaced (each with ``layer_id`` = its decoder layer index); same logits.
+    Raises:
+        ValueError: not such a model, or it has no MoE block left to convert.
+    """
+    family = _family(model)
+    found = [(path, m) for path, m in model.named_modules() if type(m).__name__ == family.block]
+    if not found:
+        raise ValueError(f"model: {type(model).__name__} has no {family.block} left to convert (already "
+                         f"converted by from_hf?)")
+    for i, (path, hf_block) in enumerate(found):
+        _set_submodule(model, path, convert_block(hf_block, family, model.config, _layer_index(path, i)))
+    logger.info("moefy.hf.from_hf: %d %s blocks of %s -> HFMoEBlock", len(found), family.block, type(model).__name__)
+    return model
+
+
+def convert_at(model: nn.Module, path: str) -> HFMoEBlock:
+    """Convert the one HF MoE block at ``path`` of ``model`` in place (what :func:`moefy.load` re-applies)."""
+    family = _family(model)
+    hf_block = model.get_submodule(path)
+    if type(hf_block).__name__ != family.block:
+        raise ValueError(f"model: {path!r} is a {type(hf_block).__name__}, not a {family.block}")
+    block = convert_block(hf_block, family, model.config, _layer_index(path, 0))
+    _set_submodule(model, path, block)
+    return block
+
