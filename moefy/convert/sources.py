@@ -39,9 +39,11 @@ def check_sources(experts_from, name: str = "experts_from") -> List[nn.Module]:
     return list(experts_from)
 
 
-def check_rest(rest, target, experts_from) -> None:
-    """``rest`` is one of :data:`RESTS`; anything but ``"base"`` needs a ``target`` and ``experts_from``."""
+def check_rest(rest, target, experts_from, num_experts=None) -> None:
+    """``rest`` is one of :data:`RESTS`; anything but ``"base"`` needs a ``target`` and ``experts_from``; a given
+    ``num_experts`` must be ``len(experts_from)`` (checked before ``rest="average"`` writes over the base)."""
     check_choice(rest, "rest", RESTS)
+    num_experts_for(num_experts, experts_from)
     if rest != "base" and (target is None or experts_from is None):
         raise ValueError(f"rest={rest!r} needs target=... and experts_from=[models]: it says what a moefied model "
                          f"is outside its targets")

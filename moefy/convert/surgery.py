@@ -96,7 +96,7 @@ def moefy(module: nn.Module, num_experts: Optional[int] = None, k: Optional[int]
     Raises:
         ValueError: bad ``num_experts`` / ``k``, or ``target`` matches nothing.
     """
-    check_rest(rest, target, experts_from)
+    check_rest(rest, target, experts_from, num_experts)
     check_router_init(router_init, router_data)
     if target is None:
         mixture = _mixture(module, num_experts=num_experts, k=k, experts_from=experts_from, **options)
