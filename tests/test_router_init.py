@@ -102,6 +102,13 @@ def test_informed_rows_route_expert_i_tokens_to_expert_i(method):
         assert torch.equal(mix.routing.indices[:, 0], torch.full((20,), int(owner[i])))
 
 
+def test_only_the_real_experts_rows_are_set():
+    mix = mixture(hole=True)
+    hole_row = mix.router.gate.weight[E].detach().clone()                 # the hole column, the last
+    rows = init_router(mix, clusters(), "mean")[""]
+    assert rows.shape == (E, D) and torch.equal(mix.router.gate.weight[E], hole_row)
+
+
 def test_modes_restored_and_log_line(caplog):
     mix = mixture().train()
     mix.experts[1].eval()  # a mixed flag must survive too
@@ -198,3 +205,18 @@ def test_errors_name_the_argument():
         moefy.moefy(nn.Linear(D, D), E, router_init="mean")
     with pytest.raises(ValueError, match=r"router_data is given but router_init is None"):
         moefy.moefy(nn.Linear(D, D), E, router_data=[torch.randn(4, D)])
+
+
+def test_benchmark_prints_a_table_of_the_three_starts():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "router_init.py"
+    spec = importlib.util.spec_from_file_location("bench_router_init", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lines = bench.main(["--seeds", "2", "--steps", "3", "--dim", "4", "--hidden", "4", "--experts", "2"]).splitlines()
+    assert len(lines) == 2 + 3 and lines[1] == "|---|---|---|"
+    assert lines[0].startswith("| method | steps to held-out MSE")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [c[0] for c in cells] == ["random", "mean", "kmeans"] and all(len(c) == 3 for c in cells)
+    assert all(c[1].startswith(">") or float(c[1]) >= 0 for c in cells) and all(float(c[2]) >= 0 for c in cells)
