@@ -125,7 +125,7 @@ def test_rest_average_is_the_mean_of_the_models_and_logged(caplog):
     assert len(outside) > 10
     for key in outside:
         mean = torch.stack([s[key].double() for s in states]).mean(0)
-        assert (after[key].double() - mean).abs().max() < 1e-6, key
+        assert torch.equal(after[key], mean.to(after[key].dtype)), key  # the float64 mean, rounded once
     with torch.no_grad():  # and the model still runs
         assert base(IDS).logits.shape == (2, 7, 64)
 
