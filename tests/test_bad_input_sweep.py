@@ -22,7 +22,7 @@ import moefy.viz
 from conftest import LinearMixture
 from moefy import compat, convert, data
 from moefy.convert import hf as upcycle_hf
-from moefy.convert import routes
+from moefy.convert import routes, sources
 from moefy.observe import log as moelog
 from moefy.observe import recorder as stats
 from moefy.observe.log import LogFormatError
@@ -388,6 +388,67 @@ case("AttentionMixture", lambda t: mha()(torch.randn(2, 5, 8), torch.randn(3, 5,
      ValueError, r"key.*batch")
 case("AttentionMixture", lambda t: mha()(torch.randn(2, 5, 8), torch.randn(2, 6, 8), torch.randn(2, 5, 8)),
      ValueError, r"value")
+# experts from several modules (convert/sources.py) and an informed router (convert/router_init.py, kmeans.py)
+L4 = lambda: nn.Linear(4, 4)  # noqa: E731
+case("moefy", lambda t: moefy.moefy(L4(), experts_from=L4()), TypeError, r"experts_from must be a list of nn.Module")
+case("moefy", lambda t: moefy.moefy(L4(), experts_from=[]), ValueError, r"experts_from must hold at least one")
+case("moefy", lambda t: moefy.moefy(L4(), experts_from=[L4(), "fc"]), TypeError, r"experts_from\[1\] must be an nn.Module")
+case("moefy", lambda t: moefy.moefy(L4(), experts_from=[L4(), nn.Linear(4, 5)]), ValueError,
+     r"experts_from\[1\] \(Linear\) parameter 'weight' has shape \(5, 4\), the base's \(4, 4\)")
+case("moefy", lambda t: moefy.moefy(L4(), 3, experts_from=[L4(), L4()]), ValueError,
+     r"num_experts=3 but experts_from holds 2 modules")
+case("moefy", lambda t: moefy.moefy(L4(), experts_from=[L4()], rest="mean"), ValueError, r"rest must be one of")
+case("moefy", lambda t: moefy.moefy(L4(), experts_from=[L4()], rest="average"), ValueError,
+     r"rest='average' needs target")
+case("moefy", lambda t: moefy.moefy(nn.Sequential(L4()), target="0", experts_from=[nn.Sequential(nn.Linear(4, 5))]),
+     ValueError, r"experts_from\[0\] \(Sequential\) state_dict entry '0.weight' has shape")
+case("moefy", lambda t: moefy.moefy(L4(), router_init="centroids", router_data=[]), ValueError,
+     r"router_init must be one of \('mean', 'kmeans'\)")
+case("moefy", lambda t: moefy.moefy(L4(), router_init="kmeans"), ValueError, r"router_data: router_init='kmeans' needs")
+case("moefy", lambda t: moefy.moefy(L4(), router_data=[torch.randn(4, 4)]), ValueError, r"router_data is given")
+case("ModuleMixture", lambda t: convert.ModuleMixture(L4(), experts_from=(L4(), 3)), TypeError,
+     r"experts_from\[1\] must be an nn.Module")
+case("expert_copies", lambda t: sources.expert_copies(L4(), 2, [nn.Linear(4, 4, bias=False)]), ValueError,
+     r"experts_from\[0\] \(Linear\) has no parameter 'bias'")
+case("expert_copies", lambda t: sources.expert_copies(L4(), 2, "fc"), TypeError, r"experts_from must be a list")
+case("model_sources", lambda t: sources.model_sources(nn.Sequential(L4()), ["0"], [nn.Sequential(L4())], rest="all"),
+     ValueError, r"rest must be one of")
+case("model_sources", lambda t: sources.model_sources(nn.Sequential(L4()), ["0"], [nn.Sequential(L4(), L4())]),
+     ValueError, r"experts_from\[0\] \(Sequential\) has a state_dict entry '1.weight' that the base lacks")
+case("init_router", lambda t: convert.init_router("model", [torch.randn(4, 4)]), TypeError,
+     r"model_or_mixture must be an nn.Module")
+case("init_router", lambda t: convert.init_router(L4(), [torch.randn(4, 4)]), ValueError,
+     r"model_or_mixture: Linear holds no mixture")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), [torch.randn(4, 4)] * 2, "hidden"), ValueError,
+     r"method must be one of \('mean', 'kmeans'\)")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), torch.randn(4, 4), "mean"), TypeError,
+     r"data: method='mean' needs a list with one batch list per expert")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), [torch.randn(4, 4)], "mean"), ValueError,
+     r"data: method='mean' needs one batch list per expert: mixture '\(root\)' has 2 experts, data has 1")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), [torch.randn(4, 4), []], "mean"), ValueError,
+     r"data\[1\] must hold at least one batch")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), [torch.randn(4, 4), [3]], "mean"), TypeError,
+     r"data\[1\]\[0\] must be a batch")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), [torch.zeros(4, 4)] * 2), ValueError,
+     r"data: a mean row of mixture '\(root\)' is the zero vector.*normalize=False")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), "x", "kmeans"), TypeError,
+     r"data must be a batch")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 4), torch.randn(3, 4), "kmeans"), ValueError,
+     r"data: mixture '\(root\)' read 3 router inputs, fewer than its 4 experts")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), [torch.randn(4, 4)] * 2, scale=0), ValueError,
+     r"scale must be a positive finite number")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), [torch.randn(4, 4)] * 2, normalize=1),
+     TypeError, r"normalize must be True or False")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), torch.randn(4, 4), "kmeans", seed=0.5),
+     ValueError, r"seed must be an int")
+case("init_router", lambda t: convert.init_router(moefy.moefy(L4(), 2), torch.randn(4, 4), "kmeans", iters=0),
+     ValueError, r"iters must be a positive int")
+case("kmeans", lambda t: convert.kmeans([[0.0, 1.0]], 1), TypeError, r"x must be a floating-point torch.Tensor")
+case("kmeans", lambda t: convert.kmeans(torch.arange(4), 1), TypeError, r"x must be a floating-point")
+case("kmeans", lambda t: convert.kmeans(torch.randn(4), 1), ValueError, r"x must have shape \(N, D\)")
+case("kmeans", lambda t: convert.kmeans(torch.randn(4, 2), 0), ValueError, r"k must be a positive int")
+case("kmeans", lambda t: convert.kmeans(torch.randn(4, 2), 5), ValueError, r"x: k-means with k=5 clusters needs")
+case("kmeans", lambda t: convert.kmeans(torch.randn(4, 2), 2, seed="0"), ValueError, r"seed must be an int")
 case("merge", lambda t: moefy.merge(nn.Linear(4, 4)), TypeError, r"mixture must be a MoEBlock")
 case("merge", lambda t: moefy.merge(moefy.moefy(nn.Linear(4, 4)), how="max"), ValueError, r"how must be")
 case("merge", lambda t: moefy.merge(moefy.moefy(nn.Linear(4, 4)), how=4), ValueError, r"how: expert index")
@@ -794,7 +855,8 @@ NOT_SWEPT = {
 # the modules that convert.py and distributed.py were split into (import_module: moefy.convert.merge, read as an
 # attribute, is the function merge)
 CONVERT_MODULES = [import_module(f"moefy.convert.{m}") for m in ("mixture", "routes", "surgery", "merge",
-                                                                      "checkpoint", "save")]
+                                                                      "checkpoint", "save", "sources",
+                                                                      "router_init", "kmeans")]
 PARALLEL_MODULES = [import_module(f"moefy.parallel.{m}") for m in ("expert_parallel", "checkpoint")]
 
 

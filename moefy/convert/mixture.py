@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from ..block import MoEBlock
 from ..checks import check_int, check_number
 from ..config import ROUTE_ALIASES, RoutingConfig
 from .routes import _CONV, explain_routing, infer_routing  # noqa: F401 (infer_routing: its old home)
+from .sources import expert_copies, num_experts_for
 
 
 def _check_module(value, name: str) -> None:
@@ -46,7 +47,7 @@ class ModuleMixture(MoEBlock):
 
     Args:
         module: the module to copy; left untouched.
-        num_experts: E ≥ 1 copies.
+        num_experts: E ≥ 1 copies; default 4, or ``len(experts_from)`` (which it must then equal).
         k: experts per token (token choice), 1 ≤ k ≤ E (+1 with a hole); default ``config.k`` (1).
         input_dim: D, the features the router reads; inferred from the module (``in_features``,
             ``in_channels``, ``embed_dim``, ...) when None.
@@ -58,18 +59,21 @@ class ModuleMixture(MoEBlock):
         num_shared: S ≥ 0 more copies as shared experts (:mod:`moefy.dispatch.shared`), run on every routed
             row and added to the routed mixture; they get no ``expert_noise``. With S > 0 the mixture starts
             at ``(routed_scaling_factor + S) · f(x)`` (with ``normalize``, no shared gate), not at ``f(x)``.
+        experts_from: expert i is a deep copy of ``experts_from[i]`` instead of ``module`` (Branch-Train-MiX,
+            :mod:`moefy.convert.sources`); each must have ``module``'s parameter names and shapes.
         config: a :class:`~moefy.config.RoutingConfig`; ``**options`` (any of its fields: hole, noise,
             aux_criterion, normalize, ...) build one or replace its fields.
     """
 
-    def __init__(self, module: nn.Module, num_experts: int = 4, k: Optional[int] = None,
+    def __init__(self, module: nn.Module, num_experts: Optional[int] = None, k: Optional[int] = None,
                  input_dim: Optional[int] = None, route: Optional[str] = None, feature_dim: Optional[int] = None,
                  expert_noise: float = 0.0, config: Optional[RoutingConfig] = None, num_shared: int = 0,
-                 **options):
+                 experts_from: Optional[Sequence[nn.Module]] = None, **options):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if isinstance(module, MoEBlock):
             raise TypeError(f"module is already a mixture ({type(module).__name__}); moefy its experts instead")
+        num_experts = num_experts_for(num_experts, experts_from)
         check_int(num_experts, "num_experts", min=1, what="an int >= 1")
         check_number(expert_noise, "expert_noise", low=0, what="a number >= 0 (a relative std)")
         check_int(num_shared, "num_shared", min=0)
@@ -91,7 +95,7 @@ class ModuleMixture(MoEBlock):
             if seq_first:
                 raise ValueError(f"route='samples' needs the batch on dim 0, but {seq_first[0]} has "
                                  f"batch_first=False; build it with batch_first=True")
-        experts = [copy.deepcopy(module) for _ in range(num_experts)]
+        experts = expert_copies(module, num_experts, experts_from)
         shared = [copy.deepcopy(module) for _ in range(num_shared)] or None
         if expert_noise:
             with torch.no_grad():

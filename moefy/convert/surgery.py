@@ -12,6 +12,8 @@ from torch import nn
 
 from ..block import MoEBlock
 from .mixture import AttentionMixture, ModuleMixture, _check_module
+from .router_init import check_router_init, init_router
+from .sources import check_rest, model_sources
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +63,28 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def moefy(module: nn.Module, num_experts: int = 4, k: Optional[int] = None, *,
-          target: Optional[Target] = None, **options) -> nn.Module:
+def moefy(module: nn.Module, num_experts: Optional[int] = None, k: Optional[int] = None, *,
+          target: Optional[Target] = None, experts_from: Optional[Sequence[nn.Module]] = None, rest: str = "base",
+          router_init: Optional[str] = None, router_data=None, **options) -> nn.Module:
     """Upcycle a module into a mixture of its copies, or every ``target`` submodule of a model in place.
 
     Args:
         module: without ``target``, the module to clone (left untouched); with ``target``, the model whose
             matching submodules are replaced in place.
-        num_experts: E ≥ 1 experts per mixture.
+        num_experts: E ≥ 1 experts per mixture; default 4, or ``len(experts_from)``.
         k: experts per token, 1 ≤ k ≤ E; default ``config.k`` (1).
         target: which submodules to convert: a name pattern or a list of them (``"intermediate"`` matches
             every module whose dotted name ends with that component path; ``*`` matches within a component,
             ``**`` across components), an ``nn.Module`` type or tuple of types, or a predicate
             ``(name, module) -> bool``. The outermost match wins; the model itself is never a target.
+        experts_from: expert i is a copy of ``experts_from[i]`` (without ``target``: modules shaped like
+            ``module``; with it: models of ``module``'s architecture, expert i of the mixture at path ``p`` a copy of
+            ``experts_from[i].get_submodule(p)``): Branch-Train-MiX / mergekit-moe, :mod:`moefy.convert.sources`.
+        rest: with ``target`` and ``experts_from``, what the model is outside the targets: ``"base"`` keeps
+            ``module``'s own weights; ``"average"`` overwrites them (in place) with the element-wise mean of the
+            ``experts_from`` models' weights. Logged.
+        router_init, router_data: ``"mean"`` or ``"kmeans"``: after the conversion, set every router's rows
+            from ``router_data`` with :func:`~moefy.convert.router_init.init_router` (see there for the data).
         **options: ``route``, ``input_dim``, ``feature_dim``, ``expert_noise``, ``config`` (see
             :class:`ModuleMixture`) and every :class:`~moefy.config.RoutingConfig` field. Without ``route`` each match gets its own
             (:func:`infer_routing`): per token for Linear, MLPs and position-wise FFNs (probed; HF LlamaMLP,
@@ -85,8 +96,13 @@ def moefy(module: nn.Module, num_experts: int = 4, k: Optional[int] = None, *,
     Raises:
         ValueError: bad ``num_experts`` / ``k``, or ``target`` matches nothing.
     """
+    check_rest(rest, target, experts_from, num_experts)
+    check_router_init(router_init, router_data)
     if target is None:
-        return _mixture(module, num_experts=num_experts, k=k, **options)
+        mixture = _mixture(module, num_experts=num_experts, k=k, experts_from=experts_from, **options)
+        if router_init is not None:
+            init_router(mixture, router_data, router_init)
+        return mixture
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     match, names, skip = _matcher(target), [], []
@@ -102,15 +118,19 @@ def moefy(module: nn.Module, num_experts: int = 4, k: Optional[int] = None, *,
         some = [n for n, _ in module.named_modules() if n][:12]
         raise ValueError(f"target {target!r} matched no submodule of {type(module).__name__}; "
                          f"module names look like {some}")
+    sources = model_sources(module, names, experts_from, rest) if experts_from is not None else {}
     for i, name in enumerate(names):
         opts = dict(options)
         if getattr(options.get("config"), "layer_id", None) is None:
             opts.setdefault("layer_id", i)
         try:
-            mixture = _mixture(module.get_submodule(name), name, num_experts=num_experts, k=k, **opts)
+            mixture = _mixture(module.get_submodule(name), name, num_experts=num_experts, k=k,
+                               experts_from=sources.get(name), **opts)
         except (TypeError, ValueError) as err:
             raise type(err)(f"moefy target {name!r}: {err}") from err
         _set_submodule(module, name, mixture)
+    if router_init is not None:
+        init_router(module, router_data, router_init)
     return module
 
 
