@@ -1,7 +1,7 @@
 """moefy: turn any PyTorch module into a Mixture of Experts, and see what the router does.
 
 The top level is the curated API (README, "API"); everything else lives in the subpackages ``moefy.routing``,
-``moefy.dispatch``, ``moefy.convert``, ``moefy.observe``, ``moefy.parallel``, ``moefy.recipes``, ``moefy.viz``,
+``moefy.dispatch``, ``moefy.convert``, ``moefy.hf``, ``moefy.observe``, ``moefy.parallel``, ``moefy.recipes``, ``moefy.viz``,
 and the names of moefy 0.1 and of the original MoEfy in ``moefy.compat``.
 """
 from importlib import import_module as _import_module
@@ -13,7 +13,8 @@ from .routing import Routing
 # upcycling: copies of a module (or of chosen submodules of a model) as a mixture, and back to dense
 from .convert import (AttentionMixture, ModuleMixture, load_dense_state_dict, merge, moefy, moefy_chain,
                       unmoefy)
-# saving: a moefied model's weights and conversions, and re-applying them to a fresh dense model
+# saving: a moefied model's weights and conversions, and re-applying them to a fresh dense model; moefy.hf (imported
+# on first use): HF MoE models in (from_hf) and out (export)
 from .convert.save import load, save
 # observing: routing statistics, the JSON-lines training log, and the plots (viz is imported on first use)
 from .observe import LogFormatError, RoutingRecorder, TrainingLogWriter, read_log
@@ -25,7 +26,7 @@ from .recipes import MoE, block_distillation_loss, mode_loss, mutual_distillatio
 __all__ = [
     "MoEBlock", "RoutingConfig", "Routing", "aux_loss", "moe_blocks",
     "moefy", "moefy_chain", "merge", "unmoefy", "load_dense_state_dict", "ModuleMixture", "AttentionMixture",
-    "save", "load",
+    "save", "load", "hf",
     "RoutingRecorder", "TrainingLogWriter", "read_log", "LogFormatError", "viz",
     "expert_parallel", "sharded_names", "merge_state_dicts", "full_state_dict",
     "MoE", "mutual_distillation_loss", "mode_loss", "block_distillation_loss",
