@@ -26,6 +26,9 @@ def _mixture(module: nn.Module, name: Optional[str] = None, **options) -> Module
     label = f"{name} ({type(module).__name__})" if name else type(module).__name__
     logger.info("moefy: %s -> %d experts, k=%d, route=%s (%s)", label, len(mixture.experts), mixture.k,
                 mixture.route, mixture.route_reason)
+    if mixture.granularity > 1 and not mixture.exact_at_init:
+        logger.warning("moefy: %s (granularity=%d) is not the dense module at init: %s", label,
+                       mixture.granularity, mixture.exactness_reason)
     if mixture.route_unsure:
         logger.warning("moefy: %s routes per sample (whole sequences to one expert): %s. If it is position-wise "
                        "(an FFN), pass route=\"tokens\" to moefy() to route every token", label, mixture.route_reason)
