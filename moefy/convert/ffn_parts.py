@@ -20,7 +20,10 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
+from ..checks import check_module
 from .routes import _ELEMENTWISE
+
+__all__ = ["FFNParts", "find_ffn_parts"]
 
 _NAMED = ((("gate_proj", "up_proj"), "down_proj"), (("w1", "w3"), "w2"), (("wi_0", "wi_1"), "wo"),
           (("wi",), "wo"), (("c_fc",), "c_proj"), (("fc1",), "fc2"), (("dense_h_to_4h",), "dense_4h_to_h"))
@@ -70,6 +73,7 @@ def _sequential_parts(module: nn.Sequential) -> Optional[Tuple[Tuple[str, ...], 
 def find_ffn_parts(module: nn.Module) -> Optional[FFNParts]:
     """The :class:`FFNParts` of ``module``, or None where it is not an FFN of a known layout (see the module
     docstring) with consistent sizes: every up layer D -> H, the down layer H -> D' ."""
+    check_module(module, "module")
     found = _sequential_parts(module) if isinstance(module, nn.Sequential) else next(
         ((up, down) for up, down in _NAMED
          if all(_layer(getattr(module, n, None)) for n in up + (down,))), None)
