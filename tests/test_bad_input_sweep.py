@@ -436,6 +436,8 @@ case("drop_upcycle", lambda t: drop_upcycling.drop_upcycle([nn.Linear(4, 4)], ml
      r"experts: Linear is not an FFN")
 case("drop_upcycle", lambda t: drop_upcycling.drop_upcycle([nn.Linear(4, 4)], nn.ReLU(), 0.5), ValueError,
      r"drop_fraction: ReLU is not an FFN")
+case("load_dense_state_dict", lambda t: moefy.load_dense_state_dict(moefy.moefy(mlp(), granularity=2), {}),
+     ValueError, r"model: mixture '' is granular")
 case("find_ffn_parts", lambda t: ffn_parts.find_ffn_parts(None), TypeError, r"module must be an nn.Module")
 case("AttentionMixture", lambda t: convert.AttentionMixture(nn.Linear(4, 4)), TypeError,
      r"module must be an nn.MultiheadAttention")

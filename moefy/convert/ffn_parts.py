@@ -104,4 +104,4 @@ def neuron_rows(module: nn.Module, parts: FFNParts) -> torch.Tensor:
         layer = module.get_submodule(name)
         w = layer.weight.detach().double()
         rows.append(w if neuron_dim(layer, True) == 0 else w.t())
-    return torch.cat(rows, dim=1)
+    return torch.cat(rows, dim=1).cpu()

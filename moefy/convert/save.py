@@ -60,7 +60,7 @@ def describe(model: nn.Module) -> List[Dict[str, Any]]:
         entry = {"path": path, "class": cls, "num_experts": m.num_experts,
                  "num_shared": len(m.shared_experts) if m.shared_experts is not None else 0,
                  "input_dim": m.input_dim, "config": _jsonable(dataclasses.asdict(m.config)), "chain": None,
-                 "granularity": m.granularity}
+                 "granularity": getattr(m, "granularity", 1)}
         if m.dense_sources is not None:  # moefy_chain: parent = dense_root_depth levels above the mixture
             parts = path.split(".")
             entry["chain"] = {"parent": ".".join(parts[:len(parts) - m.dense_root_depth]),

@@ -77,7 +77,8 @@ def moefy(module: nn.Module, num_experts: int = 4, k: Optional[int] = None, *,
             every module whose dotted name ends with that component path; ``*`` matches within a component,
             ``**`` across components), an ``nn.Module`` type or tuple of types, or a predicate
             ``(name, module) -> bool``. The outermost match wins; the model itself is never a target.
-        **options: ``route``, ``input_dim``, ``feature_dim``, ``expert_noise``, ``config`` (see
+        **options: ``route``, ``input_dim``, ``feature_dim``, ``expert_noise``, ``granularity``, ``split``,
+            ``drop_fraction``, ``config`` (see
             :class:`ModuleMixture`) and every :class:`~moefy.config.RoutingConfig` field. Without ``route`` each match gets its own
             (:func:`infer_routing`): per token for Linear, MLPs and position-wise FFNs (probed; HF LlamaMLP,
             GPT2MLP, BertIntermediate ...), per sample for conv, attention and what mixes positions; logged.
