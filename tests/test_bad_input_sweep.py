@@ -30,6 +30,7 @@ from moefy.recipes import distill, metrics, reliability
 from moefy.recipes.sparse_moe import MoE
 from moefy.routing import bias_balance, losses, noise, replay
 from moefy.config import RoutingConfig
+from moefy.convert import drop_upcycling, ffn_parts, granular
 from moefy.convert import save as save_mod
 from moefy.routing.router import Router
 from moefy.viz import patches
@@ -70,6 +71,22 @@ class BertLayer(nn.Module):
         self.intermediate = nn.Sequential(nn.Linear(4, 8), nn.GELU())
         self.output = nn.Module()
         self.output.dense = nn.Linear(8, 4)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 4))
+
+
+class Offset(nn.Module):
+    """An FFN-looking module whose forward uses more than its layers: it cannot be cut into slices."""
+
+    def __init__(self, scale=False):
+        super().__init__()
+        self.fc1, self.fc2, self.scale = nn.Linear(4, 6), nn.Linear(6, 4), scale
+        self.offset = nn.Parameter(torch.ones(6))
+
+    def forward(self, x):
+        return 2 * self.fc2(self.fc1(x)) if self.scale else self.fc2(self.fc1(x) + self.offset)
 
 
 def log_file(tmp, lines=None):
@@ -377,6 +394,52 @@ case("moefy", lambda t: moefy.moefy(nn.Sequential(nn.Linear(4, 4)), target="0", 
 case("ModuleMixture", lambda t: convert.ModuleMixture(nn.Linear(4, 4), num_experts=True), ValueError,
      r"num_experts must be")
 case("ModuleMixture", lambda t: convert.ModuleMixture(lambda x: x), TypeError, r"module must be an nn.Module")
+# granular upcycling / drop-upcycling (convert/granular.py, convert/drop_upcycling.py, convert/ffn_parts.py)
+case("moefy", lambda t: moefy.moefy(mlp(), granularity=0), ValueError, r"granularity must be a positive int")
+case("moefy", lambda t: moefy.moefy(mlp(), granularity="2"), ValueError, r"granularity must be")
+case("moefy", lambda t: moefy.moefy(mlp(), granularity=True), ValueError, r"granularity must be")
+case("moefy", lambda t: moefy.moefy(mlp(), granularity=2.0), ValueError, r"granularity must be")
+case("moefy", lambda t: moefy.moefy(mlp(), granularity=2, split="kmeans"), ValueError, r"split must be one of")
+case("moefy", lambda t: moefy.moefy(mlp(), split=None), ValueError, r"split must be one of")
+case("moefy", lambda t: moefy.moefy(mlp(), granularity=4), ValueError, r"granularity=4 must divide .* H=6")
+case("moefy", lambda t: moefy.moefy(mlp(), num_experts=3, granularity=2), ValueError,
+     r"num_experts must be a multiple of granularity=2")
+case("moefy", lambda t: moefy.moefy(nn.Linear(4, 4), granularity=2), ValueError,
+     r"granularity: Linear is not an FFN")
+case("moefy", lambda t: moefy.moefy(nn.Conv2d(3, 4, 3), drop_fraction=0.5), ValueError,
+     r"drop_fraction: Conv2d is not an FFN")
+case("moefy", lambda t: moefy.moefy(Offset(), granularity=2), ValueError,
+     r"granularity: Offset does not run with its hidden layers cut")
+case("moefy", lambda t: moefy.moefy(Offset(scale=True), granularity=2), ValueError,
+     r"granularity: the 2 slices of Offset do not add up")
+case("moefy", lambda t: moefy.moefy(mlp(), drop_fraction=1.5), ValueError,
+     r"drop_fraction must be a number in \[0, 1\]")
+case("moefy", lambda t: moefy.moefy(mlp(), drop_fraction=-0.1), ValueError, r"drop_fraction must be")
+case("moefy", lambda t: moefy.moefy(mlp(), drop_fraction="0.5"), ValueError, r"drop_fraction must be")
+case("moefy", lambda t: moefy.moefy(mlp(), drop_fraction=float("nan")), ValueError, r"drop_fraction must be")
+case("moefy", lambda t: moefy.moefy(nn.Sequential(mlp()), target="0", granularity=4), ValueError,
+     r"moefy target '0': granularity=4 must divide")
+case("ModuleMixture", lambda t: convert.ModuleMixture(mlp(), granularity=-1), ValueError, r"granularity must be")
+case("ModuleMixture", lambda t: convert.ModuleMixture(mlp(), drop_fraction=True), ValueError, r"drop_fraction must")
+case("upcycled_experts", lambda t: granular.upcycled_experts("mlp", 2), TypeError, r"module must be an nn.Module")
+case("upcycled_experts", lambda t: granular.upcycled_experts(mlp(), 0), ValueError, r"num_experts must be")
+case("upcycled_experts", lambda t: granular.upcycled_experts(mlp(), 2, split="kmeans"), ValueError, r"split must")
+case("exactness", lambda t: granular.exactness(mlp()), TypeError, r"mixture must be a MoEBlock")
+case("merged_copies", lambda t: granular.merged_copies("mixture"), TypeError, r"mixture must be a MoEBlock")
+case("merged_copies", lambda t: granular.merged_copies(moefy.moefy(mlp())), ValueError,
+     r"mixture: not a granular mixture")
+case("merge", lambda t: moefy.merge(moefy.moefy(mlp(), granularity=2), how=2), ValueError,
+     r"how: expert index must be in \[0, 1\]")
+case("drop_upcycle", lambda t: drop_upcycling.drop_upcycle(mlp(), mlp(), 0.5), TypeError, r"experts must be a list")
+case("drop_upcycle", lambda t: drop_upcycling.drop_upcycle([mlp()], "mlp", 0.5), TypeError, r"module must be an")
+case("drop_upcycle", lambda t: drop_upcycling.drop_upcycle([mlp()], mlp(), 2), ValueError, r"drop_fraction must")
+case("drop_upcycle", lambda t: drop_upcycling.drop_upcycle([nn.Linear(4, 4)], mlp(), 0.5), ValueError,
+     r"experts: Linear is not an FFN")
+case("drop_upcycle", lambda t: drop_upcycling.drop_upcycle([nn.Linear(4, 4)], nn.ReLU(), 0.5), ValueError,
+     r"drop_fraction: ReLU is not an FFN")
+case("load_dense_state_dict", lambda t: moefy.load_dense_state_dict(moefy.moefy(mlp(), granularity=2), {}),
+     ValueError, r"model: mixture '' is granular")
+case("find_ffn_parts", lambda t: ffn_parts.find_ffn_parts(None), TypeError, r"module must be an nn.Module")
 case("AttentionMixture", lambda t: convert.AttentionMixture(nn.Linear(4, 4)), TypeError,
      r"module must be an nn.MultiheadAttention")
 case("AttentionMixture", lambda t: convert.AttentionMixture(nn.MultiheadAttention(8, 2), route="tokens"),
@@ -848,7 +911,7 @@ NOT_SWEPT = {
     "Routing", "AUX_LOSSES", "data", "metrics", "ReliabilityBins", "ImageDataset", "LayerStats", "LayerSeries",
     "TrainingLog", "LogFormatError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
     "ExpertParallelExperts", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
-    "layer_loads", "viz", "ROUTE_ALIASES", "Replayed", "RouteChoice", "FAMILIES", "MoEFamily",
+    "layer_loads", "viz", "ROUTE_ALIASES", "Replayed", "RouteChoice", "FAMILIES", "MoEFamily", "FFNParts",
 }
 
 
@@ -856,7 +919,8 @@ NOT_SWEPT = {
 # attribute, is the function merge)
 CONVERT_MODULES = [import_module(f"moefy.convert.{m}") for m in ("mixture", "routes", "surgery", "merge",
                                                                       "checkpoint", "save", "sources",
-                                                                      "router_init", "kmeans")]
+                                                                      "router_init", "kmeans", "granular",
+                                                                      "drop_upcycling", "ffn_parts")]
 PARALLEL_MODULES = [import_module(f"moefy.parallel.{m}") for m in ("expert_parallel", "checkpoint")]
 
 

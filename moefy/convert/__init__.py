@@ -6,6 +6,9 @@
 - ``router_init``: :func:`init_router`, router rows from the mean / k-means of each mixture's inputs (``kmeans``).
 - ``surgery``: :func:`moefy` (one module, or every ``target`` submodule of a model in place), :func:`moefy_chain`.
 - ``merge``: :func:`merge` a mixture into one dense module, :func:`unmoefy` a whole model.
+- ``granular`` / ``drop_upcycling`` (on ``ffn_parts``): fine-grained upcycling (experts = slices of an FFN's
+  hidden neurons) and drop-upcycling (re-initialised neurons), the ``granularity`` / ``split`` /
+  ``drop_fraction`` options of :class:`ModuleMixture`.
 - ``checkpoint``: :func:`dense_key_map`, :func:`load_dense_state_dict` (a dense checkpoint into a moefied model).
 - ``save``: ``save`` / ``load`` a moefied model (weights + ``moefy.json``); top level only, as ``moefy.save``.
 - ``hf``: upcycling Hugging Face BERT-style encoders (optional extra ``moefy[hf]``).

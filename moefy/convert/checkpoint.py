@@ -54,6 +54,11 @@ def load_dense_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of name -> tensor, got {type(state_dict).__name__}")
+    granular = [n for n, m in model.named_modules() if getattr(m, "granularity", 1) > 1] if isinstance(
+        model, nn.Module) else []
+    if granular:  # its experts are slices: the split is not kept, so no dense tensor maps onto one
+        raise ValueError(f"model: mixture {granular[0]!r} is granular (its experts are slices of the FFN); load the "
+                         f"dense checkpoint into the dense model, then moefy it with granularity again")
     mapped, used, missing = {}, set(), []
     own = model.state_dict() if isinstance(model, nn.Module) else None
     for key, src in dense_key_map(model).items():

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..block import MoEBlock
 from ..checks import check_module
+from .granular import merged_copies
 from .mixture import ModuleMixture
 from .surgery import _set_submodule
 
@@ -20,7 +21,9 @@ def merge(mixture: MoEBlock, how: Union[str, int, Sequence[float], torch.Tensor]
         mixture: a mixture whose experts share parameter names and shapes (any :func:`moefy` mixture).
         how: ``"mean"`` averages every floating parameter and buffer over the experts; an int picks that
             expert; a sequence / tensor of E non-negative weights takes the weighted average (e.g. the
-            experts' token counts). Integer buffers come from expert 0.
+            experts' token counts). Integer buffers come from expert 0. For a granular mixture
+            (``granularity`` G > 1) the experts here are its r = E/G copies, each rebuilt whole
+            (:func:`~moefy.convert.granular.merged_copies`): ``how`` picks or weights copies.
     Returns:
         a new module (a deep copy), the type of the experts.
     """
@@ -29,7 +32,9 @@ def merge(mixture: MoEBlock, how: Union[str, int, Sequence[float], torch.Tensor]
     if getattr(mixture, "shared_experts", None) is not None:
         raise ValueError("mixture has shared experts: their output adds to the routed experts', so no average of "
                          "the experts is the dense module; merge needs a mixture without shared_experts")
-    experts, num = list(mixture.experts), mixture.num_experts
+    # a granular mixture: first its r = E/G dense copies (slices concatenated, down / G); `how` then counts copies
+    experts = merged_copies(mixture) if getattr(mixture, "granularity", 1) > 1 else list(mixture.experts)
+    num = len(experts)
     if isinstance(how, int) and not isinstance(how, bool):
         if not 0 <= how < num:
             raise ValueError(f"how: expert index must be in [0, {num - 1}], got {how}")

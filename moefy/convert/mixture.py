@@ -20,6 +20,7 @@ from torch import nn
 from ..block import MoEBlock
 from ..checks import check_int, check_number
 from ..config import ROUTE_ALIASES, RoutingConfig
+from .granular import copy_router_rows, exactness, upcycled_experts
 from .routes import _CONV, explain_routing, infer_routing  # noqa: F401 (infer_routing: its old home)
 from .sources import expert_copies, num_experts_for
 
@@ -56,6 +57,13 @@ class ModuleMixture(MoEBlock):
             is True where the module could not be classified and routes per sample).
         expert_noise: breaks the symmetry of the copies: every floating parameter ``p`` of every expert gets
             ``N(0, (expert_noise * rms(p))^2)`` noise. 0 (default) keeps the mixture exact.
+        granularity: G ≥ 1: with G > 1 every expert is one of G slices of the module's H hidden neurons
+            (fine-grained upcycling, :mod:`moefy.convert.granular`: expert ``c·G + g`` is slice g of copy c,
+            down weights × G, router rows copied across the slices of a copy); exact with ``k`` a multiple
+            of G (``exact_at_init`` says whether it is). E must be a multiple of G, H too.
+        split: how the hidden neurons are cut into the G slices: ``"contiguous"``, ``"random"``, ``"clustered"``.
+        drop_fraction: r in [0, 1]: drop-upcycling (:mod:`moefy.convert.drop_upcycling`) re-initialises
+            round(r·H) hidden neurons of every expert from the dense weights' statistics (0: none).
         num_shared: S ≥ 0 more copies as shared experts (:mod:`moefy.dispatch.shared`), run on every routed
             row and added to the routed mixture; they get no ``expert_noise``. With S > 0 the mixture starts
             at ``(routed_scaling_factor + S) · f(x)`` (with ``normalize``, no shared gate), not at ``f(x)``.
@@ -68,7 +76,8 @@ class ModuleMixture(MoEBlock):
     def __init__(self, module: nn.Module, num_experts: Optional[int] = None, k: Optional[int] = None,
                  input_dim: Optional[int] = None, route: Optional[str] = None, feature_dim: Optional[int] = None,
                  expert_noise: float = 0.0, config: Optional[RoutingConfig] = None, num_shared: int = 0,
-                 experts_from: Optional[Sequence[nn.Module]] = None, **options):
+                 experts_from: Optional[Sequence[nn.Module]] = None, granularity: int = 1,
+                 split: str = "contiguous", drop_fraction: float = 0.0, **options):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if isinstance(module, MoEBlock):
@@ -95,7 +104,11 @@ class ModuleMixture(MoEBlock):
             if seq_first:
                 raise ValueError(f"route='samples' needs the batch on dim 0, but {seq_first[0]} has "
                                  f"batch_first=False; build it with batch_first=True")
-        experts = expert_copies(module, num_experts, experts_from)
+        if experts_from is not None and (granularity != 1 or drop_fraction):
+            raise ValueError("experts_from: granularity and drop_fraction cut or re-initialise copies of one module; "
+                             "with experts_from, leave them at 1 and 0")
+        experts = expert_copies(module, num_experts, experts_from) if experts_from is not None else \
+            upcycled_experts(module, num_experts, granularity, split, drop_fraction)  # copies / slices
         shared = [copy.deepcopy(module) for _ in range(num_shared)] or None
         if expert_noise:
             with torch.no_grad():
@@ -114,6 +127,9 @@ class ModuleMixture(MoEBlock):
         self.training = module.training  # the experts keep their own (possibly mixed) train/eval flags
         self.router.train(module.training)
         self.expert_noise = float(expert_noise)
+        self.granularity, self.split, self.drop_fraction = granularity, split, float(drop_fraction)
+        if granularity > 1:
+            copy_router_rows(self.router, num_experts, granularity)
         self.route_reason, self.route_unsure = auto.reason, auto.unsure  # why this route (logged by moefy())
         self.conv_ndim = next((m.weight.dim() for m in [module] if isinstance(m, _CONV)), None)
         # For experts built from several sibling modules (moefy_chain): expert child name -> path of the module
@@ -122,6 +138,16 @@ class ModuleMixture(MoEBlock):
         self.dense_sources: Optional[Dict[str, str]] = None
         self.dense_root_depth = 1
         self._out_struct = None
+
+    @property
+    def exact_at_init(self) -> bool:
+        """Whether the mixture now meets the condition under which it computes the module it was made from
+        (:func:`moefy.convert.granular.exactness`; ``exactness_reason`` says what breaks it)."""
+        return exactness(self)[0]
+
+    @property
+    def exactness_reason(self) -> str:
+        return exactness(self)[1]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs):

@@ -67,7 +67,8 @@ def describe(model: nn.Module) -> List[Dict[str, Any]]:
                              f"(made by moefy.hf.from_hf) are recorded")
         entry = {"path": path, "class": cls, "num_experts": m.num_experts,
                  "num_shared": len(m.shared_experts) if m.shared_experts is not None else 0,
-                 "input_dim": m.input_dim, "config": _jsonable(dataclasses.asdict(m.config)), "chain": None}
+                 "input_dim": m.input_dim, "config": _jsonable(dataclasses.asdict(m.config)), "chain": None,
+                 "granularity": getattr(m, "granularity", 1)}
         if m.dense_sources is not None:  # moefy_chain: parent = dense_root_depth levels above the mixture
             parts = path.split(".")
             entry["chain"] = {"parent": ".".join(parts[:len(parts) - m.dense_root_depth]),
@@ -153,7 +154,7 @@ def _apply(model: nn.Module, entry: Dict[str, Any], folder) -> nn.Module:
         return convert_at(model, entry["path"])
     config = RoutingConfig(**entry["config"])
     options = dict(num_experts=entry["num_experts"], config=config, input_dim=entry["input_dim"],
-                   num_shared=entry["num_shared"], expert_noise=0.0)
+                   num_shared=entry["num_shared"], expert_noise=0.0, granularity=entry.get("granularity", 1))
     path, chain = entry["path"], entry["chain"]
     try:
         if chain is not None:

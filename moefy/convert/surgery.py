@@ -28,6 +28,9 @@ def _mixture(module: nn.Module, name: Optional[str] = None, **options) -> Module
     label = f"{name} ({type(module).__name__})" if name else type(module).__name__
     logger.info("moefy: %s -> %d experts, k=%d, route=%s (%s)", label, len(mixture.experts), mixture.k,
                 mixture.route, mixture.route_reason)
+    if mixture.granularity > 1 and not mixture.exact_at_init:
+        logger.warning("moefy: %s (granularity=%d) is not the dense module at init: %s", label,
+                       mixture.granularity, mixture.exactness_reason)
     if mixture.route_unsure:
         logger.warning("moefy: %s routes per sample (whole sequences to one expert): %s. If it is position-wise "
                        "(an FFN), pass route=\"tokens\" to moefy() to route every token", label, mixture.route_reason)
@@ -85,7 +88,8 @@ def moefy(module: nn.Module, num_experts: Optional[int] = None, k: Optional[int]
             ``experts_from`` models' weights. Logged.
         router_init, router_data: ``"mean"`` or ``"kmeans"``: after the conversion, set every router's rows
             from ``router_data`` with :func:`~moefy.convert.router_init.init_router` (see there for the data).
-        **options: ``route``, ``input_dim``, ``feature_dim``, ``expert_noise``, ``config`` (see
+        **options: ``route``, ``input_dim``, ``feature_dim``, ``expert_noise``, ``granularity``, ``split``,
+            ``drop_fraction``, ``config`` (see
             :class:`ModuleMixture`) and every :class:`~moefy.config.RoutingConfig` field. Without ``route`` each match gets its own
             (:func:`infer_routing`): per token for Linear, MLPs and position-wise FFNs (probed; HF LlamaMLP,
             GPT2MLP, BertIntermediate ...), per sample for conv, attention and what mixes positions; logged.
