@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import math
 import os
@@ -27,26 +26,11 @@ matplotlib.use("Agg")
 import transformers  # noqa: E402
 
 import moefy  # noqa: E402
+from stdlib_text import MODULES, stdlib_bytes, windows  # noqa: E402
 from moefy.viz import plot_load_heatmap, plot_token_routing  # noqa: E402
 
-MODULES = ("argparse", "dataclasses", "functools", "textwrap", "json.decoder", "json.encoder", "shlex", "fnmatch")
 PROMPT = "def __init__(self, "
 SNIPPET = "    for key, value in sorted(kwargs.items()):\n        setattr(self, key, value)\n"
-
-
-def stdlib_bytes() -> torch.Tensor:
-    """The source of :data:`MODULES`, read from this Python's standard library, as bytes (N,)."""
-    import importlib
-    text = "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in MODULES)
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
-
-
-def batches(data: torch.Tensor, steps: int, batch: int, length: int, seed: int):
-    """``steps`` random windows (batch, length + 1) of the training bytes."""
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        start = torch.randint(0, len(data) - length - 1, (batch,), generator=g)
-        yield torch.stack([data[s:s + length + 1] for s in start.tolist()])
 
 
 def build(args) -> transformers.LlamaForCausalLM:
@@ -64,7 +48,7 @@ def train(model, data: torch.Tensor, args) -> list:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     model.train()
     losses = []
-    bar = tqdm(batches(data, args.steps, args.batch, args.length, args.seed), total=args.steps, desc="train")
+    bar = tqdm(windows(data, args.steps, args.batch, args.length, args.seed), total=args.steps, desc="train")
     for ids in bar:
         loss = model(ids, labels=ids).loss
         opt.zero_grad()
@@ -80,7 +64,7 @@ def train(model, data: torch.Tensor, args) -> list:
 def held_out_loss(model, data: torch.Tensor, args) -> float:
     model.eval()
     with torch.no_grad():
-        ids = next(batches(data, 1, 32, args.length, seed=args.seed + 1))
+        ids = next(windows(data, 1, 32, args.length, seed=args.seed + 1))
         return model(ids, labels=ids).loss.item()
 
 
@@ -89,7 +73,7 @@ def pictures(model, data: torch.Tensor, args, out: Path) -> list:
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     with moefy.RoutingRecorder(model) as rec, torch.no_grad():
-        for ids in batches(data, 4, 16, args.length, seed=args.seed + 2):
+        for ids in windows(data, 4, 16, args.length, seed=args.seed + 2):
             model(ids)
     fig = plot_load_heatmap(rec)
     fig.suptitle("Llama → 4 experts per MLP: share of each layer's token slots (held-out stdlib source)")
@@ -144,7 +128,7 @@ def main(argv=None) -> dict:
     folder = args.export_dir or Path(tempfile.mkdtemp(prefix="mixtral-"))
     moefy.hf.export(model, folder)
     mixtral = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = next(batches(data[split:], 1, 4, args.length, seed=args.seed + 3))
+    ids = next(windows(data[split:], 1, 4, args.length, seed=args.seed + 3))
     with torch.no_grad():
         error = (mixtral(ids).logits - model(ids).logits).abs().max().item()
     print(f"exported to {folder}: transformers loads a {type(mixtral).__name__} "

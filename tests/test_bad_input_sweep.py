@@ -858,6 +858,15 @@ case("encode", lambda t: upcycle_hf.encode(BertLayer(), None, "one sentence"), T
      r"sentences must be a list of strings")
 case("encode", lambda t: upcycle_hf.encode(BertLayer(), None, [1, 2]), TypeError, r"sentences must be")
 
+case("plot_token_routing", lambda t: moefy.viz.plot_token_routing("abc", lin()), TypeError,
+     r"tokens must be a non-empty list of token strings")
+case("plot_token_routing", lambda t: moefy.viz.plot_token_routing(["a"], nn.Linear(2, 2)), ValueError,
+     r"model contains no MoEBlock")
+case("plot_token_routing", lambda t: moefy.viz.plot_token_routing(["a"], lin()), ValueError,
+     r"needs the last forward of a token-choice")
+case("plot_token_routing", lambda t: moefy.viz.plot_token_routing(["a", "b"], ran()), ValueError,
+     r"tokens / sample: .* routed 1 sequence\(s\) of 4 tokens, got 2 tokens")
+
 # ------------------------------------------------------------------------------------ moefy.hf
 case("from_hf", lambda t: moefy.hf.from_hf("mixtral"), TypeError, r"model must be a transformers model")
 case("from_hf", lambda t: moefy.hf.from_hf(nn.Linear(2, 2)), ValueError,
@@ -911,7 +920,7 @@ NOT_SWEPT = {
     "Routing", "AUX_LOSSES", "data", "metrics", "ReliabilityBins", "ImageDataset", "LayerStats", "LayerSeries",
     "TrainingLog", "LogFormatError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
     "ExpertParallelExperts", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
-    "layer_loads", "viz", "ROUTE_ALIASES", "Replayed", "RouteChoice", "FAMILIES", "MoEFamily", "FFNParts",
+    "layer_loads", "viz", "ROUTE_ALIASES", "Replayed", "RouteChoice", "FAMILIES", "MoEFamily", "FFNParts", "hf",
 }
 
 

@@ -238,3 +238,24 @@ def test_dashboard_plots_from_a_log(tmp_path):
     heat = plot_affinity(log).axes[0].images[0].get_array()
     aff = np.array(log.layers["0"].affinity, dtype=float)
     np.testing.assert_allclose(heat, aff / aff.sum(axis=1, keepdims=True))
+
+
+def test_token_routing_colours_every_token_by_its_first_and_second_choice():
+    from matplotlib.colors import to_rgba
+    from moefy.viz import plot_token_routing
+    from moefy.viz._common import column_colors
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearMixture(6, 6, 4, k=2, layer_id=0), LinearMixture(6, 6, 3, k=2, layer_id=1))
+    model(torch.randn(2, 5, 6))
+    tokens = list("ab$ d")
+    fig = plot_token_routing(tokens, model, sample=1)
+    patches = fig.axes[0].patches
+    assert len(patches) == 2 * len(tokens) * 2  # layers x tokens x (first, second choice)
+    for layer, block in enumerate(model):
+        order = block.routing.weights.argsort(-1, descending=True)
+        picks = block.routing.indices.gather(1, order).view(2, 5, 2)[1]  # sample 1: (L, 2)
+        colors = column_colors(block.num_experts, block.hole)
+        drawn = patches[layer * 10:(layer + 1) * 10]
+        assert [p.get_facecolor() for p in drawn[0::2]] == [to_rgba(colors[int(e)]) for e in picks[:, 0]]
+        assert [p.get_facecolor() for p in drawn[1::2]] == [to_rgba(colors[int(e)]) for e in picks[:, 1]]
+    fig.canvas.draw()  # "$" is drawn as text, not mathtext
