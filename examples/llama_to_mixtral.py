@@ -76,7 +76,7 @@ def pictures(model, data: torch.Tensor, args, out: Path) -> list:
         for ids in windows(data, 4, 16, args.length, seed=args.seed + 2):
             model(ids)
     fig = plot_load_heatmap(rec)
-    fig.suptitle("Llama → 4 experts per MLP: share of each layer's token slots (held-out stdlib source)")
+    fig.suptitle("moefied Llama, held-out stdlib source", fontsize=10)
     paths = [out / "llama_mixtral_load.png"]
     fig.savefig(paths[0], dpi=args.dpi, bbox_inches="tight")
     ids = torch.tensor([list(SNIPPET.encode("utf-8"))])
@@ -97,7 +97,7 @@ def generate(model, args) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--dim", type=int, default=128)

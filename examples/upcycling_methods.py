@@ -12,9 +12,10 @@ batches with the same schedule and the switch balance loss:
   exact at init, the active FLOPs of one dense MLP;
 - informed router: copies + noise, with each router's rows the k-means centroids of its own layer's inputs.
 
-It prints a table (held-out loss right after upcycling, after the budget, steps to reach a loss) and draws the
-held-out loss curves into images/upcycling_methods.png; the dense model trained on for the same steps is the
-reference line.
+Every method runs with the same few seeds (batches, noise, re-initialisation). It prints a table of medians
+(held-out loss right after upcycling, after the budget, steps to reach the dense model's final loss) and draws
+the median held-out loss curves into images/upcycling_methods.png; the dense model trained on for the same
+steps is the reference line.
 """
 from __future__ import annotations
 
@@ -78,6 +79,11 @@ def train(model, data, args, steps: int, seed: int, held_out, label: str):
     return curve
 
 
+def median_curve(curves):
+    """[(step, median loss over the runs)] of runs evaluated at the same steps."""
+    return [(points[0][0], float(torch.tensor([l for _, l in points]).median())) for points in zip(*curves)]
+
+
 def steps_to(curve, threshold: float):
     return next((s for s, l in curve if l <= threshold), None)
 
@@ -93,6 +99,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="runs of every method (medians in the table)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "images")
     parser.add_argument("--dpi", type=int, default=110)
     args = parser.parse_args(argv)
@@ -106,28 +113,33 @@ def main(argv=None) -> dict:
     train(dense, train_data, args, args.dense_steps, seed=args.seed, held_out=held_out, label="dense pretraining")
     kmeans_data = list(windows(train_data, 4, 32, args.length, seed=2))
 
-    curves = {"dense, trained on": train(copy.deepcopy(dense), train_data, args, args.steps, seed=args.seed + 1,
-                                         held_out=held_out, label="dense")}
-    for name, options in METHODS.items():
-        options = dict(options)
-        if options.get("router_init"):
-            options["router_data"] = [ids[:, :-1] for ids in kmeans_data]
-        torch.manual_seed(args.seed + 1)  # the same noise / re-initialisation draws for every method
-        model = moefy.moefy(copy.deepcopy(dense), target="mlp", aux_criterion={"switch": 0.01}, **options)
-        curves[name] = train(model, train_data, args, args.steps, seed=args.seed + 1, held_out=held_out, label=name)
+    runs = {name: [] for name in ["dense, trained on", *METHODS]}  # name -> one curve per seed
+    for seed in range(args.seed + 1, args.seed + 1 + args.seeds):
+        runs["dense, trained on"].append(train(copy.deepcopy(dense), train_data, args, args.steps, seed=seed,
+                                               held_out=held_out, label=f"dense, seed {seed}"))
+        for name, options in METHODS.items():
+            options = dict(options)
+            if options.get("router_init"):
+                options["router_data"] = [ids[:, :-1] for ids in kmeans_data]
+            torch.manual_seed(seed)  # the same noise / re-initialisation draws for every method
+            model = moefy.moefy(copy.deepcopy(dense), target="mlp", aux_criterion={"switch": 0.01}, **options)
+            runs[name].append(train(model, train_data, args, args.steps, seed=seed, held_out=held_out,
+                                    label=f"{name}, seed {seed}"))
+    curves = {name: median_curve(c) for name, c in runs.items()}
 
-    start = curves["dense, trained on"][0][1]
-    threshold = curves["dense, trained on"][-1][1]
+    start, threshold = curves["dense, trained on"][0][1], curves["dense, trained on"][-1][1]
     print(f"dense model after {args.dense_steps} steps: held-out loss {start:.4f}; each method then trains "
-          f"{args.steps} more steps on the same batches (held-out loss over {len(held_out)} batches)\n")
-    print(f"| method | experts, active | held-out loss after upcycling | after {args.steps} steps | "
+          f"{args.steps} more steps on the same batches; medians over {args.seeds} seeds (batches, noise, "
+          f"re-initialisation), held-out loss over {len(held_out)} batches\n")
+    print(f"| method | experts, active | held-out loss after upcycling | after {args.steps} steps (min–max) | "
           f"steps to the dense model's final loss ({threshold:.4f}) |")
     print("| --- | --- | --- | --- | --- |")
     for name, curve in curves.items():
         o = METHODS.get(name, {})
         active = f"{o['num_experts']}, top-{o['k']}" if o else "dense"
+        finals = [c[-1][1] for c in runs[name]]
         reached = steps_to(curve, threshold)
-        print(f"| {name} | {active} | {curve[0][1]:.4f} | {curve[-1][1]:.4f} | "
+        print(f"| {name} | {active} | {curve[0][1]:.4f} | {curve[-1][1]:.4f} ({min(finals):.4f}–{max(finals):.4f}) | "
               f"{reached if reached is not None else f'> {args.steps}'} |")
 
     fig = Figure(figsize=(7, 4.2), layout="constrained")
@@ -136,7 +148,7 @@ def main(argv=None) -> dict:
         ax.plot(*zip(*curve), label=name, lw=2 if name.startswith("dense") else 1.5,
                 ls="--" if name.startswith("dense") else "-", color="black" if name.startswith("dense") else None)
     ax.set(xlabel="training steps after upcycling", ylabel="held-out loss (nats per byte)",
-           title=f"Upcycling a {args.layers}-layer byte-level Llama four ways (same batches, same budget)")
+           title=f"Upcycling a {args.layers}-layer byte-level Llama four ways (median of {args.seeds} seeds)")
     ax.legend()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "upcycling_methods.png"

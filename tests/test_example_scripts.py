@@ -50,3 +50,27 @@ def test_minilm_upcycle_example():
     assert init and float(init.group(1)) < 1e-5, out
     spreads = [float(m) for m in re.findall(r"^\s+\d\s+([0-9.e+-]+)", out, flags=re.M)]
     assert len(spreads) == 6 and min(spreads) > 0, out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs the hf extra")
+def test_llama_to_mixtral_example_agrees_after_export(tmp_path):
+    out = run(EXAMPLES / "llama_to_mixtral.py", "--steps", "3", "--dim", "32", "--layers", "2", "--length", "32",
+              "--new-tokens", "6", "--out", tmp_path, "--export-dir", tmp_path / "mixtral", "--dpi", "30")
+    error = re.search(r"loads a MixtralForCausalLM .* max \|logit difference\| = ([0-9.e+-]+)", out)
+    assert error and float(error.group(1)) < 1e-5, out
+    assert "the same bytes" in out, out
+    assert {p.name for p in tmp_path.glob("*.png")} == {"llama_mixtral_load.png", "llama_mixtral_tokens.png"}
+    assert (tmp_path / "mixtral" / "config.json").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs the hf extra")
+def test_upcycling_methods_example_prints_its_table(tmp_path):
+    out = run(EXAMPLES / "upcycling_methods.py", "--dense-steps", "2", "--steps", "2", "--eval-every", "1",
+              "--seeds", "1", "--dim", "32", "--length", "16", "--out", tmp_path, "--dpi", "30")
+    rows = re.findall(r"^\| (dense, trained on|copies \+ noise|drop-upcycling|fine-grained|informed router) \|", out,
+                      flags=re.M)
+    assert rows == ["dense, trained on", "copies + noise", "drop-upcycling", "fine-grained", "informed router"], out
+    # the exact upcyclings start at the dense model's held-out loss
+    losses = dict(re.findall(r"^\| ([a-z ,+-]+) \| [^|]+ \| ([0-9.]+) \|", out, flags=re.M))
+    assert losses["fine-grained"] == losses["dense, trained on"], out
+    assert (tmp_path / "upcycling_methods.png").is_file()

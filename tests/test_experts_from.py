@@ -57,6 +57,9 @@ def test_module_level_refuses_mismatches_by_name():
         moefy.moefy(mlp(0), experts_from=[mlp(1, bias=False)])
     with pytest.raises(ValueError, match=r"experts_from\[0\] \(Sequential\) has a parameter '0.bias' that the base"):
         moefy.moefy(mlp(0, bias=False), experts_from=[mlp(1)])
+    for cut in ({"granularity": 2}, {"drop_fraction": 0.5}):
+        with pytest.raises(ValueError, match="experts_from: granularity and drop_fraction cut or re-initialise"):
+            moefy.moefy(mlp(0), experts_from=[mlp(1), mlp(2)], **cut)
     with pytest.raises(ValueError, match=r"num_experts=4 but experts_from holds 2 modules"):
         moefy.moefy(mlp(0), 4, experts_from=[mlp(1), mlp(2)])
     with pytest.raises(ValueError, match=r"rest='average' needs target"):
