@@ -141,3 +141,22 @@ def test_experts_with_another_activation_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"layers.0.mlp.experts.2: its activation GELU is not the Mixtral config's "
                                          r"hidden_act='silu'"):
         export(model, tmp_path)
+
+
+UPCYCLINGS = {
+    "fine-grained": lambda: moefy.moefy(dense("Llama"), 4, k=2, target="mlp", granularity=2),
+    "drop-upcycling": lambda: moefy.moefy(dense("Llama"), 4, k=2, target="mlp", drop_fraction=0.5),
+    "experts from several models": lambda: moefy.moefy(dense("Llama"), k=2, target="mlp", experts_from=[
+        train(dense("Llama"), 1), train(dense("Llama"), 1)]),
+    "informed router": lambda: moefy.moefy(dense("Llama"), 4, k=2, target="mlp", expert_noise=0.1,
+                                           router_init="kmeans", router_data=[torch.randint(0, VOCAB, (4, 9))]),
+}
+
+
+@pytest.mark.parametrize("method", UPCYCLINGS)
+def test_every_upcycling_method_exports_to_mixtral(method, tmp_path):
+    model = UPCYCLINGS[method]().eval()
+    loaded = reload(model, tmp_path)
+    hidden = 16 if method == "fine-grained" else 32  # 2 slices of the 32 hidden neurons
+    assert loaded.config.intermediate_size == hidden
+    assert max_error(model, loaded, torch.randint(0, VOCAB, (3, 11))) < 1e-5
