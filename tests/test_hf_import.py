@@ -127,3 +127,17 @@ def test_bad_inputs_are_named():
         from_hf(model)
     with pytest.raises(TypeError, match="model must be a transformers model"):
         from_hf("mixtral")
+
+
+def test_bfloat16_round_trip_keeps_every_weight_and_dtype(tmp_path):
+    """A bf16 DeepSeek-V3 keeps its router in float32 (as transformers does); export gives both back unchanged."""
+    model = hf_moe("DeepseekV3").to(torch.bfloat16)
+    for layer in model.model.layers[1:]:
+        layer.mlp.gate.float()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    from_hf(model)
+    assert model.model.layers[1].mlp.router.gate.weight.dtype == torch.float32
+    assert model.model.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
+    export(model, tmp_path)
+    state = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in original.items())

@@ -50,7 +50,7 @@ def _moe_config(model: nn.Module, family: MoEFamily, layers: Dict[int, Tuple[str
     dense = model.config
     path, block = layers[min(layers)]
     hidden = swiglu_weights(block.experts[0], f"{path}.experts.0")[0].shape[0]
-    shared = [m for m in (block.shared_experts or [])]
+    shared = list(block.shared_experts or [])
     dense_layers = sorted(set(range(dense.num_hidden_layers)) - set(layers))
     if dense_layers and not family.partial:
         raise ValueError(f"model: decoder layers {dense_layers} keep a dense MLP; {family.name} has a mixture in "

@@ -39,6 +39,7 @@ def convert_block(hf_block: nn.Module, family: MoEFamily, config, layer_id: int)
                        shared.gate_proj.out_features if shared is not None else 0, source=type(hf_block).__name__,
                        config=family.routing_config(config), layer_id=layer_id)
     block.to(device=down.device, dtype=down.dtype)
+    block.router.to(dtype=hf_block.gate.weight.dtype)  # DeepSeek-V3 keeps its router in float32 in a bf16 model
     with torch.no_grad():
         block.router.gate.weight.copy_(hf_block.gate.weight)
         if block.config.selection_bias:
