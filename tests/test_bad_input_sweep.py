@@ -868,10 +868,20 @@ case("plot_token_routing", lambda t: moefy.viz.plot_token_routing(["a", "b"], ra
      r"tokens / sample: .* routed 1 sequence\(s\) of 4 tokens, got 2 tokens")
 
 # ------------------------------------------------------------------------------------ moefy.hf
+def _tiny_mixtral():
+    transformers = pytest.importorskip("transformers")
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4))
+
+
 case("from_hf", lambda t: moefy.hf.from_hf("mixtral"), TypeError, r"model must be a transformers model")
 case("from_hf", lambda t: moefy.hf.from_hf(nn.Linear(2, 2)), ValueError,
      r"model: Linear \(model_type None\) is not a Hugging Face MoE model moefy imports")
 case("export", lambda t: moefy.hf.export(nn.Linear(2, 2), t), TypeError, r"model must be a transformers model")
+case("from_hf", lambda t: moefy.hf.from_hf(_tiny_mixtral(), aux="switch"), TypeError,
+     r"RoutingConfig got unknown option\(s\) \['aux'\]")
+case("from_hf", lambda t: moefy.hf.from_hf(_tiny_mixtral(), k=9), ValueError, r"k must be a number in \[1, 4\]")
 case("HFMoEBlock", lambda t: moefy.hf.HFMoEBlock(8, 4, 0, "silu"), ValueError, r"num_experts must be")
 case("HFMoEBlock", lambda t: moefy.hf.HFMoEBlock(8, 4, 2, "silu", shared_hidden=-1), ValueError,
      r"shared_hidden must be")

@@ -141,3 +141,28 @@ def test_bfloat16_round_trip_keeps_every_weight_and_dtype(tmp_path):
     export(model, tmp_path)
     state = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
     assert all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in original.items())
+
+
+def test_training_options_generation_and_the_router_logits_guard(tmp_path):
+    model = hf_moe("Mixtral")
+    prompt = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    from_hf(model, aux_criterion={"switch": 0.01})
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    model.train()
+    model(ids, labels=ids)
+    blocks = moefy.moe_blocks(model)
+    assert [b.layer_id for b in blocks] == [0, 1] and all(b.aux_criterion == {"switch": 0.01} for b in blocks)
+    assert float(moefy.aux_loss(model)) > 0
+    with pytest.raises(ValueError, match="output_router_logits=True: after moefy.hf.from_hf"):
+        model(ids, output_router_logits=True)
+    moefy.save(model, tmp_path)  # the options are part of the saved conversion
+    loaded = moefy.load(hf_moe("Mixtral"), tmp_path)
+    assert all(b.aux_criterion == {"switch": 0.01} for b in moefy.moe_blocks(loaded))
+    with pytest.raises(ValueError, match="output_router_logits=True"):
+        loaded(ids, output_router_logits=True)
+    # an export takes the checkpoint, not the training options
+    export(model, tmp_path / "mixtral")

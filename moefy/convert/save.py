@@ -149,10 +149,10 @@ def _read(folder) -> Dict[str, Any]:
 
 def _apply(model: nn.Module, entry: Dict[str, Any], folder) -> nn.Module:
     """Re-apply one recorded conversion to ``model`` in place; the new mixture (or the root one)."""
+    config = RoutingConfig(**entry["config"])
     if entry["class"] == "HFMoEBlock":
         from ..hf.from_hf import convert_at
-        return convert_at(model, entry["path"])
-    config = RoutingConfig(**entry["config"])
+        return convert_at(model, entry["path"], config)
     options = dict(num_experts=entry["num_experts"], config=config, input_dim=entry["input_dim"],
                    num_shared=entry["num_shared"], expert_noise=0.0, granularity=entry.get("granularity", 1))
     path, chain = entry["path"], entry["chain"]

@@ -13,6 +13,7 @@ import re
 import torch
 from torch import nn
 
+from ..config import RoutingConfig
 from ..convert.surgery import _set_submodule
 from .block import HFMoEBlock
 from .families import FAMILIES, MoEFamily
@@ -25,19 +26,20 @@ def _layer_index(path: str, default: int) -> int:
     return int(found[-1]) if found else default
 
 
-def convert_block(hf_block: nn.Module, family: MoEFamily, config, layer_id: int) -> HFMoEBlock:
-    """One HF MoE block → an :class:`HFMoEBlock` with its weights (copied), on its device and dtype."""
+def convert_block(hf_block: nn.Module, family: MoEFamily, config, routing: RoutingConfig) -> HFMoEBlock:
+    """One HF MoE block → an :class:`HFMoEBlock` routing by ``routing``, with its weights (copied), on its device
+    and dtype."""
     gate_up, down = hf_block.experts.gate_up_proj, hf_block.experts.down_proj  # (E, 2H, D), (E, D, H)
     num_experts, dim, hidden = down.shape
     shared = getattr(hf_block, family.shared_path) if family.shared_path else None
     jitter = getattr(hf_block, "jitter_noise", 0.0)
     if jitter:
-        logger.warning("moefy.hf.from_hf: layer %d: router_jitter_noise=%s is not carried over (it scales the "
+        logger.warning("moefy.hf.from_hf: layer %s: router_jitter_noise=%s is not carried over (it scales the "
                        "experts' inputs too, which moefy's noise='jitter' does not); training routes without it",
-                       layer_id, jitter)
+                       routing.layer_id, jitter)
     block = HFMoEBlock(dim, hidden, num_experts, config.hidden_act,
                        shared.gate_proj.out_features if shared is not None else 0, source=type(hf_block).__name__,
-                       config=family.routing_config(config), layer_id=layer_id)
+                       config=routing)
     block.to(device=down.device, dtype=down.dtype)
     block.router.to(dtype=hf_block.gate.weight.dtype)  # DeepSeek-V3 keeps its router in float32 in a bf16 model
     with torch.no_grad():
@@ -68,14 +70,19 @@ def _family(model: nn.Module) -> MoEFamily:
     return FAMILIES[model_type]
 
 
-def from_hf(model: nn.Module) -> nn.Module:
+def from_hf(model: nn.Module, **options) -> nn.Module:
     """Convert every MoE block of a transformers MoE model into an :class:`HFMoEBlock`, in place.
 
     Args:
         model: a transformers model of a family in :data:`moefy.hf.families.FAMILIES` (``MixtralForCausalLM``,
             ``Qwen2MoeModel``, ``DeepseekV3ForCausalLM``, ...), with its ``config``.
+        **options: RoutingConfig fields that replace the family's in every block, for training with moefy:
+            ``aux_criterion={"switch": 0.01}``, ``bias_update_rate=1e-3`` (DeepSeek-V3's aux-loss-free
+            balancing), ``fused``, ... . An option that changes the outputs (``hole``, ``noise``, ...) makes a
+            block that :func:`moefy.hf.export` refuses.
     Returns:
         ``model``, its blocks replaced (each with ``layer_id`` = its decoder layer index); same logits.
+        ``output_router_logits=True`` then raises (the HF routers are gone): use ``moefy.aux_loss(model)``.
     Raises:
         ValueError: not such a model, or it has no MoE block left to convert.
     """
@@ -84,19 +91,38 @@ def from_hf(model: nn.Module) -> nn.Module:
     if not found:
         raise ValueError(f"model: {type(model).__name__} has no {family.block} left to convert (already "
                          f"converted by from_hf?)")
+    base = family.routing_config(model.config)
     for i, (path, hf_block) in enumerate(found):
-        _set_submodule(model, path, convert_block(hf_block, family, model.config, _layer_index(path, i)))
+        routing = RoutingConfig.from_options(base, **{"layer_id": _layer_index(path, i), **options})
+        _set_submodule(model, path, convert_block(hf_block, family, model.config, routing))
+    _guard_router_logits(model)
     logger.info("moefy.hf.from_hf: %d %s blocks of %s -> HFMoEBlock", len(found), family.block, type(model).__name__)
     return model
 
 
-def convert_at(model: nn.Module, path: str) -> HFMoEBlock:
-    """Convert the one HF MoE block at ``path`` of ``model`` in place (what :func:`moefy.load` re-applies)."""
+def convert_at(model: nn.Module, path: str, routing: RoutingConfig) -> HFMoEBlock:
+    """Convert the one HF MoE block at ``path`` of ``model`` in place, routing by ``routing`` (what
+    :func:`moefy.load` re-applies from ``moefy.json``)."""
     family = _family(model)
     hf_block = model.get_submodule(path)
     if type(hf_block).__name__ != family.block:
         raise ValueError(f"model: {path!r} is a {type(hf_block).__name__}, not a {family.block}")
-    block = convert_block(hf_block, family, model.config, _layer_index(path, 0))
+    block = convert_block(hf_block, family, model.config, routing)
     _set_submodule(model, path, block)
+    _guard_router_logits(model)
     return block
+
+
+def _refuse_router_logits(model: nn.Module, args, kwargs):
+    if kwargs.get("output_router_logits", getattr(model.config, "output_router_logits", False)):
+        raise ValueError("output_router_logits=True: after moefy.hf.from_hf the model's routers are moefy "
+                         "routers, which transformers' router-logit recording does not see; train with "
+                         "moefy.aux_loss(model) (from_hf(model, aux_criterion=...)) and read block.routing")
+
+
+def _guard_router_logits(model: nn.Module) -> None:
+    """A clear error for ``output_router_logits=True`` instead of transformers' IndexError deep inside."""
+    if not getattr(model, "_moefy_router_logits_guard", False):
+        model.register_forward_pre_hook(_refuse_router_logits, with_kwargs=True)
+        model._moefy_router_logits_guard = True
 
