@@ -867,6 +867,10 @@ case("plot_token_routing", lambda t: moefy.viz.plot_token_routing(["a"], lin()),
 case("plot_token_routing", lambda t: moefy.viz.plot_token_routing(["a", "b"], ran()), ValueError,
      r"tokens / sample: .* routed 1 sequence\(s\) of 4 tokens, got 2 tokens")
 
+case("keep_save_pretrained", lambda t: save_mod.keep_save_pretrained("model"), TypeError,
+     r"model must be an nn.Module")
+case("save", lambda t: moefy.save(lin(), t, state_dict=[]), ValueError, r"state_dict must be a dict")
+
 # ------------------------------------------------------------------------------------ moefy.hf
 def _tiny_mixtral():
     transformers = pytest.importorskip("transformers")

@@ -156,7 +156,7 @@ def test_training_options_generation_and_the_router_logits_guard(tmp_path):
     model(ids, labels=ids)
     blocks = moefy.moe_blocks(model)
     assert [b.layer_id for b in blocks] == [0, 1] and all(b.aux_criterion == {"switch": 0.01} for b in blocks)
-    assert float(moefy.aux_loss(model)) > 0
+    assert float(moefy.aux_loss(model).detach()) > 0
     with pytest.raises(ValueError, match="output_router_logits=True: after moefy.hf.from_hf"):
         model(ids, output_router_logits=True)
     moefy.save(model, tmp_path)  # the options are part of the saved conversion

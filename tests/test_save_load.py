@@ -1,5 +1,6 @@
 """moefy.save / moefy.load: a moefied model round-trips bit for bit, for every routing option."""
 import json
+import logging
 import os
 import re
 import sys
@@ -80,7 +81,7 @@ def test_round_trip_is_exact_after_training(tmp_path, name):
     model = moefy.moefy(Net(), 4, target="blocks.*", expert_noise=0.1, **OPTIONS[name])
     _train(model)
     path = moefy.save(model, tmp_path)
-    assert os.path.basename(path) == "model.safetensors"
+    assert os.path.basename(path) == "moefy.safetensors"
     torch.manual_seed(123)  # a different dense init: every weight must come from the file
     loaded = moefy.load(Net(), tmp_path)
     _same(model, loaded, torch.randn(3, 5, 8))
@@ -96,7 +97,7 @@ def test_moefy_json_records_every_conversion(tmp_path):
                         null_experts={"constant": 1})
     moefy.save(model, tmp_path)
     meta = json.loads((tmp_path / "moefy.json").read_text())
-    assert meta["format_version"] == 1 and meta["weights"] == "model.safetensors"
+    assert meta["format_version"] == 1 and meta["weights"] == "moefy.safetensors"
     entries = meta["conversions"]
     assert [e["path"] for e in entries] == ["blocks.0", "blocks.1"]
     e = entries[1]
@@ -187,13 +188,23 @@ def test_without_safetensors_falls_back_to_torch_save(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     model = moefy.moefy(Net(), 2, target="blocks.*", k=2)
     path = moefy.save(model, tmp_path)
-    assert os.path.basename(path) == "model.pt" and sorted(os.listdir(tmp_path)) == ["model.pt", "moefy.json"]
+    assert os.path.basename(path) == "moefy.pt" and sorted(os.listdir(tmp_path)) == ["moefy.json", "moefy.pt"]
     _same(model, moefy.load(Net(), tmp_path), torch.randn(2, 3, 8))
 
 
 # ----------------------------------------------------------------------------------------- bad input
+def test_given_state_dict_is_what_is_written(tmp_path):
+    model = moefy.moefy(Net(), 2, target="blocks.*")
+    state = {k: v * 2 for k, v in model.state_dict().items()}  # e.g. what Trainer gathered
+    moefy.save(model, tmp_path, state_dict=state)
+    loaded = moefy.load(Net(), tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     model = moefy.moefy(Net(), 2, target="blocks.*")
+    with pytest.raises(ValueError, match="state_dict must be a dict with exactly model.state_dict"):
+        moefy.save(model, tmp_path, state_dict={"w": torch.ones(1)})
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         moefy.save("model", tmp_path)
     with pytest.raises(TypeError, match="folder must be a path"):
@@ -217,9 +228,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         moefy.load(Net(dim=12), tmp_path)  # same names, other sizes: input_dim is recorded as 16
     with pytest.raises(ValueError, match=r"missing keys \[\].*unexpected keys \['extra'\]"):
         state = moefy.moefy(Net(), 2, target="blocks.*").state_dict()
-        torch.save({**state, "extra": torch.zeros(1)}, tmp_path / "model.pt")
+        torch.save({**state, "extra": torch.zeros(1)}, tmp_path / "moefy.pt")
         meta = json.loads((tmp_path / "moefy.json").read_text())
-        (tmp_path / "moefy.json").write_text(json.dumps({**meta, "weights": "model.pt"}))
+        (tmp_path / "moefy.json").write_text(json.dumps({**meta, "weights": "moefy.pt"}))
         moefy.load(Net(), tmp_path)
     (tmp_path / "moefy.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):
@@ -234,7 +245,7 @@ def _llama():
     return transformers.LlamaForCausalLM, cfg
 
 
-def test_llama_round_trips_and_plain_hf_paths_are_loud(tmp_path):
+def test_llama_round_trips_and_plain_hf_paths_are_loud(tmp_path, caplog):
     Llama, cfg = _llama()
     torch.manual_seed(0)
     model = moefy.moefy(Llama(cfg), 4, k=2, target="mlp", route="tokens", expert_noise=0.1)
@@ -244,15 +255,28 @@ def test_llama_round_trips_and_plain_hf_paths_are_loud(tmp_path):
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
-    assert sorted(os.listdir(tmp_path / "moefy")) == ["model.safetensors", "moefy.json"]  # no config.json
-    # save_pretrained keeps the expert weights, but from_pretrained builds the dense model and reports them
-    model.save_pretrained(tmp_path / "hf")
-    dense, info = Llama.from_pretrained(tmp_path / "hf", output_loading_info=True)
-    assert "model.layers.0.mlp.experts.0.up_proj.weight" in info["unexpected_keys"]
-    assert "model.layers.0.mlp.up_proj.weight" in info["missing_keys"]
-    # and moefy.load says how such a folder was saved
-    with pytest.raises(FileNotFoundError, match="save_pretrained does not record the experts.*moefy.save"):
-        moefy.load(Llama(cfg), tmp_path / "hf")
+    # the base's config goes along; the weights are not model.safetensors, so a plain from_pretrained fails loudly
+    assert sorted(os.listdir(tmp_path / "moefy")) == ["config.json", "moefy.json", "moefy.safetensors"]
+    with pytest.raises(OSError, match="model.safetensors"):
+        Llama.from_pretrained(tmp_path / "moefy")
+    # the moefied model's own save_pretrained (what Trainer calls) writes the same folder, and says so
+    with caplog.at_level(logging.INFO, logger="moefy"):
+        model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert "writes moefy.save's format" in caplog.text
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "moefy.json", "moefy.safetensors"]
+    with pytest.raises(OSError, match="model.safetensors"):
+        Llama.from_pretrained(tmp_path / "hf")
+    again = moefy.load(Llama(cfg), tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert type(again.save_pretrained).__name__ == "partial"  # loaded models keep the behaviour
+    # back to dense, save_pretrained is transformers' own again
+    moefy.unmoefy(model)
+    model.save_pretrained(tmp_path / "dense")
+    assert "model.safetensors" in os.listdir(tmp_path / "dense")
+    # and moefy.load says what a dense HF folder is
+    with pytest.raises(FileNotFoundError, match="dense Hugging Face checkpoint.*moefy it"):
+        moefy.load(Llama(cfg), tmp_path / "dense")
 
 
 def test_readme_save_load_snippet_runs():

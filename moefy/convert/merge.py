@@ -91,4 +91,6 @@ def unmoefy(model: nn.Module, how: Union[str, int, Sequence[float], torch.Tensor
         root = ".".join(name.split(".")[:-mixture.dense_root_depth])
         for child, path in mixture.dense_sources.items():
             _set_submodule(model, f"{root}.{path}" if root else path, getattr(dense, child))
+    if not any(isinstance(m, MoEBlock) for m in model.modules()):
+        model.__dict__.pop("save_pretrained", None)  # dense again: the model's own save_pretrained (see save.py)
     return model

@@ -1,22 +1,27 @@
 """save / load a moefied model without loss, PEFT-style: a JSON description of every conversion
-(``moefy.json``, like PEFT's ``adapter_config.json``) next to the weights (``model.safetensors``, or ``model.pt``
-without the optional ``safetensors`` package).
+(``moefy.json``, like PEFT's ``adapter_config.json``) next to the weights (``moefy.safetensors``, or ``moefy.pt``
+without the optional ``safetensors`` package), and a Hugging Face model's ``config.json``.
 
 :func:`load` takes a fresh *dense* base model of the same architecture, re-applies every recorded
 :func:`~moefy.convert.surgery.moefy` / :func:`~moefy.convert.surgery.moefy_chain` call on the same path with the
 same :class:`~moefy.config.RoutingConfig` (``expert_noise=0``: the weights come from the file), then loads the
 weights with ``load_state_dict(strict=True)``. A model imported by :func:`moefy.hf.from_hf` loads into a fresh model of
-its own HF MoE class: each recorded block is converted again. Hugging Face's ``save_pretrained`` / ``from_pretrained`` know
-nothing of the experts: ``from_pretrained`` of such a folder gives a dense model with fresh MLP weights (its load
-report lists the expert weights as UNEXPECTED); :func:`load` refuses a folder without ``moefy.json``, and
+its own HF MoE class: each recorded block is converted again.
+
+Hugging Face models: ``from_pretrained`` knows nothing of the experts, so a folder must never look like a dense
+checkpoint to it. The weights file is not ``model.safetensors``: plain ``from_pretrained(folder)`` fails (no
+weights file) instead of building the dense model with fresh MLP weights. A moefied (or imported) HF model's own
+``save_pretrained`` writes this format too (:func:`keep_save_pretrained`), as a PEFT model's writes its adapter.
 :func:`moefy.hf.export` writes a checkpoint ``from_pretrained`` does load, as a native MoE architecture.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -26,9 +31,11 @@ from ..hf.block import HFMoEBlock
 from .mixture import AttentionMixture, ModuleMixture
 from .surgery import _mixture, _set_submodule, moefy_chain
 
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "moefy.json"
-SAFETENSORS_NAME, TORCH_NAME = "model.safetensors", "model.pt"
+SAFETENSORS_NAME, TORCH_NAME = "moefy.safetensors", "moefy.pt"
 _CLASSES = {"ModuleMixture": ModuleMixture, "AttentionMixture": AttentionMixture}
 
 
@@ -77,10 +84,10 @@ def describe(model: nn.Module) -> List[Dict[str, Any]]:
     return entries
 
 
-def _tensors(model: nn.Module):
+def _tensors(state: Dict[str, torch.Tensor]):
     """The state dict with tensors that share storage stored once: ``(tensors, aliases {key: kept key})``."""
     tensors, aliases, seen, storages = {}, {}, {}, set()
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
         t = t.detach()
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() and ident in seen:
@@ -93,22 +100,28 @@ def _tensors(model: nn.Module):
     return tensors, aliases
 
 
-def save(model: nn.Module, folder: str) -> str:
+def save(model: nn.Module, folder: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> str:
     """Write ``model``'s weights and ``moefy.json`` (every conversion, for :func:`load`) into ``folder``.
 
     Args:
         model: a moefied model (or any module: then ``moefy.json`` lists no conversion).
         folder: created if missing.
+        state_dict: the weights to write, with ``model.state_dict()``'s keys (what Trainer passes to
+            ``save_pretrained`` after gathering them); default ``model.state_dict()``.
     Returns:
-        the path of the weights file written: ``model.safetensors`` with the ``safetensors`` package
-        (``pip install moefy[save]``), else ``model.pt`` (``torch.save`` of the state dict).
+        the path of the weights file written: ``moefy.safetensors`` with the ``safetensors`` package
+        (``pip install moefy[save]``), else ``moefy.pt`` (``torch.save`` of the state dict). A Hugging Face
+        model's ``config.json`` is written next to it.
     """
     _check_model(model)
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
     entries = describe(model)
     os.makedirs(folder, exist_ok=True)
-    tensors, aliases = _tensors(model)
+    state = model.state_dict() if state_dict is None else state_dict
+    if not isinstance(state, Mapping) or set(state) != set(model.state_dict()):
+        raise ValueError("state_dict must be a dict with exactly model.state_dict()'s keys")
+    tensors, aliases = _tensors(state)
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -122,7 +135,25 @@ def save(model: nn.Module, folder: str) -> str:
     meta = {"format_version": FORMAT_VERSION, "weights": name, "aliases": aliases, "conversions": entries}
     with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
+    hf_config = getattr(model, "config", None)
+    if callable(getattr(hf_config, "save_pretrained", None)):  # the base's architecture, for moefy.load's caller
+        hf_config.save_pretrained(folder)
     return path
+
+
+def _save_pretrained(model: nn.Module, save_directory, *args, state_dict=None, **kwargs) -> None:
+    logger.info("moefy: %s.save_pretrained(%r) writes moefy.save's format (moefy.json + %s): load it with "
+                "moefy.load(base, folder); moefy.hf.export(model, folder) writes a native MoE checkpoint",
+                type(model).__name__, os.fspath(save_directory), SAFETENSORS_NAME)
+    save(model, save_directory, state_dict)
+
+
+def keep_save_pretrained(model: nn.Module) -> None:
+    """Make a moefied Hugging Face model's ``save_pretrained`` (what Trainer and push_to_hub call) write
+    :func:`save`'s format, so no folder of it reloads as a dense model with fresh MLP weights."""
+    _check_model(model)
+    if callable(getattr(type(model), "save_pretrained", None)) and hasattr(model, "config"):
+        model.save_pretrained = functools.partial(_save_pretrained, model)
 
 
 def _read(folder) -> Dict[str, Any]:
@@ -133,8 +164,8 @@ def _read(folder) -> Dict[str, Any]:
     config = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config):
         files = sorted(os.listdir(folder))
-        how = (" It looks like a Hugging Face save_pretrained folder (config.json): save_pretrained does not "
-               "record the experts; save the moefied model with moefy.save(model, folder)."
+        how = (" It looks like a dense Hugging Face checkpoint (config.json): load it with from_pretrained, moefy it, "
+               "and save the moefied model with moefy.save(model, folder) or its save_pretrained."
                if "config.json" in files else " Save a moefied model with moefy.save(model, folder).")
         raise FileNotFoundError(f"folder {os.fspath(folder)!r} has no {CONFIG_NAME} (files: {files}), so it was "
                                 f"not written by moefy.save.{how}")
@@ -224,6 +255,8 @@ def load(model: nn.Module, folder) -> nn.Module:
                          + "; pass the dense model this folder was saved from")
     _match_dtypes(model, state)
     model.load_state_dict(state, strict=True)
+    if meta["conversions"]:
+        keep_save_pretrained(model)
     return model
 
 

@@ -135,6 +135,8 @@ def moefy(module: nn.Module, num_experts: Optional[int] = None, k: Optional[int]
         _set_submodule(module, name, mixture)
     if router_init is not None:
         init_router(module, router_data, router_init)
+    from .save import keep_save_pretrained  # save.py imports this module
+    keep_save_pretrained(module)
     return module
 
 

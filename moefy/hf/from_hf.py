@@ -96,6 +96,8 @@ def from_hf(model: nn.Module, **options) -> nn.Module:
         routing = RoutingConfig.from_options(base, **{"layer_id": _layer_index(path, i), **options})
         _set_submodule(model, path, convert_block(hf_block, family, model.config, routing))
     _guard_router_logits(model)
+    from ..convert.save import keep_save_pretrained  # save.py imports moefy.hf
+    keep_save_pretrained(model)
     logger.info("moefy.hf.from_hf: %d %s blocks of %s -> HFMoEBlock", len(found), family.block, type(model).__name__)
     return model
 
