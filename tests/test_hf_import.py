@@ -166,3 +166,24 @@ def test_training_options_generation_and_the_router_logits_guard(tmp_path):
         loaded(ids, output_router_logits=True)
     # an export takes the checkpoint, not the training options
     export(model, tmp_path / "mixtral")
+
+
+def test_hf_load_builds_the_base_from_the_saved_config(tmp_path):
+    """moefy.hf.load(folder) = build the class named in config.json, then moefy.load: for a moefied Llama and an
+    imported DeepSeek-V3 (bf16 experts, float32 router), with the same logits and dtypes."""
+    from moefy.hf import load
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
+    moefied = moefy.moefy(llama, 4, k=2, target="mlp", expert_noise=0.1).eval()
+    imported = from_hf(hf_moe("DeepseekV3")).eval().to(torch.bfloat16)
+    for block in moefy.moe_blocks(imported):
+        block.router.float()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    for name, model in (("llama", moefied), ("deepseek", imported)):
+        model.save_pretrained(tmp_path / name)
+        back = load(tmp_path / name)
+        assert type(back) is type(model) and not back.training
+        assert {k: v.dtype for k, v in back.state_dict().items()} == {k: v.dtype for k, v in model.state_dict().items()}
+        assert torch.equal(logits(back, ids), logits(model, ids))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load(tmp_path)

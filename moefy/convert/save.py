@@ -16,6 +16,7 @@ weights file) instead of building the dense model with fresh MLP weights. A moef
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -136,7 +137,9 @@ def save(model: nn.Module, folder: str, state_dict: Optional[Dict[str, torch.Ten
     with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     hf_config = getattr(model, "config", None)
-    if callable(getattr(hf_config, "save_pretrained", None)):  # the base's architecture, for moefy.load's caller
+    if callable(getattr(hf_config, "save_pretrained", None)):  # the base's architecture: moefy.hf.load builds it
+        hf_config = copy.deepcopy(hf_config)
+        hf_config.architectures = [type(model).__name__]
         hf_config.save_pretrained(folder)
     return path
 

@@ -4,12 +4,14 @@
   DeepSeek-V3) as moefy blocks, in place, same logits.
 - :func:`export`: a moefied Llama / Mistral / Qwen2 / Qwen3, or an imported model, as a native transformers
   MoE checkpoint (Mixtral / Qwen2-MoE / Qwen3-MoE / its own class) that ``from_pretrained`` loads.
-- Save and load of any moefied model (HF or not): :func:`moefy.save` / :func:`moefy.load`.
+- :func:`load`: a folder :func:`moefy.save` wrote from a transformers model, its base built from its config.json
+  (``moefy.save`` / ``moefy.load(base, folder)`` save and load any moefied model, HF or not).
 - Upcycling BERT-style encoders and the offline MiniLM weights: :mod:`moefy.convert.hf`.
 """
 from .block import HFMoEBlock, SwiGLU
 from .export import export
 from .families import FAMILIES, MoEFamily
 from .from_hf import from_hf
+from .load import load
 
-__all__ = ["from_hf", "export", "HFMoEBlock", "SwiGLU", "FAMILIES", "MoEFamily"]
+__all__ = ["from_hf", "export", "load", "HFMoEBlock", "SwiGLU", "FAMILIES", "MoEFamily"]
