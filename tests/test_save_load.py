@@ -285,3 +285,11 @@ def test_readme_save_load_snippet_runs():
     scope = {}
     exec(compile(snippet, "README.md", "exec"), scope)
     assert isinstance(scope["loaded"][0], moefy.ModuleMixture)
+
+
+def test_moefied_save_pretrained_refuses_push_to_hub(tmp_path):
+    Llama, cfg = _llama()
+    model = moefy.moefy(Llama(cfg), 2, k=1, target="mlp")
+    with pytest.raises(ValueError, match="push_to_hub=True: a moefied model's save_pretrained"):
+        model.save_pretrained(tmp_path, push_to_hub=True)
+    assert not any(tmp_path.iterdir())

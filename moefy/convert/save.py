@@ -144,7 +144,12 @@ def save(model: nn.Module, folder: str, state_dict: Optional[Dict[str, torch.Ten
     return path
 
 
-def _save_pretrained(model: nn.Module, save_directory, *args, state_dict=None, **kwargs) -> None:
+def _save_pretrained(model: nn.Module, save_directory, *args, state_dict=None, push_to_hub=False, **kwargs) -> None:
+    """``save_pretrained`` of a moefied HF model: :func:`save` (``state_dict`` honoured; sharding / serialisation
+    options do not apply to moefy's one file)."""
+    if push_to_hub:
+        raise ValueError("push_to_hub=True: a moefied model's save_pretrained writes moefy.save's format and uploads "
+                         "nothing; call model.push_to_hub(repo_id), which uploads the folder it writes")
     logger.info("moefy: %s.save_pretrained(%r) writes moefy.save's format (moefy.json + %s): load it with "
                 "moefy.load(base, folder); moefy.hf.export(model, folder) writes a native MoE checkpoint",
                 type(model).__name__, os.fspath(save_directory), SAFETENSORS_NAME)
