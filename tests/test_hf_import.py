@@ -187,3 +187,24 @@ def test_hf_load_builds_the_base_from_the_saved_config(tmp_path):
         assert torch.equal(logits(back, ids), logits(model, ids))
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load(tmp_path)
+
+
+def test_export_import_export_of_a_qwen2_without_shared_expert(tmp_path):
+    """A moefied Qwen2 without shared experts exports to Qwen2-MoE with a zero-size shared expert; importing that
+    gives a block without shared experts (sigmoid(gate) · 0 = 0), the same logits, and exports again."""
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = moefy.moefy(transformers.Qwen2ForCausalLM(cfg), 4, k=2, target="mlp", expert_noise=0.1).eval()
+    export(model, tmp_path / "a")
+    qwen = from_hf(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a")).eval()
+    assert all(b.shared_experts is None and not b.shared_gate for b in moefy.moe_blocks(qwen))
+    ids = torch.randint(0, VOCAB, (2, 7))
+    assert (logits(qwen, ids) - logits(model, ids)).abs().max() < 1e-5
+    export(qwen, tmp_path / "b")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    assert (logits(again, ids) - logits(model, ids)).abs().max() < 1e-5
+
+
+def test_options_that_add_router_columns_are_refused():
+    with pytest.raises(ValueError, match="adds router columns .* MixtralSparseMoeBlock router has no weights"):
+        from_hf(hf_moe("Mixtral"), hole=True)

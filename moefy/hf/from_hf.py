@@ -7,6 +7,7 @@ the load plots and heatmaps, the training log and ``moefy plot``, router replay;
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -32,6 +33,8 @@ def convert_block(hf_block: nn.Module, family: MoEFamily, config, routing: Routi
     gate_up, down = hf_block.experts.gate_up_proj, hf_block.experts.down_proj  # (E, 2H, D), (E, D, H)
     num_experts, dim, hidden = down.shape
     shared = getattr(hf_block, family.shared_path) if family.shared_path else None
+    if shared is not None and shared.gate_proj.out_features == 0:  # Qwen2-MoE with shared_expert_intermediate_size=0
+        shared, routing = None, dataclasses.replace(routing, shared_gate=False)  # sigmoid(gate(x)) · 0 = 0
     jitter = getattr(hf_block, "jitter_noise", 0.0)
     if jitter:
         logger.warning("moefy.hf.from_hf: layer %s: router_jitter_noise=%s is not carried over (it scales the "
@@ -40,6 +43,9 @@ def convert_block(hf_block: nn.Module, family: MoEFamily, config, routing: Routi
     block = HFMoEBlock(dim, hidden, num_experts, config.hidden_act,
                        shared.gate_proj.out_features if shared is not None else 0, source=type(hf_block).__name__,
                        config=routing)
+    if block.num_columns != num_experts:
+        raise ValueError(f"options: {routing.summary(num_experts)} adds router columns (hole / null experts) that "
+                         f"the {type(hf_block).__name__} router has no weights for")
     block.to(device=down.device, dtype=down.dtype)
     block.router.to(dtype=hf_block.gate.weight.dtype)  # DeepSeek-V3 keeps its router in float32 in a bf16 model
     with torch.no_grad():
