@@ -81,9 +81,9 @@ class MoEBlock(LastRoutingViews, nn.Module, ABC):
         self.input_dim, self.num_experts = input_dim, len(experts)
         self._fused_layout = fused_layout(experts) if self.config.fused else None
         if self.config.fused and self._fused_layout is None:
-            raise ValueError("fused=True needs identical experts, each a plain nn.Linear or an nn.Sequential of "
-                             "nn.Linear layers and elementwise activations (same shapes, no hooks); "
-                             "use fused=False for these experts")
+            raise ValueError("fused=True needs identical experts, each a plain nn.Linear, an nn.Sequential of "
+                             "nn.Linear layers and elementwise activations, or a SwiGLU MLP (gate_proj, up_proj, "
+                             "down_proj, act_fn; same shapes, no hooks); use fused=False for these experts")
 
         c = self.config
         self.router = Router(input_dim, self.num_columns, noise=c.noise, temperature=c.temperature,

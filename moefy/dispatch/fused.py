@@ -1,9 +1,11 @@
 """Fused experts: all E homogeneous experts run as one pass per layer over the token-sorted rows.
 
-Experts qualify when every one is a plain ``nn.Linear``, or an ``nn.Sequential`` of plain ``nn.Linear``
-layers and parameter-free elementwise activations, with the same shapes and the same activations
-(the clones ``moefy()`` makes, or a list built with one comprehension). Then, on the rows grouped by expert
-(``A`` rows, ``counts[e]`` of them for expert e):
+Experts qualify when every one is a plain ``nn.Linear``, an ``nn.Sequential`` of plain ``nn.Linear``
+layers and parameter-free elementwise activations, or a SwiGLU MLP (``gate_proj`` / ``up_proj`` /
+``down_proj`` Linears and a parameter-free ``act_fn``, computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``:
+HF's ``LlamaMLP``, ``Qwen2MLP`` ..., :class:`moefy.hf.SwiGLU`; checked on a probe), with the same shapes and the
+same activations (the clones ``moefy()`` makes, or a list built with one comprehension). Then, on the rows
+grouped by expert (``A`` rows, ``counts[e]`` of them for expert e):
 
 - an activation runs once on all A rows instead of once per expert;
 - a Linear runs either as ``torch._grouped_mm`` over the experts' stacked weights (``"grouped"``: one kernel
@@ -28,12 +30,47 @@ from ..fastpaths import FEW_ROWS, linear, transposed_pays
 # Parameter-free activations that act elementwise, so running them once on all rows equals once per expert.
 ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
                nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Tanhshrink)
-Layout = Tuple[Tuple[str, int], ...]  # ("linear", i) or ("act", i): layer i of every expert
+# ("linear", i) or ("act", i): layer i of every expert; ("swiglu", gate, up, down, act): the named children
+Layout = Tuple[tuple, ...]
+SWIGLU = ("swiglu", "gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def _elementwise(act) -> bool:
+    """A parameter-free elementwise activation: torch's, or transformers' (``ACT2FN``: SiLUActivation, ...)."""
+    return isinstance(act, nn.Module) and next(act.parameters(), None) is None and (
+        type(act) in ELEMENTWISE or type(act).__module__ == "transformers.activations")
+
+
+@torch.no_grad()
+def _swiglu_layout(experts: Sequence[nn.Module]) -> Optional[Layout]:
+    first = experts[0]
+    parts = [getattr(first, name, None) for name in SWIGLU[1:4]]
+    if not all(type(p) is nn.Linear for p in parts) or not _elementwise(getattr(first, "act_fn", None)):
+        return None
+    for expert in experts:
+        if type(expert) is not type(first) or not _plain(expert) or repr(expert) != repr(first):
+            return None
+        if any(getattr(expert, n).weight.dtype != p.weight.dtype or getattr(expert, n).weight.device != p.weight.device
+               for n, p in zip(SWIGLU[1:4], parts)):
+            return None
+    gate, up, down = parts
+    x = torch.randn(3, gate.in_features, generator=torch.Generator().manual_seed(0)).to(gate.weight)
+    mode = first.training
+    first.eval()
+    try:  # its forward must be the SwiGLU formula (dropout, scaling, ... would make it something else)
+        same = torch.allclose(first(x), down(first.act_fn(gate(x)) * up(x)), rtol=1e-5, atol=1e-6)
+    except Exception:  # noqa: BLE001 (a forward that needs more than x is not a plain SwiGLU)
+        same = False
+    finally:
+        first.train(mode)
+    return (SWIGLU,) if same else None
 
 
 def fused_layout(experts: Sequence[nn.Module]) -> Optional[Layout]:
     """The shared layer structure of ``experts`` if they can run fused, else None."""
     first = experts[0]
+    if type(first) is not nn.Sequential and hasattr(first, "gate_proj"):
+        return _swiglu_layout(experts)
     layers = list(first) if type(first) is nn.Sequential else [first]
     layout = []
     for i, layer in enumerate(layers):
@@ -75,6 +112,8 @@ def runs_grouped(experts: Sequence[nn.Module], layout: Layout, x: torch.Tensor) 
     """Whether the ``"auto"`` backend runs every Linear of ``experts`` on ``x`` (A, D) as one grouped mm, which
     needs no host-side counts."""
     first = experts[0]
+    if layout == (SWIGLU,):
+        return _auto_groups(x) and all(_grouped_mm_ok(x, getattr(first, n)) for n in SWIGLU[1:4])
     layers = list(first) if type(first) is nn.Sequential else [first]
     return _auto_groups(x) and all(_grouped_mm_ok(x, layers[i]) for kind, i in layout if kind == "linear")
 
@@ -104,13 +143,11 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
         raise ValueError("counts=None needs the grouped backend (see runs_grouped)")
     active = range(len(modules)) if may_group else [e for e, n in enumerate(counts) if n]  # the loop skips idle ones
     sizes = None if counts is None else [counts[e] for e in active]
-    layers = [list(modules[e]) if type(modules[e]) is nn.Sequential else [modules[e]] for e in active]
     offsets = None
-    for kind, i in layout:
-        if kind == "act":
-            x = layers[0][i](x)
-            continue
-        linears: List[nn.Linear] = [expert_layers[i] for expert_layers in layers]
+
+    def run(x: torch.Tensor, linears: List[nn.Linear]) -> torch.Tensor:
+        """Linear e of ``linears`` on expert e's rows of ``x``: (A, in) → (A, out)."""
+        nonlocal offsets
         grouped_ok = may_group and _grouped_mm_ok(x, linears[0])
         if backend == "grouped" and not grouped_ok:
             raise ValueError(f"backend='grouped' needs torch._grouped_mm, a float32 / half dtype (got {x.dtype}) "
@@ -119,11 +156,18 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
             if offsets is None:  # end row of each expert, found on the device: no host-to-device copy
                 ends = torch.arange(1, len(modules) + 1, device=x.device, dtype=expert_index.dtype)
                 offsets = torch.searchsorted(expert_index, ends, out_int32=True)
-            x = _grouped_linear(x, linears, offsets, expert_index)
-        elif sizes is None:
+            return _grouped_linear(x, linears, offsets, expert_index)
+        if sizes is None:
             raise ValueError(f"counts=None needs every Linear to run grouped; this one cannot ({linears[0]})")
-        else:
-            x = _looped_linear(x, linears, sizes)
+        return _looped_linear(x, linears, sizes)
+
+    if layout == (SWIGLU,):  # down(act(gate(x)) * up(x)); the activation once on all rows
+        _, gate, up, down, act = SWIGLU
+        h = getattr(modules[active[0]], act)(run(x, [getattr(modules[e], gate) for e in active]))
+        return run(h * run(x, [getattr(modules[e], up) for e in active]), [getattr(modules[e], down) for e in active])
+    layers = [list(modules[e]) if type(modules[e]) is nn.Sequential else [modules[e]] for e in active]
+    for kind, i in layout:
+        x = layers[0][i](x) if kind == "act" else run(x, [expert_layers[i] for expert_layers in layers])
     return x
 
 
