@@ -168,7 +168,8 @@ class RoutingConfig:
                                "D features (`1` for NCHW).")
     fused: bool = _option(False, "`False`, `True`", "run the experts as one pass per layer over stacked weights "
                           "(`moefy.dispatch.fused`) instead of one `expert_forward` call each. Only for identical "
-                          "plain `nn.Linear` experts or `nn.Sequential(Linear, activation, ..., Linear)` ones and an "
+                          "plain `nn.Linear` experts, `nn.Sequential(Linear, activation, ..., Linear)` ones or SwiGLU "
+                          "ones (`gate_proj`, `up_proj`, `down_proj`, `act_fn`: HF's `LlamaMLP`) and an "
                           "`expert_forward` that is just `expert(x)`; other experts raise ValueError. Same outputs "
                           "and gradients as unfused (to float rounding); calls with extra forward arguments, and "
                           "dispatch overrides, run unfused.")
