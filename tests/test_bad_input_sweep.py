@@ -886,6 +886,8 @@ case("export", lambda t: moefy.hf.export(nn.Linear(2, 2), t), TypeError, r"model
 case("from_hf", lambda t: moefy.hf.from_hf(_tiny_mixtral(), aux="switch"), TypeError,
      r"RoutingConfig got unknown option\(s\) \['aux'\]")
 case("from_hf", lambda t: moefy.hf.from_hf(_tiny_mixtral(), k=9), ValueError, r"k must be a number in \[1, 4\]")
+case("include_aux_loss", lambda t: moefy.hf.include_aux_loss("model"), TypeError, r"model must be an nn.Module")
+case("include_aux_loss", lambda t: moefy.hf.include_aux_loss(nn.Linear(2, 2)), ValueError, r"has no moefy block")
 case("load", lambda t: moefy.hf.load(3), TypeError, r"folder must be a path")
 case("load", lambda t: moefy.hf.load(t), FileNotFoundError, r"has no config.json: it was not saved from a transformers")
 case("HFMoEBlock", lambda t: moefy.hf.HFMoEBlock(8, 4, 0, "silu"), ValueError, r"num_experts must be")

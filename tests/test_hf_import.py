@@ -208,3 +208,21 @@ def test_export_import_export_of_a_qwen2_without_shared_expert(tmp_path):
 def test_options_that_add_router_columns_are_refused():
     with pytest.raises(ValueError, match="adds router columns .* MixtralSparseMoeBlock router has no weights"):
         from_hf(hf_moe("Mixtral"), hole=True)
+
+
+def test_include_aux_loss_adds_the_blocks_losses_to_outputs_loss():
+    from moefy.hf import include_aux_loss
+    model = from_hf(hf_moe("Mixtral"), aux_criterion={"switch": 0.01, "z": 0.001})
+    ids = torch.randint(0, VOCAB, (2, 8))
+    plain = model(ids, labels=ids).loss
+    handle = include_aux_loss(model)
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(out.loss, plain + moefy.aux_loss(model), rtol=0, atol=1e-6)
+    assert float(moefy.aux_loss(model).detach()) > 0
+    out.loss.backward()  # the aux losses reach the routers
+    assert all(b.router.gate.weight.grad.abs().sum() > 0 for b in moefy.moe_blocks(model))
+    assert model(ids).loss is None  # no labels: nothing to add to
+    handle.remove()
+    torch.testing.assert_close(model(ids, labels=ids).loss, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has no moefy block"):
+        include_aux_loss(hf_moe("Mixtral"))

@@ -6,12 +6,14 @@
   MoE checkpoint (Mixtral / Qwen2-MoE / Qwen3-MoE / its own class) that ``from_pretrained`` loads.
 - :func:`load`: a folder :func:`moefy.save` wrote from a transformers model, its base built from its config.json
   (``moefy.save`` / ``moefy.load(base, folder)`` save and load any moefied model, HF or not).
+- :func:`include_aux_loss`: ``outputs.loss`` includes moefy's aux losses (what ``transformers.Trainer`` trains).
 - Upcycling BERT-style encoders and the offline MiniLM weights: :mod:`moefy.convert.hf`.
 """
+from .aux import include_aux_loss
 from .block import HFMoEBlock, SwiGLU
 from .export import export
 from .families import FAMILIES, MoEFamily
 from .from_hf import from_hf
 from .load import load
 
-__all__ = ["from_hf", "export", "load", "HFMoEBlock", "SwiGLU", "FAMILIES", "MoEFamily"]
+__all__ = ["from_hf", "export", "load", "include_aux_loss", "HFMoEBlock", "SwiGLU", "FAMILIES", "MoEFamily"]
