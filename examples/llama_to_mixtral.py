@@ -4,7 +4,7 @@
 
 1. build a 4-layer Llama from a config (random weights, byte-level: vocab 256, no tokenizer file);
 2. moefy every decoder MLP into 4 experts, top-2 (copies + 10 % noise, switch balance loss);
-3. train a few hundred steps on the source of some standard-library modules (read from disk: offline);
+3. train 600 steps on the source of some standard-library modules (read from disk: offline);
 4. pictures to images/: each layer's expert load, and which experts a line of code goes to in every layer;
 5. moefy.hf.export → a Mixtral checkpoint; transformers' AutoModelForCausalLM loads it (no moefy);
 6. greedy generation with both models: the same bytes.
