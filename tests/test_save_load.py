@@ -293,3 +293,22 @@ def test_moefied_save_pretrained_refuses_push_to_hub(tmp_path):
     with pytest.raises(ValueError, match="push_to_hub=True: a moefied model's save_pretrained"):
         model.save_pretrained(tmp_path, push_to_hub=True)
     assert not any(tmp_path.iterdir())
+
+
+def test_copies_of_a_moefied_hf_model_save_themselves(tmp_path):
+    import copy
+    import io
+    Llama, cfg = _llama()
+    model = moefy.moefy(Llama(cfg), 2, k=1, target="mlp")
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    pickled = torch.load(buf, weights_only=False)
+    for other in (twin, pickled):
+        assert other.save_pretrained.args[0] is other  # bound to the copy, not to the original
+    with torch.no_grad():
+        twin.model.layers[0].mlp.experts[0].up_proj.weight.add_(1.0)
+    twin.save_pretrained(tmp_path)
+    assert torch.equal(moefy.load(Llama(cfg), tmp_path).model.layers[0].mlp.experts[0].up_proj.weight,
+                       twin.model.layers[0].mlp.experts[0].up_proj.weight)
