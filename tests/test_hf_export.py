@@ -160,3 +160,19 @@ def test_every_upcycling_method_exports_to_mixtral(method, tmp_path):
     hidden = 16 if method == "fine-grained" else 32  # 2 slices of the 32 hidden neurons
     assert loaded.config.intermediate_size == hidden
     assert max_error(model, loaded, torch.randint(0, VOCAB, (3, 11))) < 1e-5
+
+
+@pytest.mark.parametrize("head,auto,output", [("Model", "AutoModel", "last_hidden_state"),
+                                              ("ForSequenceClassification", "AutoModelForSequenceClassification",
+                                               "logits")])
+def test_other_heads_export_to_their_mixtral_counterpart(head, auto, output, tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    model = moefy.moefy(getattr(transformers, f"Llama{head}")(cfg), 4, k=2, target="mlp", expert_noise=0.1).eval()
+    export(model, tmp_path)
+    loaded = getattr(transformers, auto).from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == f"Mixtral{head}"
+    ids = torch.randint(1, VOCAB, (2, 7))
+    with torch.no_grad():
+        assert (model(ids)[output] - loaded(ids)[output]).abs().max() < 1e-5
