@@ -79,7 +79,6 @@ FAMILIES: Dict[str, MoEFamily] = {f.model_type: f for f in (
     MoEFamily("deepseek_v3", "DeepseekV3", "DeepseekV3MoE", _deepseek_v3, "plain", "n_routed_experts",
               "moe_intermediate_size"),
 )}
-BLOCKS = {f.block: f for f in FAMILIES.values()}
 DENSE = {dense: f for f in FAMILIES.values() for dense in f.dense}
 
 # RoutingConfig fields that change no output of a trained model (training-time losses and updates, bookkeeping,
