@@ -226,3 +226,17 @@ def test_include_aux_loss_adds_the_blocks_losses_to_outputs_loss():
     torch.testing.assert_close(model(ids, labels=ids).loss, plain, rtol=0, atol=0)
     with pytest.raises(ValueError, match="has no moefy block"):
         include_aux_loss(hf_moe("Mixtral"))
+
+
+def test_switch_loss_convention_against_transformers_load_balancing_loss():
+    """transformers' Mixtral load_balancing_loss_func on one layer's router logits is k · moefy's switch loss: its
+    f counts tokens per expert (summing to k), moefy's counts assignments (summing to 1, as Megatron's)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    from moefy.routing.losses import AUX_LOSSES
+    model = from_hf(hf_moe("Mixtral"))
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (3, 11)))
+    for block in moefy.moe_blocks(model):
+        r = block.routing
+        hf = load_balancing_loss_func((r.logits,), block.num_experts, block.k)
+        torch.testing.assert_close(hf, block.k * AUX_LOSSES["switch"](r), rtol=1e-6, atol=0)
