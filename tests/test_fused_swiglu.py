@@ -99,3 +99,22 @@ def test_imported_hf_moe_runs_fused():
     assert all(b._fused_layout == (SWIGLU,) for b in moefy.moe_blocks(model))
     with torch.no_grad():
         assert (model(ids).logits - expected).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="needs torch._grouped_mm")
+def test_grouped_backend_runs_gate_up_and_down_as_three_grouped_mms(monkeypatch):
+    """The grouped-mm branch (what CUDA bf16 takes) on CPU float32: three grouped mms, the loop's outputs."""
+    from moefy.dispatch.fused import fused_experts_forward
+    torch.manual_seed(0)
+    experts = [SwiGLU(8, 12) for _ in range(4)]
+    counts = [3, 0, 5, 2]
+    expert_index = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    x = torch.randn(10, 8)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    grouped = fused_experts_forward(experts, (SWIGLU,), x, None, expert_index, backend="grouped")
+    assert len(calls) == 3
+    looped = fused_experts_forward(experts, (SWIGLU,), x, counts, expert_index, backend="loop")
+    want = torch.cat([experts[e](x_e) for e, x_e in enumerate(x.split(counts))])
+    assert (grouped - want).abs().max() < 1e-5 and (looped - want).abs().max() < 1e-5
