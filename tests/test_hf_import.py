@@ -240,3 +240,13 @@ def test_switch_loss_convention_against_transformers_load_balancing_loss():
         r = block.routing
         hf = load_balancing_loss_func((r.logits,), block.num_experts, block.k)
         torch.testing.assert_close(hf, block.k * AUX_LOSSES["switch"](r), rtol=1e-6, atol=0)
+
+
+def test_transformers_4_is_refused_with_the_version(monkeypatch):
+    import sys
+    model = hf_moe("Mixtral")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
+    with pytest.raises(ImportError, match=r"need transformers >= 5 \(stacked MoE experts\), found 4.57.1"):
+        from_hf(model)
+    with pytest.raises(ImportError, match=r"need transformers >= 5"):
+        export(model, "unused")

@@ -137,6 +137,7 @@ def export(model: nn.Module, folder) -> str:
         raise TypeError(f"model must be a transformers model (with .config), got {type(model).__name__}")
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
+    transformers_module(moe_layout=True)
     family = family_of(model)
     layers = _decoder_mixtures(model, family)
     imported = model.config.model_type == family.model_type

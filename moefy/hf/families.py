@@ -87,12 +87,18 @@ TRAINING_ONLY = ("aux_criterion", "bias_update_rate", "layer_id", "fused", "capa
                  "drop_policy", "feature_dim")
 
 
-def transformers_module():
-    """The ``transformers`` package, or an ImportError that says how to install it."""
+def transformers_module(moe_layout: bool = False):
+    """The ``transformers`` package, or an ImportError that says how to install it. ``moe_layout``: also require
+    transformers 5, whose MoE blocks keep their experts stacked (``experts.gate_up_proj`` / ``down_proj``), the
+    layout :func:`~moefy.hf.from_hf` and :func:`~moefy.hf.export` read and write."""
     try:
         import transformers
     except ImportError as err:
         raise ImportError("moefy.hf needs transformers: pip install 'moefy[hf]'") from err
+    major = int(transformers.__version__.split(".")[0])
+    if moe_layout and major < 5:
+        raise ImportError(f"moefy.hf.from_hf / export need transformers >= 5 (stacked MoE experts), found "
+                          f"{transformers.__version__}: pip install -U 'transformers>=5'")
     return transformers
 
 

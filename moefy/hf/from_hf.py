@@ -17,7 +17,7 @@ from torch import nn
 from ..config import RoutingConfig
 from ..convert.surgery import _set_submodule
 from .block import HFMoEBlock
-from .families import FAMILIES, MoEFamily
+from .families import FAMILIES, MoEFamily, transformers_module
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def convert_block(hf_block: nn.Module, family: MoEFamily, config, routing: Routi
 def _family(model: nn.Module) -> MoEFamily:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers model (nn.Module), got {type(model).__name__}")
+    transformers_module(moe_layout=True)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"model: {type(model).__name__} (model_type {model_type!r}) is not a Hugging Face MoE "
