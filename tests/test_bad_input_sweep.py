@@ -478,6 +478,8 @@ case("model_sources", lambda t: sources.model_sources(nn.Sequential(L4()), ["0"]
      ValueError, r"rest must be one of")
 case("model_sources", lambda t: sources.model_sources(nn.Sequential(L4()), ["0"], [nn.Sequential(L4(), L4())]),
      ValueError, r"experts_from\[0\] \(Sequential\) has a state_dict entry '1.weight' that the base lacks")
+case("init_router", lambda t: convert.init_router(lin(), [torch.randn(4, 4)], "kmeans", layerwise="yes"), TypeError,
+     r"layerwise must be")
 case("init_router", lambda t: convert.init_router("model", [torch.randn(4, 4)]), TypeError,
      r"model_or_mixture must be an nn.Module")
 case("init_router", lambda t: convert.init_router(L4(), [torch.randn(4, 4)]), ValueError,

@@ -186,6 +186,43 @@ def test_llama_each_layer_gets_rows_from_its_own_inputs(tmp_path):
     assert torch.equal(loaded.model.layers[1].mlp.router.gate.weight, model.model.layers[1].mlp.router.gate.weight)
 
 
+def test_layerwise_sets_each_layer_from_inputs_after_the_earlier_layers_are_set():
+    """Experts from two different models: layer 1's inputs depend on layer 0's router, so layerwise=True (what
+    moefy(experts_from=..., router_init=...) uses) takes them after layer 0 is set; one pass takes them before."""
+    a, b = llama(), llama()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    data = [prompts(1), prompts(2)]
+    via_moefy, layerwise, one_pass = llama(), llama(), llama()
+    moefy.moefy(via_moefy, k=1, target="mlp", experts_from=[a, b], router_init="mean", router_data=data)
+    moefy.moefy(layerwise, k=1, target="mlp", experts_from=[a, b])
+    moefy.moefy(one_pass, k=1, target="mlp", experts_from=[a, b])
+    rows = init_router(layerwise, data, "mean", layerwise=True)
+    flat = init_router(one_pass, data, "mean")  # layer 1 from inputs routed by layer 0's *random* router
+    first, second = "model.layers.0.mlp", "model.layers.1.mlp"
+    for name in (first, second):
+        gate = via_moefy.get_submodule(name).router.gate.weight
+        assert torch.equal(gate, rows[name].to(gate.dtype))
+    assert torch.equal(rows[first], flat[first])  # layer 0's inputs do not depend on any router
+    assert not torch.allclose(rows[second], flat[second])
+    # brute force: layer 1's rows = means of its router inputs once layer 0 has the informed rows
+    probe = llama()
+    moefy.moefy(probe, k=1, target="mlp", experts_from=[a, b])
+    with torch.no_grad():
+        probe.model.layers[0].mlp.router.gate.weight.copy_(layerwise.model.layers[0].mlp.router.gate.weight)
+    seen = {i: [] for i in range(2)}
+    for i in range(2):
+        hook = probe.model.layers[1].mlp.router.register_forward_pre_hook(
+            lambda m, args, i=i: seen[i].append(args[0].detach().double()))
+        with torch.no_grad():
+            for batch in data[i]:
+                probe(batch)
+        hook.remove()
+    want = torch.stack([unit(torch.cat(seen[i]).mean(0)) for i in range(2)])
+    assert (rows[second] - want).abs().max() < 1e-10
+
+
 def test_llama_through_moefy_with_dict_batches():
     model = llama()
     data = [[{"input_ids": b} for b in prompts(1)], [{"input_ids": b} for b in prompts(2)]]

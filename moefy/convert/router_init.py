@@ -17,8 +17,10 @@ With unit rows the score is ``scale · ||x|| · cos(x, m_i)``: a token goes to t
 points most its way. ``normalize=False`` keeps ``row_i = scale · m_i``. Note that for k-means, nearest-centroid
 assignment (``argmax <x, c_j> - ||c_j||²/2``) needs a bias a plain gate does not have: unit rows route by angle.
 
-All mixtures are captured in one pass over the data: a later layer's inputs are taken with the earlier layers'
-routers as they were before the call (exact for mixtures of identical copies).
+By default all mixtures are captured in one pass over the data: a later layer's inputs are taken with the earlier
+layers' routers as they were before the call (exact for mixtures of identical copies). ``layerwise=True`` sets
+them one at a time, each from inputs captured after the earlier ones were set; ``moefy(..., experts_from=...,
+router_init=...)`` does that, since there the experts differ.
 """
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ def _set(mixture: MoEBlock, rows: torch.Tensor) -> None:
 
 
 def init_router(model_or_mixture: nn.Module, data, method: str = "mean", *, normalize: bool = True,
-                scale: float = 1.0, seed: int = 0, iters: int = 100) -> Dict[str, torch.Tensor]:
+                scale: float = 1.0, seed: int = 0, iters: int = 100, layerwise: bool = False) -> Dict[str, torch.Tensor]:
     """Set the router rows of every mixture in ``model_or_mixture`` from its router inputs on ``data``.
 
     Args:
@@ -134,6 +136,10 @@ def init_router(model_or_mixture: nn.Module, data, method: str = "mean", *, norm
         normalize: unit-L2 rows (then times ``scale``); False: the means / centroids times ``scale``.
         scale: a number > 0 multiplying every row.
         seed, iters: the k-means's seed and most Lloyd iterations.
+        layerwise: set the mixtures one at a time in module order, each from inputs captured after the earlier
+            ones were set (one pass over ``data`` per mixture): what mixtures whose experts differ
+            (``experts_from``) need, where a later layer's inputs depend on the earlier routers. False: one pass
+            for all, exact for mixtures of identical copies.
     Returns:
         {mixture path: (E, D) float64 rows as set (before the cast to the gate's dtype)}.
     """
@@ -144,28 +150,38 @@ def init_router(model_or_mixture: nn.Module, data, method: str = "mean", *, norm
     scale = check_number(scale, "scale", low=0, low_open=True, what="a positive finite number")
     check_int(seed, "seed")
     check_int(iters, "iters", min=1)
+    check_bool(layerwise, "layerwise")
     mixtures = mixtures_of(model_or_mixture)
     if not mixtures:
         raise ValueError(f"model_or_mixture: {type(model_or_mixture).__name__} holds no mixture; moefy it first")
-    if method == "mean":
-        centres = _expert_means(model_or_mixture, data, mixtures)
-    else:
-        inputs = router_inputs(model_or_mixture, _batches(data, "data"), mixtures)
-        centres = {}
-        for p, x in inputs.items():
-            e = mixtures[p].num_experts
-            if x.shape[0] < e:
-                raise ValueError(f"data: mixture {p or '(root)'!r} read {x.shape[0]} router inputs, fewer than its "
-                                 f"{e} experts: k-means needs at least one per cluster")
-            centres[p] = kmeans(x, e, seed=seed, iters=iters)[0]
-    rows = {p: _rows(c, normalize, scale, f"a {method} row of mixture {p or '(root)'!r}") for p, c in centres.items()}
-    with torch.no_grad():
-        for p, r in rows.items():
-            _set(mixtures[p], r)
+    rows: Dict[str, torch.Tensor] = {}
+    for group in ([{p: m} for p, m in mixtures.items()] if layerwise else [mixtures]):
+        centres = _centres(model_or_mixture, data, method, group, seed, iters)
+        group_rows = {p: _rows(c, normalize, scale, f"a {method} row of mixture {p or '(root)'!r}")
+                      for p, c in centres.items()}
+        with torch.no_grad():
+            for p, r in group_rows.items():
+                _set(mixtures[p], r)
+        rows.update(group_rows)
     logger.info("moefy: router rows of %d mixture(s) set from %s of their router inputs (%s)", len(rows),
                 "per-expert means" if method == "mean" else "k-means centroids",
                 f"unit L2 norm x {scale:g}" if normalize else f"unnormalised x {scale:g}")
     return rows
+
+
+def _centres(model: nn.Module, data, method: str, mixtures: Dict[str, MoEBlock], seed: int,
+             iters: int) -> Dict[str, torch.Tensor]:
+    """{path: (E, D) float64}: per-expert means or k-means centroids of each mixture's router inputs."""
+    if method == "mean":
+        return _expert_means(model, data, mixtures)
+    centres = {}
+    for p, x in router_inputs(model, _batches(data, "data"), mixtures).items():
+        e = mixtures[p].num_experts
+        if x.shape[0] < e:
+            raise ValueError(f"data: mixture {p or '(root)'!r} read {x.shape[0]} router inputs, fewer than its "
+                             f"{e} experts: k-means needs at least one per cluster")
+        centres[p] = kmeans(x, e, seed=seed, iters=iters)[0]
+    return centres
 
 
 def _expert_means(model: nn.Module, data, mixtures: Dict[str, MoEBlock]) -> Dict[str, torch.Tensor]:

@@ -134,7 +134,7 @@ def moefy(module: nn.Module, num_experts: Optional[int] = None, k: Optional[int]
             raise type(err)(f"moefy target {name!r}: {err}") from err
         _set_submodule(module, name, mixture)
     if router_init is not None:
-        init_router(module, router_data, router_init)
+        init_router(module, router_data, router_init, layerwise=experts_from is not None)  # see router_init.py
     from .save import keep_save_pretrained  # save.py imports this module
     keep_save_pretrained(module)
     return module
