@@ -118,3 +118,12 @@ def test_grouped_backend_runs_gate_up_and_down_as_three_grouped_mms(monkeypatch)
     looped = fused_experts_forward(experts, (SWIGLU,), x, counts, expert_index, backend="loop")
     want = torch.cat([experts[e](x_e) for e, x_e in enumerate(x.split(counts))])
     assert (grouped - want).abs().max() < 1e-5 and (looped - want).abs().max() < 1e-5
+
+
+def test_the_probe_keeps_mixed_train_eval_flags():
+    """fused_layout runs the first expert once in eval mode: every submodule's own flag comes back (a mixture's
+    experts may keep mixed flags; module.train(mode) would overwrite them)."""
+    experts = [SwiGLU(8, 12) for _ in range(3)]
+    experts[0].up_proj.eval()
+    assert fused_layout(experts) == (SWIGLU,)
+    assert experts[0].training and experts[0].gate_proj.training and not experts[0].up_proj.training

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..block import MoEBlock
 from ..checks import check_choice, check_int, check_module, check_number
+from ..modes import evaluating
 from .drop_upcycling import drop_upcycle
 from .ffn_parts import FFNParts, features, is_conv1d, neuron_dim, neuron_rows, require_ffn_parts
 
@@ -112,19 +113,14 @@ def _check_slices(module: nn.Module, parts: FFNParts, slices: List[nn.Module]) -
     """The slices must add up to the module: ``Σ_g f_g(x) - (G-1)·b = f(x)`` on a probe (eval mode)."""
     p = module.get_submodule(parts.up[0]).weight
     x = torch.randn(3, parts.input_dim, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
-    flags = [(m, m.training) for s in [module, *slices] for m in s.modules()]
     try:
-        for s in [module, *slices]:
-            s.eval()
-        want = module(x)
-        bias = module.get_submodule(parts.down).bias
-        got = sum(s(x) for s in slices) - (0 if bias is None else (len(slices) - 1) * bias)
+        with evaluating(module, *slices):
+            want = module(x)
+            bias = module.get_submodule(parts.down).bias
+            got = sum(s(x) for s in slices) - (0 if bias is None else (len(slices) - 1) * bias)
     except Exception as err:  # a forward that needs more than the layers' sizes: say which module
         raise ValueError(f"granularity: {type(module).__name__} does not run with its hidden layers cut "
                          f"({type(err).__name__}: {err})") from err
-    finally:
-        for m, flag in flags:
-            m.training = flag
     tol = 1e-4 if p.dtype in (torch.float32, torch.float64) else 3e-2
     if not (isinstance(want, torch.Tensor) and torch.allclose(got.float(), want.float(), rtol=tol,
                                                               atol=tol * (1 + want.abs().max().item()))):

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..block import MoEBlock
 from ..checks import check_bool, check_choice, check_int, check_number
+from ..modes import evaluating
 from .kmeans import kmeans
 
 __all__ = ["init_router"]
@@ -93,16 +94,13 @@ def router_inputs(model: nn.Module, batches: List, mixtures: Dict[str, MoEBlock]
         return lambda module, args: seen[path].append(args[0].detach().to(torch.float64))  # (T, D)
 
     handles = [m.router.register_forward_pre_hook(hook(p)) for p, m in mixtures.items()]
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        for batch in batches:
-            _run(model, batch)
+        with evaluating(model):
+            for batch in batches:
+                _run(model, batch)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     return {p: torch.cat(rows) if rows else torch.zeros(0, mixtures[p].input_dim, dtype=torch.float64)
             for p, rows in seen.items()}
 

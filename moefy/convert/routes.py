@@ -19,6 +19,7 @@ from torch import nn
 
 from ..checks import check_choice, check_int, check_module
 from ..config import ROUTE_ALIASES, ROUTES
+from ..modes import evaluating
 from ..dispatch.fused import ELEMENTWISE
 
 _ELEMENTWISE = ELEMENTWISE + (nn.PReLU, nn.Dropout)  # position-wise, though not fusable
@@ -91,22 +92,17 @@ def probe_position_wise(module: nn.Module, input_dim: int) -> bool:
     check_int(input_dim, "input_dim", min=1)
     param = next(module.parameters(), None)
     device, dtype = (param.device, param.dtype) if param is not None and param.is_floating_point() else (None, None)
-    flags = [(m, m.training) for m in module.modules()]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, input_dim, generator=gen).to(device=device, dtype=dtype)  # (2, 5, D)
     rows = torch.randperm(10, generator=gen)[:7].to(x.device)  # (7,) some rows, shuffled
     perm = torch.randperm(5, generator=gen).to(x.device)  # (5,) the positions permuted
-    try:
-        module.eval()
+    with evaluating(module):
         y = module(x)  # (2, 5, ...)
         if not (isinstance(y, torch.Tensor) and y.is_floating_point() and y.shape[:2] == (2, 5)):
             raise TypeError(f"probe output must be a floating tensor (2, 5, ...), got "
                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
         y_rows = module(x.reshape(10, input_dim)[rows])  # (7, ...)
         y_perm = module(x[:, perm])  # (2, 5, ...)
-    finally:
-        for m, flag in flags:
-            m.training = flag
     tol = 1e-4 if y.dtype in (torch.float32, torch.float64) else 3e-2
     same = lambda a, b: a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)  # noqa: E731
     return same(y_rows, y.reshape(10, *y.shape[2:])[rows]) and same(y_perm, y[:, perm])

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..block import MoEBlock
 from ..checks import check_module, check_number
+from ..modes import evaluating
 from ..routing.record import Routing
 from ._common import column_names, new_figure
 
@@ -217,12 +218,10 @@ def route_image(image: ImageLike, model: nn.Module, patch_size: Union[int, Seque
     param = next(model.parameters(), None)
     if param is not None:
         x = x.to(param.device, param.dtype if param.is_floating_point() else x.dtype)
-    was_training = model.training
     try:
-        model.eval()
-        model(preprocess(x) if preprocess is not None else x)
+        with evaluating(model):  # every submodule's own flag back afterwards
+            model(preprocess(x) if preprocess is not None else x)
     finally:
-        model.train(was_training)
         for hk in hooks:
             hk.remove()
     out = []
