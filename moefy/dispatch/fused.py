@@ -1,7 +1,7 @@
 """Fused experts: all E homogeneous experts run as one pass per layer over the token-sorted rows.
 
 Experts qualify when every one is a plain ``nn.Linear``, an ``nn.Sequential`` of plain ``nn.Linear``
-layers and parameter-free elementwise activations, or a SwiGLU MLP (``gate_proj`` / ``up_proj`` /
+layers and parameter-free elementwise activations (torch's, or transformers' ``ACT2FN`` ones), or a SwiGLU MLP (``gate_proj`` / ``up_proj`` /
 ``down_proj`` Linears and a parameter-free ``act_fn``, computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``:
 HF's ``LlamaMLP``, ``Qwen2MLP`` ..., :class:`moefy.hf.SwiGLU`; checked on a probe), with the same shapes and the
 same activations (the clones ``moefy()`` makes, or a list built with one comprehension). Then, on the rows
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fastpaths import FEW_ROWS, linear, transposed_pays
+from ..modes import evaluating
 
 # Parameter-free activations that act elementwise, so running them once on all rows equals once per expert.
 ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
@@ -41,6 +42,10 @@ def _elementwise(act) -> bool:
         type(act) in ELEMENTWISE or type(act).__module__ == "transformers.activations")
 
 
+def _same_place(mine: nn.Linear, ref: nn.Linear) -> bool:
+    return mine.weight.dtype == ref.weight.dtype and mine.weight.device == ref.weight.device
+
+
 @torch.no_grad()
 def _swiglu_layout(experts: Sequence[nn.Module]) -> Optional[Layout]:
     first = experts[0]
@@ -48,21 +53,17 @@ def _swiglu_layout(experts: Sequence[nn.Module]) -> Optional[Layout]:
     if not all(type(p) is nn.Linear for p in parts) or not _elementwise(getattr(first, "act_fn", None)):
         return None
     for expert in experts:
-        if type(expert) is not type(first) or not _plain(expert) or repr(expert) != repr(first):
+        if type(expert) is not type(first) or not _plain(expert) or repr(expert) != repr(first):  # repr: shapes, act
             return None
-        if any(getattr(expert, n).weight.dtype != p.weight.dtype or getattr(expert, n).weight.device != p.weight.device
-               for n, p in zip(SWIGLU[1:4], parts)):
+        if not all(_same_place(getattr(expert, n), p) for n, p in zip(SWIGLU[1:4], parts)):
             return None
     gate, up, down = parts
     x = torch.randn(3, gate.in_features, generator=torch.Generator().manual_seed(0)).to(gate.weight)
-    mode = first.training
-    first.eval()
-    try:  # its forward must be the SwiGLU formula (dropout, scaling, ... would make it something else)
-        same = torch.allclose(first(x), down(first.act_fn(gate(x)) * up(x)), rtol=1e-5, atol=1e-6)
-    except Exception:  # noqa: BLE001 (a forward that needs more than x is not a plain SwiGLU)
-        same = False
-    finally:
-        first.train(mode)
+    with evaluating(first):
+        try:  # its forward must be the SwiGLU formula (dropout, scaling, ... would make it something else)
+            same = torch.allclose(first(x), down(first.act_fn(gate(x)) * up(x)), rtol=1e-5, atol=1e-6)
+        except Exception:  # noqa: BLE001 (a forward that needs more than x is not a plain SwiGLU)
+            same = False
     return (SWIGLU,) if same else None
 
 
@@ -76,7 +77,7 @@ def fused_layout(experts: Sequence[nn.Module]) -> Optional[Layout]:
     for i, layer in enumerate(layers):
         if type(layer) is nn.Linear:
             layout.append(("linear", i))
-        elif type(layer) in ELEMENTWISE:
+        elif _elementwise(layer):
             layout.append(("act", i))
         else:
             return None
@@ -92,7 +93,7 @@ def fused_layout(experts: Sequence[nn.Module]) -> Optional[Layout]:
             ref = layers[i]
             if type(mine) is not type(ref) or repr(mine) != repr(ref):  # repr: shapes, bias, act options
                 return None
-            if kind == "linear" and (mine.weight.dtype != ref.weight.dtype or mine.weight.device != ref.weight.device):
+            if kind == "linear" and not _same_place(mine, ref):
                 return None
     return tuple(layout)
 
