@@ -119,9 +119,11 @@ def save(model: nn.Module, folder: str, state_dict: Optional[Dict[str, torch.Ten
         raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
     entries = describe(model)
     os.makedirs(folder, exist_ok=True)
-    state = model.state_dict() if state_dict is None else state_dict
-    if not isinstance(state, Mapping) or set(state) != set(model.state_dict()):
-        raise ValueError("state_dict must be a dict with exactly model.state_dict()'s keys")
+    state = model.state_dict()
+    if state_dict is not None:
+        if not isinstance(state_dict, Mapping) or set(state_dict) != set(state):
+            raise ValueError("state_dict must be a dict with exactly model.state_dict()'s keys")
+        state = state_dict
     tensors, aliases = _tensors(state)
     try:
         from safetensors.torch import save_file

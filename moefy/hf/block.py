@@ -4,7 +4,8 @@ transformers 5 keeps a MoE layer's experts stacked: ``experts.gate_up_proj`` (E,
 up rows, as its ``chunk(2)``) and ``experts.down_proj`` (E, D, H), the router's ``gate.weight`` (E, D), and a
 shared expert as one MLP with ``gate_proj`` / ``up_proj`` / ``down_proj``. moefy keeps one module per expert.
 :class:`HFMoEBlock` holds :class:`SwiGLU` experts; :func:`swiglu_weights` reads the weights of any SwiGLU
-expert (these, or the ``LlamaMLP`` copies of a moefied Llama) and :func:`stack_experts` stacks them.
+expert (these, or the ``LlamaMLP`` copies of a moefied Llama); :func:`stack_experts` / :func:`unstack_experts`
+convert between the two layouts.
 """
 from __future__ import annotations
 
@@ -102,6 +103,17 @@ def stack_experts(experts: Sequence[nn.Module], name: str) -> Tuple[torch.Tensor
     gate_up = torch.stack([torch.cat([g, u]) for g, u, _ in weights])  # (E, 2H, D)
     down = torch.stack([d for _, _, d in weights])                     # (E, D, H)
     return gate_up.detach(), down.detach()
+
+
+@torch.no_grad()
+def unstack_experts(experts: Sequence[nn.Module], gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """transformers' ``gate_up_proj`` (E, 2H, D) and ``down_proj`` (E, D, H) into E SwiGLU experts (in place): the
+    inverse of :func:`stack_experts`."""
+    hidden = down.shape[-1]
+    for e, expert in enumerate(experts):
+        expert.gate_proj.weight.copy_(gate_up[e, :hidden])
+        expert.up_proj.weight.copy_(gate_up[e, hidden:])
+        expert.down_proj.weight.copy_(down[e])
 
 
 def concat_swiglu(modules: Sequence[nn.Module], name: str, dim: int) -> List[torch.Tensor]:

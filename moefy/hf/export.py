@@ -80,8 +80,6 @@ def _check_block(path: str, block: MoEBlock, family: MoEFamily, config) -> None:
     if block.shared_experts is not None and family.shared is None:
         raise ValueError(f"{path}: num_shared={len(block.shared_experts)} cannot be exported to {family.name}: it "
                          f"has no shared expert")
-    if block.num_columns != block.num_experts or block.constant_experts is not None:
-        raise ValueError(f"{path}: router columns beyond the experts cannot be exported to {family.name}")
     for name, experts in (("experts", block.experts), ("shared_experts", block.shared_experts or [])):
         for i, expert in enumerate(experts):
             swiglu_weights(expert, f"{path}.{name}.{i}")

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import RoutingConfig
 from ..convert.surgery import _set_submodule
-from .block import HFMoEBlock
+from .block import HFMoEBlock, unstack_experts
 from .families import FAMILIES, MoEFamily, transformers_module
 
 logger = logging.getLogger(__name__)
@@ -52,10 +52,7 @@ def convert_block(hf_block: nn.Module, family: MoEFamily, config, routing: Routi
         block.router.gate.weight.copy_(hf_block.gate.weight)
         if block.config.selection_bias:
             block.router.score_correction_bias.copy_(hf_block.gate.e_score_correction_bias)
-        for e, expert in enumerate(block.experts):
-            expert.gate_proj.weight.copy_(gate_up[e, :hidden])
-            expert.up_proj.weight.copy_(gate_up[e, hidden:])
-            expert.down_proj.weight.copy_(down[e])
+        unstack_experts(block.experts, gate_up, down)
         if shared is not None:
             mine = block.shared_experts[0]
             for part in ("gate_proj", "up_proj", "down_proj"):
