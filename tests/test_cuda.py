@@ -97,30 +97,6 @@ def test_grouped_mm_gives_idle_experts_zero_gradients():
     assert torch.count_nonzero(block.experts[2][0].weight.grad) > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_matches_generic_on_cuda(dtype, monkeypatch):
-    torch.manual_seed(0)
-    generic = Mixture(mlps(8), 64, k=2).to("cuda", dtype)
-    fused = Mixture(copy.deepcopy(list(generic.experts)), 64, k=2, fused=True).to("cuda", dtype)
-    fused.load_state_dict(generic.state_dict())
-    calls = []
-    if hasattr(torch, "_grouped_mm"):
-        real = torch._grouped_mm
-        monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    x = torch.randn(512, 64, device="cuda", dtype=dtype)
-    y_g, y_f = generic(x), fused(x)
-    assert fused.routing.counts == generic.routing.counts
-    grouped = dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
-    assert bool(calls) == grouped  # auto picks grouped mm exactly where it has a fast kernel
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    assert rel_err(y_f, y_g) < tol
-    g = torch.randn_like(y_g)
-    y_g.backward(g)
-    y_f.backward(g)
-    for (name, p_g), p_f in zip(generic.named_parameters(), fused.parameters()):
-        assert rel_err(p_f.grad, p_g.grad) < tol * 2, name
-
-
 class SwiGLU(nn.Module):
     def __init__(self, d=64, h=128):
         super().__init__()
@@ -131,11 +107,16 @@ class SwiGLU(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+# experts, and the grouped mms one fused forward runs: two Linears, or SwiGLU's gate, up and down (HF's LlamaMLP)
+EXPERTS = {"mlp": (lambda: mlps(8), 2), "swiglu": (lambda: [SwiGLU() for _ in range(8)], 3)}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_swiglu_matches_generic_on_cuda(dtype, monkeypatch):
-    """SwiGLU experts (HF's LlamaMLP shape) fused: grouped mm for gate, up and down where it has a fast kernel."""
+@pytest.mark.parametrize("kind", EXPERTS)
+def test_fused_matches_generic_on_cuda(kind, dtype, monkeypatch):
     torch.manual_seed(0)
-    generic = Mixture([SwiGLU() for _ in range(8)], 64, k=2).to("cuda", dtype)
+    make, linears = EXPERTS[kind]
+    generic = Mixture(make(), 64, k=2).to("cuda", dtype)
     fused = Mixture(copy.deepcopy(list(generic.experts)), 64, k=2, fused=True).to("cuda", dtype)
     fused.load_state_dict(generic.state_dict())
     calls = []
@@ -144,8 +125,9 @@ def test_fused_swiglu_matches_generic_on_cuda(dtype, monkeypatch):
         monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x = torch.randn(512, 64, device="cuda", dtype=dtype)
     y_g, y_f = generic(x), fused(x)
+    assert fused.routing.counts == generic.routing.counts
     grouped = dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
-    assert len(calls) == (3 if grouped else 0)  # gate, up, down
+    assert len(calls) == (linears if grouped else 0)  # auto picks grouped mm exactly where it has a fast kernel
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert rel_err(y_f, y_g) < tol
     g = torch.randn_like(y_g)
