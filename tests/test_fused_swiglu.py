@@ -127,3 +127,16 @@ def test_the_probe_keeps_mixed_train_eval_flags():
     experts[0].up_proj.eval()
     assert fused_layout(experts) == (SWIGLU,)
     assert experts[0].training and experts[0].gate_proj.training and not experts[0].up_proj.training
+
+
+def test_sequential_experts_with_a_transformers_activation_fuse_and_match():
+    transformers = pytest.importorskip("transformers")
+    act = transformers.activations.ACT2FN["gelu_new"]
+    make = lambda: nn.Sequential(nn.Linear(8, 12), act, nn.Linear(12, 8))  # noqa: E731
+    torch.manual_seed(0)
+    looped = moefy.convert.ModuleMixture(make(), 4, k=2).double()
+    fused = moefy.convert.ModuleMixture(make(), 4, k=2, fused=True).double()
+    fused.load_state_dict(looped.state_dict())
+    assert fused._fused_layout == (("linear", 0), ("act", 1), ("linear", 2))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    assert (looped(x) - fused(x)).abs().max() < 1e-12
