@@ -21,6 +21,7 @@ from .dispatch.null import ConstantExperts, add_null
 from .dispatch.rows import as_rows, kept_rows, with_side_inputs
 from .dispatch.shared import RunShared, add_shared
 from .fastpaths import set_plain_attribute
+from .routing.aux_gradient import DeferredAuxLosses
 from .routing.bias_balance import BiasBalance
 from .routing.losses import AUX_LOSSES, GlobalBalance
 from .routing.record import Routing
@@ -158,6 +159,8 @@ class MoEBlock(LastRoutingViews, nn.Module, ABC):
             self.bias_balance.add(routing)
         global_losses = self.parallel is not None and bool(c._aux_weights)
         self.set_aux_losses(self.parallel.loss_routing(routing) if global_losses else routing)
+        if c._aux_weights and not _compiling():  # 5. the aux loss's gradient under reentrant checkpointing
+            y = self._carry_aux_gradient(y)
         return y
 
     def route_rows(self, x: torch.Tensor, tokens_shape=None, kept: Optional[torch.Tensor] = None) -> Routing:
@@ -219,6 +222,19 @@ class MoEBlock(LastRoutingViews, nn.Module, ABC):
                     zero.requires_grad:
                 self.aux_loss = routing.logits.new_zeros(())
 
+    def _carry_aux_gradient(self, y: torch.Tensor) -> torch.Tensor:
+        """A training forward without a graph (reentrant checkpointing's first pass) keeps a probe as ``aux_loss``;
+        its recomputation inside ``backward()`` sends the gradient the probe received to the aux loss through
+        ``y`` (:mod:`moefy.routing.aux_gradient`). Any other forward: ``y`` unchanged."""
+        deferred = self.__dict__.get("_deferred_aux")
+        if deferred is None:  # blocks pickled before it existed
+            deferred = self.__dict__["_deferred_aux"] = DeferredAuxLosses()
+        if torch.is_grad_enabled():
+            return deferred.attach(y, self.aux_loss)
+        if self.training and not torch.is_inference_mode_enabled():
+            self.aux_loss = deferred.probe(self.aux_loss, self.moe_name)
+        return y
+
     @property
     def aux_weights(self) -> Dict[str, float]:
         """``{loss name: coefficient}`` of the configured aux losses."""
@@ -229,7 +245,8 @@ class MoEBlock(LastRoutingViews, nn.Module, ABC):
         """Copies (``copy.deepcopy``, ``pickle``) start as if no forward had run: the last forward's routing
         record and aux losses hold that call's graph, which cannot be deep-copied and is not the block's."""
         state = super().__getstate__()
-        state.update(routing=None, aux_losses={}, aux_loss=torch.zeros(()), router_replay=None)
+        state.update(routing=None, aux_losses={}, aux_loss=torch.zeros(()), router_replay=None,
+                     _deferred_aux=DeferredAuxLosses())
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
