@@ -14,6 +14,7 @@ from ..block import MoEBlock
 from .mixture import AttentionMixture, ModuleMixture, _check_module
 from .router_init import check_router_init, init_router
 from .sources import check_rest, model_sources
+from .torch_layers import check_target, sync_fast_paths
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,13 @@ def _matcher(target: Target) -> Callable[[str, nn.Module], bool]:
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    """``root.<path> = new``; torch layers around it switch their fused fast path off while they hold a mixture
+    (:mod:`moefy.convert.torch_layers`), and a mixture where torch reads the weights directly is refused."""
+    if isinstance(new, MoEBlock):
+        check_target(root, path)
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
+    sync_fast_paths(root, path)
 
 
 def moefy(module: nn.Module, num_experts: Optional[int] = None, k: Optional[int] = None, *,
@@ -122,6 +128,8 @@ def moefy(module: nn.Module, num_experts: Optional[int] = None, k: Optional[int]
         some = [n for n, _ in module.named_modules() if n][:12]
         raise ValueError(f"target {target!r} matched no submodule of {type(module).__name__}; "
                          f"module names look like {some}")
+    for name in names:  # before any conversion: a refused target leaves the model as it was
+        check_target(module, name)
     sources = model_sources(module, names, experts_from, rest) if experts_from is not None else {}
     for i, name in enumerate(names):
         opts = dict(options)
