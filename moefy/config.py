@@ -22,6 +22,9 @@ ROUTE_ALIASES = {"images": "samples"}  # the original MoEfy's name (re-exported 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 NULL_KINDS = ("copy", "constant", "zero")  # the null columns' order after the real experts (then the hole)
+# the aux losses' names; moefy.routing.losses.AUX_LOSSES maps each to its function (same names, same order). Kept
+# here, not read from there, so the config never imports the routing package (which imports the config)
+AUX_LOSS_NAMES = ("entropy", "prob", "cv2", "switch", "z", "balance", "seq_balance", "global_switch")
 # shown in a block's repr only when they differ from their defaults
 _SUMMARY_EXTRAS = ("temperature", "score_func", "feature_dim", "fused", "selection_bias", "n_group", "topk_group",
                    "routed_scaling_factor", "shared_gate", "bias_update_rate", "null_experts")
@@ -31,14 +34,6 @@ AuxCriterion = Union[None, str, Sequence[str], Mapping[str, float]]
 def _option(default: Any, values: str, doc: str) -> Any:
     """A config field: its default, what it accepts (default first) and what it means."""
     return field(default=default, metadata={"values": values, "doc": doc})
-
-
-def _aux_loss_names() -> tuple:
-    try:  # lazy: the losses import the routing record, which must not need this module first
-        from .losses import AUX_LOSSES
-    except ImportError:
-        from .routing.losses import AUX_LOSSES
-    return tuple(AUX_LOSSES)
 
 
 def _k_message(k: Any, columns: Optional[int], hole: bool, nulls: int = 0) -> str:
@@ -65,7 +60,7 @@ def _parse_null(null_experts: Any) -> Optional[Dict[str, int]]:
 
 
 def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
-    """``aux_criterion`` → ``{loss name: coefficient}``; names must be in ``moefy.routing.AUX_LOSSES``."""
+    """``aux_criterion`` → ``{loss name: coefficient}``; names must be in :data:`AUX_LOSS_NAMES`."""
     if aux_criterion is None:
         return {}
     if isinstance(aux_criterion, str):
@@ -77,10 +72,9 @@ def _parse_aux(aux_criterion: AuxCriterion) -> Dict[str, float]:
     else:
         raise ValueError(f"aux_criterion must be None, a loss name, a list of names or {{name: coefficient}}, "
                          f"got {aux_criterion!r}")
-    allowed = _aux_loss_names()
     for name, _ in pairs:
-        if not isinstance(name, str) or name not in allowed:
-            raise ValueError(f"aux_criterion: unknown loss {name!r}; allowed: {sorted(allowed)}")
+        if not isinstance(name, str) or name not in AUX_LOSS_NAMES:
+            raise ValueError(f"aux_criterion: unknown loss {name!r}; allowed: {sorted(AUX_LOSS_NAMES)}")
     return {name: check_number(coef, f"aux_criterion: coefficient of {name!r}", low=0, what="a number >= 0")
             for name, coef in pairs}
 

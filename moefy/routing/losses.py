@@ -49,6 +49,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from ..checks import check_int, check_number, check_tensor
+from ..config import AUX_LOSS_NAMES
 from .record import Routing
 
 
@@ -262,3 +263,6 @@ AUX_LOSSES: Dict[str, Callable[[Routing], torch.Tensor]] = {
     "seq_balance": seq_balance_loss,
     "global_switch": global_switch_loss,
 }
+if tuple(AUX_LOSSES) != AUX_LOSS_NAMES:  # the config checks aux_criterion against AUX_LOSS_NAMES
+    raise ImportError(f"moefy.routing.losses: AUX_LOSSES {list(AUX_LOSSES)} must match moefy.config.AUX_LOSS_NAMES "
+                      f"{list(AUX_LOSS_NAMES)}")
