@@ -22,6 +22,11 @@ from .observe import LogFormatError, RoutingRecorder, TrainingLogWriter, read_lo
 from .parallel import expert_parallel, full_state_dict, merge_state_dicts, sharded_names
 # recipes: seed 000's ready-made MoE layer, and mutual distillation between experts
 from .recipes import MoE, block_distillation_loss, mode_loss, mutual_distillation_loss
+# old import paths: `from moefy.moefy import MoEBlock` (the original MoEfy) and `import moefy.metrics` (0.1), as
+# sys.modules entries, so that the attribute moefy.moefy stays the function above
+from ._import_paths import register as _register_import_paths
+
+_register_import_paths(__name__)
 
 __all__ = [
     "MoEBlock", "RoutingConfig", "Routing", "aux_loss", "moe_blocks",

@@ -3,6 +3,11 @@
 Each name is the very object at its new home (given next to it); none warns, as none is scheduled for removal.
 ``import moefy`` does not load this module: ``moefy.Router`` and the other ``TOP_LEVEL`` names load it on first
 use (through ``moefy.__getattr__``), and ``moefy.viz`` imports its plot aliases from here.
+
+The old import paths work too: ``from moefy.moefy import MoEBlock`` and ``import moefy.metrics`` (modules that
+``import moefy`` registers, :mod:`moefy._import_paths`; the attribute ``moefy.moefy`` stays the conversion function),
+``from moefy.utils import display_experts_load, display_abs_experts_load, image_through_experts``
+(:mod:`moefy.utils`), ``import moefy.data``.
 """
 import moefy.data as data  # home: moefy.data (example data sets); `import … as` binds it without moefy.__getattr__
 
