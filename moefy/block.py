@@ -172,12 +172,8 @@ class MoEBlock(LastRoutingViews, nn.Module, ABC):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"x must have shape (T, input_dim={self.input_dim}), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        replay = self.router_replay  # set inside RouterReplay.record() / .replay() (moefy.routing.replay)
-        if replay is None:
-            return make_routing(self.router, x, self.config, self.num_experts, tokens_shape, kept)
-        routing = make_routing(self.router, x, self.config, self.num_experts, tokens_shape, kept, replay.take())
-        replay.keep(routing)
-        return routing
+        # router_replay: set inside RouterReplay.record() / .replay() (moefy.routing.replay)
+        return make_routing(self.router, x, self.config, self.num_experts, tokens_shape, kept, self.router_replay)
 
     def dispatch(self, rows: torch.Tensor, routing: Routing, run_expert: Optional[RunExpert] = None) -> torch.Tensor:
         """Send ``rows`` (T, *F) to the experts the record names and combine: → (T, *F_out).

@@ -104,7 +104,7 @@ def test_replay_with_token_mask_refers_to_routed_tokens():
         y = b(x, token_mask=mask)
     assert torch.equal(b.routing.indices, recorded)
     assert not y[~mask].any()
-    with replay.replay(), pytest.raises(ValueError, match=r"shape \(7, 1\).*T=10"):
+    with pytest.raises(ValueError, match=r"shape \(7, 1\).*T=10"), replay.replay():
         b(x)  # no mask: 10 routed tokens, the record has 7
 
 
@@ -113,11 +113,11 @@ def test_replay_shape_mismatch_names_the_argument():
     replay = RouterReplay(b)
     with replay.record():
         b(torch.randn(5, 4))
-    with replay.replay(), pytest.raises(ValueError, match=r"indices .*T=6"):
+    with pytest.raises(ValueError, match=r"indices .*T=6"), replay.replay():
         b(torch.randn(6, 4))
     call = replay.records["."][0]
     replay.records["."][0] = Replayed(call.indices[:, :1], call.weights[:, :1])
-    with replay.replay(), pytest.raises(ValueError, match=r"k=1 .*k=2"):
+    with pytest.raises(ValueError, match=r"k=1 .*k=2"), replay.replay():
         b(torch.randn(5, 4))
 
 
@@ -194,3 +194,213 @@ def test_replay_drops_the_slots_the_recorded_forward_dropped(policy):
     assert torch.equal(got.token_index, want.token_index) and torch.equal(got.expert_index, want.expert_index)
     assert got.counts == want.counts and int(got.dropped) == int(want.dropped)
     assert sum(got.counts[:4]) + int(got.dropped) == 40 * 2
+
+
+# ---------------------------------------------------------------- issue 22: replay reproduces exactly
+NOISE_MODES = {
+    "none": {}, "gumbel": dict(noise="gumbel"), "gaussian": dict(noise="gaussian"), "jitter": dict(noise="jitter"),
+    "simple": dict(noise="simple"),
+    "gumbel-sigmoid-temperature": dict(noise="gumbel", score_func="sigmoid", temperature=0.5),
+    "gaussian-capacity": dict(noise="gaussian", token_capacity_factor=0.6),
+    "simple-capacity-temperature": dict(noise="simple", token_capacity_factor=0.6, temperature=2.0),
+}
+
+
+def two_blocks(**kw):
+    """Two noisy mixtures in a row: the first block's gradients pass through the second's router."""
+    torch.manual_seed(0)
+    return nn.Sequential(LinearMixture(6, 6, 4, k=2, **kw), nn.Tanh(), LinearMixture(6, 6, 4, k=2, **kw)).train()
+
+
+def grads(model, x=None):
+    out = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    if x is not None:
+        out["x"] = x.grad.clone()
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same_grads(got, want):
+    assert got.keys() == want.keys()
+    assert any("router" in name for name in want) and any("experts" in name for name in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+
+
+@pytest.mark.parametrize("mode", list(NOISE_MODES))
+def test_replayed_forward_gives_the_recorded_outputs_and_gradients(mode):
+    """Unchanged parameters: a replay (another RNG state) gives the recorded outputs and the same gradients
+    (router, Gaussian noise std, experts of both blocks)."""
+    model = two_blocks(**NOISE_MODES[mode])
+    x, probe = torch.randn(24, 6), torch.randn(24, 6)
+    replay = RouterReplay(model)
+    torch.manual_seed(1)
+    with replay.record():
+        want = model(x)
+    (want * probe).sum().backward()
+    want_grads = grads(model)
+    if "capacity" in mode:
+        assert int(model[0].routing.dropped) > 0
+    torch.manual_seed(2)
+    with replay.replay():
+        got = model(x)
+    (got * probe).sum().backward()
+    torch.testing.assert_close(got, want)
+    assert_same_grads(grads(model), want_grads)
+
+
+@pytest.mark.parametrize("noise", ["gumbel", "gaussian"])
+def test_replay_applies_the_recorded_noise_to_the_current_router(noise):
+    """After a policy update the replay adds the recorded draws to the new logits (Gaussian: the recorded
+    standard normals times the new learned std)."""
+    b = block(k=2, noise=noise).train()
+    x = torch.randn(12, 4)
+    replay = RouterReplay(b)
+    with replay.record():
+        b(x)
+    r = b.routing
+    draws = (r.noisy_logits - r.logits) / (r.noise_std if noise == "gaussian" else 1.0)
+    with torch.no_grad():
+        b.router.gate.weight.add_(torch.randn_like(b.router.gate.weight))
+        if noise == "gaussian":
+            b.router.noise_std.weight.add_(torch.randn_like(b.router.noise_std.weight))
+    with replay.replay():
+        b(x)
+    r = b.routing
+    got = (r.noisy_logits - r.logits) / (r.noise_std if noise == "gaussian" else 1.0)
+    torch.testing.assert_close(got, draws, rtol=1e-4, atol=1e-4)  # the subtraction cancels digits
+
+
+@pytest.mark.parametrize("preserve_rng_state", [True, False])
+@pytest.mark.parametrize("mode", list(NOISE_MODES))
+def test_readme_checkpoint_recipe_equals_the_step_without_checkpointing(mode, preserve_rng_state):
+    """README "Router replay": record a reentrant-checkpointed forward, backward() inside replay(): the
+    gradients of the same step without checkpointing."""
+    model = two_blocks(**NOISE_MODES[mode])
+    x, probe = torch.randn(24, 6, requires_grad=True), torch.randn(24, 6)
+    torch.manual_seed(3)
+    (model(x) * probe).sum().backward()
+    want = grads(model, x)
+    x.grad = None
+    replay = RouterReplay(model)
+    torch.manual_seed(3)
+    with replay.record():
+        y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=True, preserve_rng_state=preserve_rng_state)
+    torch.manual_seed(4)
+    with replay.replay():
+        (y * probe).sum().backward()
+    assert_same_grads(grads(model, x), want)
+
+
+@pytest.mark.parametrize("mode", list(NOISE_MODES))
+def test_non_reentrant_checkpoint_needs_no_replay_and_refuses_one(mode):
+    """The non-reentrant checkpoint's default preserve_rng_state=True redraws the noise: the step's gradients
+    without a replay. A replayed recomputation is refused loudly where its graph differs (a gather at the
+    recorded columns, the forward's top-k); SIMPLE's graph is the same (a gather either way), so it is exact."""
+    model = two_blocks(**NOISE_MODES[mode])
+    x, probe = torch.randn(24, 6, requires_grad=True), torch.randn(24, 6)
+    torch.manual_seed(3)
+    (model(x) * probe).sum().backward()
+    want = grads(model, x)
+    x.grad = None
+    torch.manual_seed(3)
+    y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    torch.manual_seed(4)
+    (y * probe).sum().backward()
+    assert_same_grads(grads(model, x), want)
+    x.grad = None
+    replay = RouterReplay(model)
+    torch.manual_seed(3)
+    with replay.record():
+        y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    refused = False
+    try:
+        with replay.replay():
+            (y * probe).sum().backward()
+    except torch.utils.checkpoint.CheckpointError:
+        refused = True
+    else:
+        assert_same_grads(grads(model, x), want)
+    assert refused == (NOISE_MODES[mode].get("noise") != "simple")
+
+
+class Flaky(LinearMixture):
+    """Expert 3 runs out of memory while ``fail`` is set (after the routing was recorded)."""
+    fail = False
+
+    def expert_forward(self, expert, x):
+        if self.fail and expert.expert_id == 3:
+            raise torch.OutOfMemoryError("expert 3 out of memory")
+        return expert(x)
+
+
+def test_record_and_replay_drop_a_forward_that_raised():
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearMixture(6, 6, 4, k=2, noise="gumbel"), Flaky(6, 6, 4, k=2, noise="gumbel")).train()
+    x = torch.randn(32, 6)
+    replay = RouterReplay(model)
+    with replay.record():
+        model[1].fail = True  # block 0 returned, block 1 routed, then an expert raised: the model forward raised
+        with pytest.raises(torch.OutOfMemoryError):
+            model(x)
+        model[1].fail = False
+        want = model(x)  # the retry
+        hidden = torch.tanh(x)
+        model[1].fail = True  # a block called on its own
+        with pytest.raises(torch.OutOfMemoryError):
+            model[1](hidden)
+        model[1].fail = False
+        want_1 = model[1](hidden)
+    assert [len(calls) for calls in replay.records.values()] == [1, 2]
+    with replay.replay():
+        model[1].fail = True  # a replayed forward that raised hands its calls to the retry
+        with pytest.raises(torch.OutOfMemoryError):
+            model(x)
+        model[1].fail = False
+        torch.testing.assert_close(model(x), want)
+        torch.testing.assert_close(model[1](hidden), want_1)
+
+
+def test_leaving_replay_with_calls_unused_is_an_error_that_never_masks_another():
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearMixture(4, 4, 3, k=1, noise="gumbel"), LinearMixture(4, 4, 3, k=2, noise="gumbel"))
+    x1, x2 = torch.randn(8, 4), torch.randn(8, 4)
+    replay = RouterReplay(model)
+    with replay.record():
+        model(x1)
+        model(x2)
+    with pytest.raises(RuntimeError, match=r"unused: block '0' \(layer \? / LinearMixture \(3 experts\)\) used 1 of "
+                                           r"its 2 recorded call\(s\); block '1' .* used 1 of its 2"):
+        with replay.replay():
+            model(x1)
+    with pytest.raises(KeyError, match="the user's"):  # an exception leaving replay() propagates unchanged
+        with replay.replay():
+            model(x1)
+            raise KeyError("the user's")
+    with pytest.raises(RuntimeError, match=r"block '0' \(layer \? / LinearMixture .*\) recorded 2 call\(s\) and "
+                                           r"this is call 3"):
+        with replay.replay():
+            model(x1)
+            model(x2)
+            model(x1)
+    with replay.replay():  # every call used: leaves quietly
+        model(x1)
+        model(x2)
+    for m in model:
+        assert m.router_replay is None and not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_the_routing_package_imports_nothing_from_the_block():
+    """No import cycle block → routing/route → routing/replay → block: replay finds blocks by their Router."""
+    import ast
+    from pathlib import Path
+
+    import moefy.routing
+
+    for path in Path(moefy.routing.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [("." * node.level) + (node.module or "") + ":" + ",".join(a.name for a in node.names)]
+                     if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("moefy.block", "..block", "..:block")), (path.name, name)

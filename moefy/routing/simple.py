@@ -142,11 +142,18 @@ def simple_sample(logits: torch.Tensor, k: int, generator: Optional[torch.Genera
     return _sample(x, _table(x, k), k, generator)
 
 
-def simple_subset(logits: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def simple_subset(logits: torch.Tensor, k: int, generator: Optional[torch.Generator] = None,
+                  sample: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The SIMPLE estimator: logits (T, E) -> (T, E) float in the working dtype.
 
     Its value is a hard exact sample (0/1, exactly k ones per row, from :func:`simple_sample`); its gradient
-    is that of the exact marginals: ``z = sample + (mu - mu.detach())`` with ``mu = simple_marginals(logits, k)``."""
+    is that of the exact marginals: ``z = sample + (mu - mu.detach())`` with ``mu = simple_marginals(logits, k)``.
+    ``sample``: a (T, E) bool k-subset drawn before (router replay: the recorded picks) to use instead of
+    drawing one; ``generator`` is then unused."""
     mu, a, x = _marginals(logits, k)
-    sample = _sample(x, a, k, generator).to(mu.dtype)
-    return sample + (mu - mu.detach())  # the bracket is exactly 0: the value is exactly the sample
+    if sample is None:
+        sample = _sample(x, a, k, generator)
+    elif sample.shape != x.shape or sample.dtype != torch.bool:
+        raise ValueError(f"sample must be a bool tensor of the logits' shape {tuple(x.shape)}, got "
+                         f"{sample.dtype} {tuple(sample.shape)}")
+    return sample.to(mu.dtype) + (mu - mu.detach())  # the bracket is exactly 0: the value is exactly the sample
