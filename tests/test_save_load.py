@@ -255,16 +255,17 @@ def test_llama_round_trips_and_plain_hf_paths_are_loud(tmp_path, caplog):
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
-    # the base's config goes along; the weights are not model.safetensors, so a plain from_pretrained fails loudly
-    assert sorted(os.listdir(tmp_path / "moefy")) == ["config.json", "moefy.json", "moefy.safetensors"]
-    with pytest.raises(OSError, match="model.safetensors"):
+    # the base's config goes along, naming a weights file from_pretrained refuses: a plain one fails loudly
+    files = ["config.json", "model.safetensors.index.json", "moefy.json", "moefy.safetensors"]  # index: for Trainer
+    assert sorted(os.listdir(tmp_path / "moefy")) == files
+    with pytest.raises(ValueError, match=r"moefy\.hf\.load"):
         Llama.from_pretrained(tmp_path / "moefy")
     # the moefied model's own save_pretrained (what Trainer calls) writes the same folder, and says so
     with caplog.at_level(logging.INFO, logger="moefy"):
         model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     assert "writes moefy.save's format" in caplog.text
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "moefy.json", "moefy.safetensors"]
-    with pytest.raises(OSError, match="model.safetensors"):
+    assert sorted(os.listdir(tmp_path / "hf")) == files
+    with pytest.raises(ValueError, match=r"moefy\.hf\.load"):
         Llama.from_pretrained(tmp_path / "hf")
     again = moefy.load(Llama(cfg), tmp_path / "hf").eval()
     with torch.no_grad():

@@ -9,9 +9,14 @@ weights with ``load_state_dict(strict=True)``. A model imported by :func:`moefy.
 its own HF MoE class: each recorded block is converted again.
 
 Hugging Face models: ``from_pretrained`` knows nothing of the experts, so a folder must never look like a dense
-checkpoint to it. The weights file is not ``model.safetensors``: plain ``from_pretrained(folder)`` fails (no
-weights file) instead of building the dense model with fresh MLP weights. A moefied (or imported) HF model's own
+checkpoint to it. The weights file is not ``model.safetensors``, and ``config.json`` names a weights file
+(``transformers_weights``) that ``from_pretrained`` refuses with a ``ValueError`` naming :func:`moefy.hf.load`,
+instead of building the dense model with fresh MLP weights. A moefied (or imported) HF model's own
 ``save_pretrained`` writes this format too (:func:`keep_save_pretrained`), as a PEFT model's writes its adapter.
+For ``transformers.Trainer`` (``resume_from_checkpoint``, ``load_best_model_at_end``) the folder also holds
+``model.safetensors.index.json``, a one-shard index of the moefy weights file: Trainer loads the shard into the
+moefied model it trains (``load_state_dict``). The index has no ``metadata``, which ``from_pretrained`` reads:
+a transformers that ignores ``transformers_weights`` fails on it too (``KeyError: 'metadata'``).
 :func:`moefy.hf.export` writes a checkpoint ``from_pretrained`` does load, as a native MoE architecture.
 """
 from __future__ import annotations
@@ -37,6 +42,10 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_NAME = "moefy.json"
 SAFETENSORS_NAME, TORCH_NAME = "moefy.safetensors", "moefy.pt"
+# transformers' names (SAFE_WEIGHTS_INDEX_NAME / WEIGHTS_INDEX_NAME): Trainer accepts a checkpoint that has one
+TRAINER_INDEX_NAMES = {SAFETENSORS_NAME: "model.safetensors.index.json", TORCH_NAME: "pytorch_model.bin.index.json"}
+# config.json's ``transformers_weights``: from_pretrained raises a ValueError ending with it (not *.safetensors)
+NOT_DENSE = "moefy checkpoint, not a dense one: load it with moefy.hf.load(folder)"
 _CLASSES = {"ModuleMixture": ModuleMixture, "AttentionMixture": AttentionMixture}
 
 
@@ -139,19 +148,45 @@ def save(model: nn.Module, folder: str, state_dict: Optional[Dict[str, torch.Ten
     with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     hf_config = getattr(model, "config", None)
-    if callable(getattr(hf_config, "save_pretrained", None)):  # the base's architecture: moefy.hf.load builds it
-        hf_config = copy.deepcopy(hf_config)
-        hf_config.architectures = [type(model).__name__]
-        hf_config.save_pretrained(folder)
+    if callable(getattr(hf_config, "save_pretrained", None)):
+        _save_hf_config(hf_config, type(model).__name__, folder)
+        _save_trainer_index(folder, name, list(tensors))
     return path
 
 
-def _save_pretrained(model: nn.Module, save_directory, *args, state_dict=None, push_to_hub=False, **kwargs) -> None:
-    """``save_pretrained`` of a moefied HF model: :func:`save` (``state_dict`` honoured; sharding / serialisation
-    options do not apply to moefy's one file)."""
+def _save_hf_config(hf_config, architecture: str, folder) -> None:
+    """``config.json``: the base's architecture (what :func:`moefy.hf.load` builds) and ``transformers_weights``
+    set to :data:`NOT_DENSE`, so a dense ``from_pretrained(folder)`` raises instead of loading fresh MLPs."""
+    hf_config = copy.deepcopy(hf_config)
+    hf_config.architectures = [architecture]
+    hf_config.save_pretrained(folder)  # drops transformers_weights: it is only read on load
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["transformers_weights"] = NOT_DENSE
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _save_trainer_index(folder, weights: str, keys: List[str]) -> None:
+    """A one-shard index of ``weights`` (every key stored in it; aliases left out, as transformers leaves out tied
+    weights), by the name ``transformers.Trainer`` looks for when it resumes or loads the best checkpoint."""
+    index = {"weight_map": {key: weights for key in keys},
+             "moefy": f"{NOT_DENSE}; transformers.Trainer loads {weights} into the moefied model it trains"}
+    with open(os.path.join(folder, TRAINER_INDEX_NAMES[weights]), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+
+
+def _save_pretrained(model: nn.Module, save_directory, *args, state_dict=None, push_to_hub=False,
+                     is_main_process: bool = True, **kwargs) -> None:
+    """``save_pretrained`` of a moefied HF model: :func:`save` (``state_dict`` and ``is_main_process`` honoured;
+    sharding / serialisation options do not apply to moefy's one file)."""
     if push_to_hub:
         raise ValueError("push_to_hub=True: a moefied model's save_pretrained writes moefy.save's format and uploads "
                          "nothing; call model.push_to_hub(repo_id), which uploads the folder it writes")
+    if not is_main_process:  # as transformers' own: in distributed training one process writes the folder
+        return
     logger.info("moefy: %s.save_pretrained(%r) writes moefy.save's format (moefy.json + %s): load it with "
                 "moefy.load(base, folder); moefy.hf.export(model, folder) writes a native MoE checkpoint",
                 type(model).__name__, os.fspath(save_directory), SAFETENSORS_NAME)

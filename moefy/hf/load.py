@@ -27,6 +27,8 @@ def load(folder) -> nn.Module:
                                 f"transformers model; build the base yourself and call moefy.load(base, folder)")
     transformers = transformers_module()
     config = transformers.AutoConfig.from_pretrained(folder)
+    if hasattr(config, "transformers_weights"):  # moefy.save's guard against a dense from_pretrained of folder
+        del config.transformers_weights
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
     if cls is None:
