@@ -293,10 +293,10 @@ def test_readme_checkpoint_recipe_equals_the_step_without_checkpointing(mode, pr
 
 
 @pytest.mark.parametrize("mode", list(NOISE_MODES))
-def test_non_reentrant_checkpoint_needs_no_replay_and_refuses_one(mode):
+def test_non_reentrant_checkpoint_needs_no_replay_and_a_replay_is_exact_or_refused(mode):
     """The non-reentrant checkpoint's default preserve_rng_state=True redraws the noise: the step's gradients
-    without a replay. A replayed recomputation is refused loudly where its graph differs (a gather at the
-    recorded columns, the forward's top-k); SIMPLE's graph is the same (a gather either way), so it is exact."""
+    without a replay. A replayed recomputation is either exact (where its graph is the recorded one's) or
+    refused loudly (torch's CheckpointError where it differs), never used silently."""
     model = two_blocks(**NOISE_MODES[mode])
     x, probe = torch.randn(24, 6, requires_grad=True), torch.randn(24, 6)
     torch.manual_seed(3)
@@ -313,15 +313,13 @@ def test_non_reentrant_checkpoint_needs_no_replay_and_refuses_one(mode):
     torch.manual_seed(3)
     with replay.record():
         y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
-    refused = False
     try:
         with replay.replay():
             (y * probe).sum().backward()
     except torch.utils.checkpoint.CheckpointError:
-        refused = True
+        pass  # refused loudly: the replayed graph differs from the recorded one
     else:
         assert_same_grads(grads(model, x), want)
-    assert refused == (NOISE_MODES[mode].get("noise") != "simple")
 
 
 class Flaky(LinearMixture):
@@ -404,3 +402,23 @@ def test_the_routing_package_imports_nothing_from_the_block():
                      if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert not name.startswith(("moefy.block", "..block", "..:block")), (path.name, name)
+
+
+def test_replay_refuses_noise_from_another_device_type_and_a_bad_sample():
+    import dataclasses
+
+    from moefy.routing.simple import simple_subset
+
+    b = block(k=2, noise="gumbel").train()
+    x = torch.randn(5, 4)
+    replay = RouterReplay(b)
+    with replay.record():
+        b(x)
+    call = replay.records["."][0]
+    assert call.rng_device == "cpu" and call.rng_state is not None
+    replay.records["."][0] = dataclasses.replace(call, rng_device="cuda")
+    with pytest.raises(ValueError, match="noise was recorded on a cuda device and this forward routes on cpu"), \
+            replay.replay():
+        b(x)
+    with pytest.raises(ValueError, match=r"sample must be a bool tensor of the logits' shape \(5, 4\)"):
+        simple_subset(torch.randn(5, 4), 2, sample=torch.ones(5, 4))

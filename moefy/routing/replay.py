@@ -48,10 +48,12 @@ were recorded, raises a RuntimeError naming the block.
 Activation checkpointing: ``torch.utils.checkpoint`` (reentrant or not) with its default
 ``preserve_rng_state=True`` redraws the same noise in the recomputed forward, so it reproduces the routing
 without a replay. A replay makes ``use_reentrant=True`` exact whatever the RNG (``preserve_rng_state=False``):
-record the forward, run ``backward()`` inside ``replay()``. The non-reentrant checkpoint refuses a replayed
-recomputation (its saved-tensor check sees a gather at the recorded columns instead of the top-k). The calls
-are replayed in the order they are recomputed, so a block called several times under separate checkpoints
-(recomputed in reverse during backward) cannot be replayed that way.
+record the forward, run ``backward()`` inside ``replay()``. Under the non-reentrant checkpoint a replayed
+recomputation is exact where it builds the recorded forward's graph and is refused (torch's CheckpointError,
+from its saved-tensor check) where it does not: use that checkpoint without a replay. A recomputation that
+torch stops early (non-reentrant) has used the calls it took. The calls are replayed in the order they are
+recomputed, so a block called several times under separate checkpoints (recomputed in reverse during
+backward) cannot be replayed that way.
 
 Token choice only. Indices refer to the routed tokens: with ``token_mask``, the T rows that were kept, so
 the replayed forward must use the same mask. Under expert parallelism each rank records and replays its own
