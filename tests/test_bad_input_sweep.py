@@ -839,6 +839,7 @@ case("merge_state_dicts", lambda t: moefy.merge_state_dicts([{"w": torch.ones(2)
 case("merge_state_dicts", lambda t: moefy.merge_state_dicts([{"w": torch.ones(2)}, {"w": [1.0, 1.0]}]),
      ValueError, r"shards: replicated entry 'w' differs")
 case("sharded_names", lambda t: moefy.sharded_names("model"), TypeError, r"model must be an nn.Module")
+case("sharded_params", lambda t: moefy.parallel.sharded_params("model"), TypeError, r"model must be an nn.Module")
 
 # ------------------------------------------------------------------------------------ convert/hf.py
 case("moefy_bert_ffn", lambda t: upcycle_hf.moefy_bert_ffn("bert"), TypeError, r"model must be an nn.Module")

@@ -25,6 +25,22 @@ Recipe with DDP (``torchrun --nproc_per_node=W``; the same seed on every rank)::
     loss = loss_fn(ddp(x_local), y_local) + coef * moefy.aux_loss(model)
 
 The experts exchange on their own group so their all-to-alls never interleave with DDP's all-reduces.
+
+Recipe with FSDP2 (``torch.distributed.fsdp.fully_shard``; gloo or NCCL): shard the experts first, then let
+FSDP shard the rest, ignoring the experts (FSDP averages the gradients of what it shards, as DDP does). Each
+router is its own FSDP unit: FSDP2 wants one parameter dtype per unit, and routers stay float32 in a bf16
+model::
+
+    expert_parallel(model, group=dist.new_group())
+    experts = sharded_params(model)                 # moefy.parallel: the parameters expert_parallel sharded
+    for block in moe_blocks(model):
+        fully_shard(block.router, ignored_params=experts)
+    for layer in model.model.layers:
+        fully_shard(layer, ignored_params=experts)
+    fully_shard(model, ignored_params=experts)
+
+Without ``ignored_params`` FSDP would all-gather halves of different ranks' experts into one weight; the
+forward refuses that with a RuntimeError.
 Checkpoints: ``model.state_dict()`` on each rank names experts by global id;
 :func:`~moefy.parallel.checkpoint.merge_state_dicts` of all ranks' dicts (or
 :func:`~moefy.parallel.checkpoint.full_state_dict`) loads into the unsharded model or on any number of ranks.
@@ -46,6 +62,19 @@ from ..routing.select import from_picks
 logger = logging.getLogger(__name__)
 
 AUX_SCOPES = ("global", "local")
+
+try:  # FSDP2 (``fully_shard``) and tensor parallelism keep parameters as DTensors
+    from torch.distributed.tensor import DTensor  # torch >= 2.4
+except ImportError:  # pragma: no cover - older torch
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None
+
+
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed`` DTensor (a parameter sharded by FSDP2's ``fully_shard``)."""
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -125,10 +154,30 @@ class ExpertParallelExperts:
         self.aux_scope, self.average_expert_grads = aux_scope, average_expert_grads
         self.rank_tokens: Optional[List[int]] = None
         self.global_routing: Optional[Routing] = None
+        self._params = _registered_params(experts)
+
+    def _check_experts_not_resharded(self) -> None:
+        """Refuse experts that FSDP's ``fully_shard`` took over: each rank holds different experts under
+        different names, so FSDP would all-gather halves of different experts into one weight and average
+        their gradients, training silently wrong. FSDP replaces the parameters it shards (with DTensors, and
+        with unsharded copies inside the forward); parameters passed as ``ignored_params`` stay the ones
+        :func:`expert_parallel` kept. A replacement outside FSDP (``load_state_dict(assign=True)``) is accepted."""
+        for module, name, param in self._params:
+            if module._parameters.get(name) is param:
+                continue
+            if getattr(module, "_is_fsdp_managed_module", False):  # set on every module fully_shard manages
+                raise RuntimeError(
+                    f"the expert-parallel experts {self.experts.global_ids} on rank {self.rank} were sharded by "
+                    "FSDP (fully_shard): different ranks hold different experts, so FSDP would mix them. Pass "
+                    "them as ignored_params: fully_shard(module, ignored_params=sharded_params(model)) for "
+                    "every fully_shard call (moefy.parallel.sharded_params)")
+            self._params = _registered_params(self.experts)
+            return
 
     def __call__(self, rows: torch.Tensor, token_index: torch.Tensor, routing: Routing,
                  run_expert: RunExpert) -> torch.Tensor:
         """``rows`` (A, *F) grouped by global expert → their experts' outputs (A, *F_out), same order."""
+        self._check_experts_not_resharded()
         world, local, device = self.world, len(self.experts), rows.device
         counts = routing.counts[:routing.num_experts]
         # 1. counts: row j tells rank j how many rows are coming for each of its experts (and our T)
@@ -174,6 +223,11 @@ class ExpertParallelExperts:
         ids = self.experts.global_ids
         return (f"expert_parallel(rank={self.rank}/{self.world}, experts={ids[0]}..{ids[-1]}, "
                 f"aux_scope={self.aux_scope})")
+
+
+def _registered_params(module: nn.Module) -> List[tuple]:
+    """(owner module, name, parameter) of every parameter registered under ``module``."""
+    return [(m, n, p) for m in module.modules() for n, p in m._parameters.items() if p is not None]
 
 
 def gather_routing(routing: Routing, rank_tokens: Sequence[int],
@@ -223,7 +277,8 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
         TypeError: ``module`` is not an nn.Module, ``group`` not a ProcessGroup, ``average_expert_grads``
             not a bool.
         ValueError: expert choice routing, E not divisible by W, an unknown ``aux_scope``, a block already
-            sharded, no MoEBlock in ``module``, or ``seq_balance`` with ``aux_scope="global"``.
+            sharded (by expert_parallel, or by ``fully_shard``: its parameters are DTensors; shard the experts
+            first), no MoEBlock in ``module``, or ``seq_balance`` with ``aux_scope="global"``.
         RuntimeError: torch.distributed is not initialised (checked after the arguments).
     """
     _check_model(module, "module")
@@ -248,6 +303,11 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
         if aux_scope == "global" and "seq_balance" in block.aux_weights:
             raise ValueError(f"{block.moe_name}: aux_criterion 'seq_balance' is per sequence and the sequences "
                              "are each rank's own: use aux_scope='local'")
+        sharded = [n for n, p in block.named_parameters() if _is_dtensor(p)]
+        if sharded:
+            raise ValueError(f"{block.moe_name}: its parameters are already sharded DTensors ({sharded[0]}, ...; "
+                             "fully_shard or tensor parallelism): call expert_parallel first, then fully_shard "
+                             "with ignored_params=sharded_params(model)")
     _check_initialised("expert_parallel")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     for block in blocks:
