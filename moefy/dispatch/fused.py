@@ -16,6 +16,10 @@ grouped by expert (``A`` rows, ``counts[e]`` of them for expert e):
 Everywhere else ``torch._grouped_mm`` falls back to a loop of matmuls and stacking copies every expert's
 weights each forward, so the loop is faster there (``benchmarks/FASTPATHS.md``). The experts keep owning
 their parameters either way, so optimisers, ``state_dict`` and ``moefy()``'s merge see nothing new.
+
+The fused pass reads the Linears' weights rather than calling them, so whatever wraps an expert later (a PEFT
+adapter, a parametrization, hooks) would be skipped: :class:`moefy.dispatch.experts.FusedExperts` checks for that
+before each call and runs the experts looped instead (one warning).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from torch import nn
 
 from ..fastpaths import FEW_ROWS, linear, transposed_pays
 from ..modes import evaluating
+from ..wrappers import autocast_on, own_hooks
 
 # Parameter-free activations that act elementwise, so running them once on all rows equals once per expert.
 ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
@@ -99,11 +104,8 @@ def fused_layout(experts: Sequence[nn.Module]) -> Optional[Layout]:
 
 
 def _plain(module: nn.Module) -> bool:
-    """No hooks and no parametrizations anywhere: calling its layers' math directly is calling it."""
-    for m in module.modules():
-        if m._forward_hooks or m._forward_pre_hooks or getattr(m, "parametrizations", None):
-            return False
-    return True
+    """No hooks, replaced forward or parametrizations anywhere: calling its layers' math directly is calling it."""
+    return not any(own_hooks(m) or getattr(m, "parametrizations", None) for m in module.modules())
 
 
 BACKENDS = ("auto", "grouped", "loop")
@@ -203,7 +205,7 @@ def _looped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequenc
         return linear(x, linears[0].weight, linears[0].bias)
     grad = torch.is_grad_enabled()
     # autocast casts F.linear, not the out= matmuls; a few rows per expert (eval): cat of tiny products is cheaper
-    if (grad or x.shape[0] > FEW_ROWS * len(linears)) and not _autocast_on(x.device.type):
+    if (grad or x.shape[0] > FEW_ROWS * len(linears)) and not autocast_on(x.device.type):
         weights = [l.weight for l in linears]
         biases = [l.bias for l in linears] if linears[0].bias is not None else []
         if grad and (x.requires_grad or any(p.requires_grad for p in weights + biases)):
@@ -263,10 +265,3 @@ class _LoopedLinear(torch.autograd.Function):
             if ctx.has_bias and needs_b[e]:
                 grad_b[e] = g.sum(0)
         return (grad_x, None, *grad_w, *(grad_b if ctx.has_bias else ()))
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
