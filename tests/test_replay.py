@@ -292,7 +292,7 @@ def test_readme_checkpoint_recipe_equals_the_step_without_checkpointing(mode, pr
     assert_same_grads(grads(model, x), want)
 
 
-@pytest.mark.parametrize("mode", list(NOISE_MODES))
+@pytest.mark.parametrize("mode", ["none", "gumbel", "gaussian", "jitter", "simple"])
 def test_non_reentrant_checkpoint_needs_no_replay_and_a_replay_is_exact_or_refused(mode):
     """The non-reentrant checkpoint's default preserve_rng_state=True redraws the noise: the step's gradients
     without a replay. A replayed recomputation is either exact (where its graph is the recorded one's) or
