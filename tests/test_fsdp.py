@@ -48,14 +48,15 @@ LOOSE = dict(atol=1e-5, rtol=1e-5)
 COLLECTIVE_TIMEOUT, JOIN_TIMEOUT = 60, 180
 
 
-def build(unused_expert: bool = False) -> torch.nn.Module:
+def build(unused_expert: bool = False, fused: bool = False) -> torch.nn.Module:
     """The moefied tiny Llama, identical on every call, in float64 but for its routers: moefy() makes them in
     float32, as it does in a bf16 model. ``unused_expert``: a selection bias of -1e4 on expert 3 of every
-    layer, so no token ever picks it (its parameters get zero gradients)."""
+    layer, so no token ever picks it (its parameters get zero gradients). ``fused``: the experts run as one
+    pass over their stacked weights, read inside the forward (where FSDP has all-gathered them)."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).double()
     make_moe(model, num_experts=4, k=2, target="mlp", aux_criterion={"switch": 0.01}, expert_noise=0.1,
-             selection_bias=unused_expert)
+             selection_bias=unused_expert, fused=fused)
     if unused_expert:
         for block in moefy.moe_blocks(model):
             block.router.score_correction_bias[3] = -1e4
@@ -104,8 +105,8 @@ def train(net, model, ids) -> Dict:
 
 # ------------------------------------------------------------------------------------------------ the ranks
 def fsdp(rank: int, mesh) -> Dict:
-    """fully_shard per router, per decoder layer, then the root."""
-    model = build()
+    """fully_shard per router, per decoder layer, then the root; fused experts."""
+    model = build(fused=True)
     shard(model, mesh)
     out = train(model, model, batch()[half(rank)])
     try:  # a rank's state dict holds DTensors (pieces of parameters): merging them would be wrong
@@ -114,6 +115,7 @@ def fsdp(rank: int, mesh) -> Dict:
         out["merge_error"] = str(err)
     out["full"] = full_state_dict(model)
     out["dtensors"] = sum(type(v).__name__ == "DTensor" for v in model.state_dict().values())
+    out["fused"] = [b._fused is not None for b in moefy.moe_blocks(model)]
     return out
 
 
@@ -200,11 +202,11 @@ def ranks(tmp_path_factory) -> List[Dict]:
 
 # ------------------------------------------------------------------------------------------- the reference
 @functools.lru_cache(maxsize=None)
-def reference(aux_scope: str, unused_expert: bool = False) -> Dict:
+def reference(aux_scope: str, unused_expert: bool = False, fused: bool = False) -> Dict:
     """One process, the whole batch, the same STEPS AdamW steps. ``aux_scope="local"``: the aux loss is the
     mean of the two halves' (what each FSDP / DDP rank computes), taken as two accumulated micro-batches whose
     task losses average to the whole batch's mean; ``"global"``: one forward of the whole batch."""
-    model = build(unused_expert)
+    model = build(unused_expert, fused)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     ids, losses, aux_losses = batch(), [], []
@@ -244,13 +246,14 @@ def check_same_training(ranks: List[Dict], scenario: str, ref: Dict, tolerance: 
 
 
 def test_fully_shard_per_layer_trains_like_one_process(ranks):
-    difference = check_same_training(ranks, "fsdp", reference("local"), TIGHT)
+    difference = check_same_training(ranks, "fsdp", reference("local", fused=True), TIGHT)
     print(f"fsdp: max |w - w_ref| = {difference:.2e}")
     assert all(r["fsdp"]["dtensors"] > 0 for r in ranks)  # the parameters really were sharded
+    assert all(r["fsdp"]["fused"] == [True, True] for r in ranks)
     full = ranks[0]["fsdp"]["full"]
     assert all(torch.equal(full[k], ranks[1]["fsdp"]["full"][k]) for k in full)
     # the aux losses are per rank: the reference with the whole batch's aux loss trains to other weights
-    assert max_difference(reference("global")["state"], reference("local")["state"]) > 1e-2
+    assert max_difference(reference("global")["state"], reference("local", fused=True)["state"]) > 1e-2
 
 
 def test_fully_shard_with_expert_parallel_trains_like_one_process(ranks):
