@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``), FSDP2 + ``expert_parallel`` and DDP on 2 gloo processes, against one process.
+"""FSDP2 (``fully_shard``), DDP, and each with ``expert_parallel`` on 2 gloo processes, against one process.
 
 The model is what a new user builds: a tiny random Llama (``LlamaForCausalLM``) whose MLPs ``moefy()`` turns
 into 4 experts (k=2, switch balance loss). Both ranks build it from the same seed; rank r trains on its half
@@ -166,6 +166,16 @@ def ddp(rank: int) -> Dict:
     return out
 
 
+def ddp_expert_parallel(rank: int, group) -> Dict:
+    """DDP on an expert-parallel model, without telling DDP to ignore the experts: expert_parallel did."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = build()
+    expert_parallel(model, group=group)
+    out = train(DDP(model), model, batch()[half(rank)])
+    out["full"] = full_state_dict(model)
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -175,6 +185,7 @@ def _worker(rank: int, port: int, out_dir: str):
         mesh = init_device_mesh("cpu", (WORLD,))
         group = dist.new_group()  # the experts' all-to-alls on their own group
         results = dict(fsdp=fsdp(rank, mesh), fsdp_ep=fsdp_expert_parallel(rank, mesh, group), ddp=ddp(rank),
+                       ddp_ep=ddp_expert_parallel(rank, group),
                        mistakes=fsdp_expert_parallel_mistakes(rank, mesh, group))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -272,6 +283,11 @@ def test_ddp_needs_no_find_unused_parameters(ranks):
     print(f"ddp: max |w - w_ref| = {difference:.2e}")
     for r in ranks:  # expert 3 got no token, so DDP saw its (zero) gradients without find_unused_parameters
         assert all(c[3] == 0 for step in r["ddp"]["counts"] for c in step)
+
+
+def test_ddp_leaves_the_expert_parallel_experts_alone_untold(ranks):
+    difference = check_same_training(ranks, "ddp_ep", reference("global"), LOOSE)
+    print(f"ddp + expert_parallel: max |w - w_ref| = {difference:.2e}")
 
 
 def test_what_goes_wrong_without_the_recipe_is_refused(ranks):

@@ -11,16 +11,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checks import check_module
-from .expert_parallel import ShardedExperts, _check_initialised, _is_dtensor
+from .expert_parallel import _check_initialised, _is_dtensor, _sharded_names
 
 
 def sharded_names(model: nn.Module) -> List[str]:
     """Fully qualified names of the parameters and buffers that :func:`expert_parallel` sharded: the ones
     DDP must leave alone (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``)."""
     check_module(model, "model")
-    prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, ShardedExperts))
-    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    return [n for n in names if n.startswith(prefixes)] if prefixes else []
+    return _sharded_names(model)
 
 
 def sharded_params(model: nn.Module) -> Set[nn.Parameter]:

@@ -20,11 +20,13 @@ Recipe with DDP (``torchrun --nproc_per_node=W``; the same seed on every rank)::
     dist.init_process_group("gloo")                 # "nccl" on GPUs; move the model to its GPU first
     model = build_model()                           # identical on every rank
     expert_parallel(model, group=dist.new_group())  # experts: sharded; router and the rest: replicated
-    DDP._set_params_and_buffers_to_ignore_for_model(model, sharded_names(model))
     ddp = DDP(model)                                # all-reduces the replicated gradients only
     loss = loss_fn(ddp(x_local), y_local) + coef * moefy.aux_loss(model)
 
 The experts exchange on their own group so their all-to-alls never interleave with DDP's all-reduces.
+:func:`expert_parallel` tells DDP to ignore the sharded experts of the module it was given
+(``DDP._set_params_and_buffers_to_ignore_for_model(module, sharded_names(module))``, added to any names already
+set); wrap that same module in DDP, or repeat the call on the module you wrap.
 
 Recipe with FSDP2 (``torch.distributed.fsdp.fully_shard``; gloo or NCCL): shard the experts first, then let
 FSDP shard the rest, ignoring the experts (FSDP averages the gradients of what it shards, as DDP does). Each
@@ -53,6 +55,7 @@ from typing import Iterator, List, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..block import MoEBlock
 from ..dispatch.experts import LoopedExperts, RunExpert, run_slices
@@ -328,7 +331,18 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
         block.parallel = ExpertParallelExperts(block.experts, group, rank, world, aux_scope,
                                                bool(average_expert_grads))
         logger.info("%s: rank %d/%d holds experts %d..%d", block.moe_name, rank, world, mine[0], mine[-1])
+    # DDP(module) must leave the experts alone: its first broadcast would copy rank 0's experts over the
+    # others' and its all-reduce would average different experts' gradients
+    ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | set(_sharded_names(module))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(ignored))
     return module
+
+
+def _sharded_names(model: nn.Module) -> List[str]:
+    """Fully qualified names of the parameters and buffers under a :class:`ShardedExperts` of ``model``."""
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, ShardedExperts))
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return [n for n in names if n.startswith(prefixes)] if prefixes else []
 
 
 def _check_model(model, name: str) -> None:
