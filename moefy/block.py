@@ -6,6 +6,7 @@ live in one :class:`~moefy.config.RoutingConfig`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -301,6 +302,10 @@ def moe_blocks(model: nn.Module) -> List[MoEBlock]:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of ``block.aux_loss`` over every MoEBlock of ``model`` from its last forward (0 if none)."""
+    """Sum of ``block.aux_loss`` over every MoEBlock of ``model`` from its last forward (0 if none), in float32 or
+    wider (float64 models keep float64)."""
     losses = [b.aux_loss for b in moe_blocks(model) if b.routing is not None]
-    return torch.stack([l.float() for l in losses]).sum() if losses else torch.zeros(())
+    if not losses:
+        return torch.zeros(())
+    dtype = functools.reduce(torch.promote_types, [l.dtype for l in losses], torch.float32)  # float64 stays
+    return torch.stack([l.to(dtype) for l in losses]).sum()

@@ -132,6 +132,13 @@ def test_copies_and_pickles_drop_pending_probes():
     copy.deepcopy(block)(torch.randn(4, 8))
 
 
+def test_model_aux_loss_keeps_float64():
+    block = _block().double()
+    block(torch.randn(32, 8, dtype=torch.float64))
+    total = moefy.aux_loss(block)
+    assert total.dtype == torch.float64 and torch.equal(total, block.aux_loss)
+
+
 # ----------------------------------------------------------------------- Hugging Face: gradient checkpointing
 
 transformers = pytest.importorskip("transformers")
@@ -168,3 +175,4 @@ def test_hf_gradient_checkpointing_trains_the_aux_loss(checkpointing, use_hook):
     assert len(routers) == 2 and set(got) == set(plain)
     for name in plain:
         torch.testing.assert_close(got[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
