@@ -704,6 +704,8 @@ case("read_log", lambda t: moefy.read_log(3), TypeError, r"path must be")
 case("read_log", lambda t: moefy.read_log(Path(t) / "missing.jsonl"), LogFormatError, r"cannot read the log")
 case("read_log", lambda t: moefy.read_log(t), LogFormatError, r"cannot read the log")
 case("read_log", lambda t: moefy.read_log(log_file(t, [{"epoch": "1"}])), LogFormatError, r":1: 'epoch' must be")
+case("read_log", lambda t: moefy.read_log(log_file(t), limits={"max_bytes": 1}), TypeError, r"limits must be a LogLimits")
+case("LogLimits", lambda t: moelog.LogLimits(max_layers=0), ValueError, r"LogLimits.max_layers must be a positive int")
 case("TrainingLogWriter", lambda t: moefy.TrainingLogWriter(Path(t) / "a.jsonl", mode="x"), ValueError,
      r"mode must be 'w' or 'a'")
 case("TrainingLogWriter", lambda t: moefy.TrainingLogWriter(None), TypeError, r"path must be")
@@ -939,7 +941,7 @@ def _public(module, names=None):
 # group (covered in test_distributed.py); viz is a subpackage, swept name by name through _public(moefy.viz).
 NOT_SWEPT = {
     "Routing", "AUX_LOSSES", "data", "metrics", "ReliabilityBins", "ImageDataset", "LayerStats", "LayerSeries",
-    "TrainingLog", "LogFormatError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
+    "TrainingLog", "LogFormatError", "LogLimitError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
     "ExpertParallelExperts", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
     "layer_loads", "viz", "ROUTE_ALIASES", "Replayed", "RouteChoice", "FAMILIES", "MoEFamily", "FFNParts", "hf",
 }

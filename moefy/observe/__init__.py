@@ -5,12 +5,13 @@
 - ``cli``: the ``moefy`` command (``moefy plot LOG --out DIR``); not imported here, so that
   ``python -m moefy.observe.cli`` runs without a double import.
 """
-from .log import (MAX_ABS, MAX_EPOCH, REQUIRED, ROUTING_FIELDS, LayerSeries, LogFormatError, PathLike, TrainingLog,
-                  TrainingLogWriter, log_entry, read_log)
+from .log import (MAX_ABS, MAX_EPOCH, REQUIRED, ROUTING_FIELDS, LayerSeries, LogFormatError, LogLimitError, LogLimits,
+                  PathLike, TrainingLog, TrainingLogWriter, log_entry, read_log)
 from .recorder import LayerStats, RoutingRecorder, labels_per_token, layer_summary, token_entropy
 
 __all__ = [
     "RoutingRecorder", "LayerStats", "token_entropy", "labels_per_token", "layer_summary",
-    "TrainingLogWriter", "TrainingLog", "LayerSeries", "LogFormatError", "log_entry", "read_log",
+    "TrainingLogWriter", "TrainingLog", "LayerSeries", "LogFormatError", "LogLimits", "LogLimitError", "log_entry",
+    "read_log",
     "REQUIRED", "ROUTING_FIELDS", "MAX_EPOCH", "MAX_ABS", "PathLike",
 ]

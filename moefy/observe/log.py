@@ -22,14 +22,26 @@ the first MoE layer, so a one-layer log is exactly seed 004's format.
 Numbers are finite (no NaN / Infinity) and within ±1e300, epochs ≤ 2**53; names are valid Unicode. The file is
 UTF-8 (a BOM is skipped) with ``\\n`` or ``\\r\\n`` line ends. The parser rejects the whole file on the first bad
 line with a :class:`LogFormatError` naming the line.
+
+Crashes. The writer writes each line with one ``write`` of the whole line and its ``\\n``; a process killed in
+the middle of it leaves a *torn* last line: one without a ``\\n`` that is not valid JSON. The reader skips a
+torn last line with a logged warning and keeps every complete line before it; a torn line anywhere else is an
+error like any other. ``TrainingLogWriter(path, mode="a")`` truncates a torn tail before appending (the next
+line never glues onto it), and continues the log: it reads the existing lines on open, refuses a file its
+reader refuses, and then refuses any line the reader would refuse after them (an epoch that does not
+increase, another number of router columns, other layers, ...). :attr:`TrainingLogWriter.last_epoch` says
+where a restarted run resumes.
 """
 from __future__ import annotations
 
 import codecs
 import json
+import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import BinaryIO, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..checks import check_path
 
@@ -39,6 +51,7 @@ MAX_ABS = 1e300  # larger magnitudes overflow the arithmetic of plot axis limits
 ROUTING_FIELDS = ("routing_acc", "entropy", "utilization", "hole", "null_columns", "dropped", "affinity")
 NULL_KINDS = ("copy", "constant", "zero")  # as moefy.config.NULL_KINDS (this module reads logs without torch)
 PathLike = Union[str, Path]
+logger = logging.getLogger(__name__)
 
 
 class LogFormatError(ValueError):
@@ -47,6 +60,45 @@ class LogFormatError(ValueError):
     def __init__(self, path, line: Optional[int], message: str):
         self.path, self.line, self.message = str(path), line, message
         super().__init__(f"{self.path}:{line}: {message}" if line else f"{self.path}: {message}")
+
+
+class LogLimitError(LogFormatError):
+    """A log beyond one of the :class:`LogLimits` given to :func:`read_log`; ``limit`` names the field."""
+
+    def __init__(self, path, line: Optional[int], message: str, limit: str):
+        self.limit = limit
+        super().__init__(path, line, message)
+
+
+@dataclass(frozen=True)
+class LogLimits:
+    """Bounds :func:`read_log` enforces as it reads, line by line, before a line is kept (None: unbounded), so
+    that a hostile log costs at most about ``max_bytes`` of memory and what is kept stays drawable.
+
+    Attributes:
+        max_bytes: size of the file.
+        max_metrics: distinct metric names over all lines.
+        max_layers: entries of ``layers``.
+        max_columns: router columns (the length of ``utilization``) of any layer.
+        max_affinity_rows: rows (classes) of any ``affinity`` matrix.
+    """
+
+    max_bytes: Optional[int] = None
+    max_metrics: Optional[int] = None
+    max_layers: Optional[int] = None
+    max_columns: Optional[int] = None
+    max_affinity_rows: Optional[int] = None
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"LogLimits.{name} must be a positive int or None, got {value!r:.60}")
+
+    def check(self, limit: str, path, line: Optional[int], what: str, value: int) -> None:
+        """LogLimitError ``"PATH:LINE: {what} {value}, above the limit {limit}=N"`` if ``value`` > the limit."""
+        bound = getattr(self, limit)
+        if bound is not None and value > bound:
+            raise LogLimitError(path, line, f"{what} {value:,}, above the limit {limit}={bound:,}", limit)
 
 
 @dataclass
@@ -81,15 +133,27 @@ class TrainingLog:
     epochs: List[int]
     layers: Dict[str, LayerSeries]
     metrics: Dict[str, List[Optional[float]]]
+    torn_line: Optional[int] = None  # the number of a torn last line that was skipped (a write cut short)
 
 
 # ---------------------------------------------------------------------------------------------- writing
 class TrainingLogWriter:
-    """Appends one validated JSON line per :meth:`write` and flushes it (a crash loses nothing written).
+    """Appends one validated JSON line per :meth:`write`, with a single ``write`` of the whole line (a crash
+    loses nothing written before, and leaves at most a torn last line, which the reader skips).
+
+    Every line is checked as :func:`read_log` checks it, against the lines already in the log: the epoch must
+    increase, and the router columns (count, ``hole``, ``null_columns``) and the layers must be those of the
+    first line. A refused line raises :class:`LogFormatError` (a ValueError naming the field) and writes nothing.
 
     Args:
         path: the log file; created with its parent folder.
-        mode: ``"w"`` to start a new log, ``"a"`` to append.
+        mode: ``"w"`` to start a new log (an existing file is emptied), ``"a"`` to continue one: the existing
+            lines are read on open (a file :func:`read_log` refuses is refused, LogFormatError), a torn last
+            line is cut off (with a logged warning), and the next epoch must follow :attr:`last_epoch`.
+
+    Attributes:
+        last_epoch: the epoch of the last line in the log (None while it has none): a restarted run resumes
+            at ``last_epoch + 1``.
     """
 
     def __init__(self, path: PathLike, mode: str = "w"):
@@ -97,35 +161,91 @@ class TrainingLogWriter:
             raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
         self.path = check_path(path, "path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, mode, encoding="utf-8")
+        self.last_epoch: Optional[int] = None
+        self._first: Optional[dict] = None
         self._lines = 0
+        existing = self._read_existing() if mode == "a" else None
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+                           | (os.O_APPEND if mode == "a" else os.O_TRUNC), 0o666)
+        if existing is not None:
+            self._resume(existing)
+
+    def _read_existing(self) -> Optional["_Parsed"]:
+        if not os.path.lexists(self.path):
+            return None
+        try:
+            with _open_regular(self.path) as file:
+                return _parse(file, self.path, LogLimits())
+        except LogFormatError as err:
+            raise LogFormatError(err.path, err.line, f"{err.message} (mode='a' appends only to a log that "
+                                                     f"read_log accepts)") from None
+
+    def _resume(self, existing: "_Parsed") -> None:
+        self._first, self._lines = existing.first, existing.lines
+        self.last_epoch = existing.log.epochs[-1] if existing.log.epochs else None
+        if existing.log.torn_line is not None:
+            os.ftruncate(self._fd, existing.end)
+            logger.warning("%s:%d: cut off the torn last line (%d bytes without a newline, a write cut short) "
+                           "before appending", self.path, existing.log.torn_line, existing.size - existing.end)
+        elif existing.size and not existing.ends_with_newline:  # a complete last line without its "\n"
+            self._write_all(b"\n")
 
     def write(self, epoch: int, layers, metrics: Optional[Dict[str, float]] = None) -> dict:
         """Write the line of ``epoch``.
 
         Args:
-            epoch: epoch number (strictly increasing).
+            epoch: epoch number (strictly increasing, also across a restart with ``mode="a"``).
             layers: a :class:`moefy.observe.recorder.RoutingRecorder` or its ``summary()`` (one dict per layer).
             metrics: name → number (accuracy, loss, ...).
         Returns:
             the object written.
+        Raises:
+            LogFormatError: the line is one :func:`read_log` would refuse after the lines already logged
+                (names the field); nothing is written.
         """
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the writer is closed")
         summary = layers.summary() if hasattr(layers, "summary") else layers
         entry = log_entry(epoch, summary, metrics)
-        self._lines += 1
-        _check_entry(entry, self.path, self._lines, None)
-        self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
+        line = self._lines + 1
+        _check_entry(entry, self.path, line, self._first)
+        _check_epoch_increases(entry, self.path, line, self.last_epoch,
+                               " (a restart with mode='a' continues at writer.last_epoch + 1)")
+        self._write_all((json.dumps(entry) + "\n").encode("utf-8"))
+        self._lines, self.last_epoch = line, entry["epoch"]
+        if self._first is None:
+            self._first = entry
         return entry
 
+    def _write_all(self, data: bytes) -> None:
+        """Write ``data`` at the end; on an error (a full disk) cut the file back to where it was, so that no
+        half line stays for the next one to glue onto."""
+        start = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except BaseException:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
+
     def close(self) -> None:
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "TrainingLogWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self.close()
 
 
 def log_entry(epoch: int, layers: Sequence[dict], metrics: Optional[Dict[str, float]] = None) -> dict:
@@ -153,50 +273,157 @@ def log_entry(epoch: int, layers: Sequence[dict], metrics: Optional[Dict[str, fl
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_log(path: PathLike) -> TrainingLog:
+def read_log(path: PathLike, limits: Optional[LogLimits] = None) -> TrainingLog:
     """Parse a JSON-lines training log strictly: UTF-8 (a leading BOM is skipped), lines end with ``\\n`` or
-    ``\\r\\n``, blank lines are skipped.
+    ``\\r\\n``, blank lines are skipped. A torn last line (no ``\\n`` at its end and not valid JSON: a write
+    cut short by a crash) is skipped with a logged warning; :attr:`TrainingLog.torn_line` names it.
+
+    Args:
+        path: a regular file (a symlink to one is followed; a FIFO, device or folder is refused).
+        limits: bounds on the file's size, the number of metrics, layers, router columns and affinity rows
+            (:class:`LogLimits`; None: none). The file is read line by line, never more than ``max_bytes``.
 
     Raises:
         TypeError: ``path`` is not a path.
-        LogFormatError: the file is missing, empty, or a line is not valid UTF-8 or JSON, lacks a required
-            field, has a value of the wrong type or range, a utilization of another length than the first
-            line's, a non-increasing epoch or other layers than the first line's. The message names the line.
+        LogLimitError: the log is beyond one of ``limits`` (``err.limit`` names it).
+        LogFormatError: the file is missing, not a regular file, empty, or a line is not valid UTF-8 or JSON,
+            lacks a required field, has a value of the wrong type or range, a utilization of another length
+            than the first line's, a non-increasing epoch or other layers than the first line's. The message
+            names the line.
     """
     path = check_path(path, "path")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise LogFormatError(path, None, f"cannot read the log: {err}") from None
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    log = TrainingLog(path=str(path), epochs=[], layers={}, metrics={})
-    first: Optional[dict] = None
-    # Only "\n" ends a line: str.splitlines() would also split inside JSON strings at U+2028, \x1c, ...
-    for number, chunk in enumerate(raw.split(b"\n"), start=1):
-        try:
-            line = chunk.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise LogFormatError(path, number, f"not valid UTF-8 (byte {chunk[err.start]:#04x} at column "
-                                               f"{err.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LogFormatError(path, number, f"not valid JSON ({err.msg} at column {err.colno})") from None
-        except (ValueError, RecursionError) as err:  # an int of > 4300 digits, nesting deeper than the stack
-            raise LogFormatError(path, number, f"not valid JSON ({_short(err, 120)})") from None
-        _check_entry(entry, path, number, first)
-        if first is None:
-            first = entry
-        elif entry["epoch"] <= log.epochs[-1]:
-            raise LogFormatError(path, number, f"epoch {entry['epoch']} does not increase "
-                                               f"(previous line has epoch {log.epochs[-1]})")
-        _append(log, entry)
-    if first is None:
+    if limits is None:
+        limits = LogLimits()
+    elif not isinstance(limits, LogLimits):
+        raise TypeError(f"limits must be a LogLimits or None, got {type(limits).__name__}")
+    with _open_regular(path) as file:
+        limits.check("max_bytes", path, None, "the log's size in bytes is", os.fstat(file.fileno()).st_size)
+        parsed = _parse(file, path, limits)
+    log = parsed.log
+    if log.torn_line is not None:
+        if not log.epochs:
+            raise LogFormatError(path, log.torn_line, f"{parsed.torn_reason}, and there is no complete line before "
+                                                      f"it (a torn last line: a write cut short)")
+        logger.warning("%s:%d: skipped the torn last line (%d bytes without a newline, %s: a write cut short); "
+                       "kept the %d epochs before it", path, log.torn_line, parsed.size - parsed.end,
+                       parsed.torn_reason, len(log.epochs))
+    elif not log.epochs:
         raise LogFormatError(path, None, "the log is empty: expected one JSON object per line")
     return log
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file (after symlinks); a LogFormatError for
+    anything else: ``/dev/zero`` never ends, a FIFO blocks (hence O_NONBLOCK, harmless on a regular file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise LogFormatError(path, None, f"cannot read the log: {err}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a plain file")
+        raise LogFormatError(path, None, f"cannot read the log: not a regular file ({kind})")
+    return os.fdopen(fd, "rb")
+
+
+@dataclass
+class _Parsed:
+    """What :func:`_parse` found: the log, its first entry, the number of lines before a torn tail, the byte
+    offset where that tail starts (``end``), the bytes read (``size``)."""
+
+    log: TrainingLog
+    first: Optional[dict]
+    lines: int
+    end: int
+    size: int
+    ends_with_newline: bool
+    torn_reason: str = ""
+
+
+def _parse(file: BinaryIO, path: Path, limits: LogLimits) -> _Parsed:
+    log = TrainingLog(path=str(path), epochs=[], layers={}, metrics={})
+    first: Optional[dict] = None
+    number = offset = end = 0
+    last_chunk = b""
+    while True:
+        # Only "\n" ends a line: str.splitlines() would also split inside JSON strings at U+2028, \x1c, ...
+        chunk = file.readline(-1 if limits.max_bytes is None else limits.max_bytes + 1 - offset)
+        if not chunk:
+            break
+        offset += len(chunk)
+        last_chunk = chunk
+        limits.check("max_bytes", path, None, "the log's size in bytes is at least", offset)  # it grew
+        number += 1
+        if number == 1 and chunk.startswith(codecs.BOM_UTF8):
+            chunk = chunk[len(codecs.BOM_UTF8):]
+        torn = not chunk.endswith(b"\n")  # only the last line can lack its "\n"
+        try:
+            entry = _parse_line(chunk, path, number, torn)
+        except _TornLine as err:
+            log.torn_line = number
+            return _Parsed(log, first, number - 1, end, offset, False, str(err))
+        end = offset
+        if entry is None:
+            continue
+        _check_entry(entry, path, number, first)
+        _check_epoch_increases(entry, path, number, log.epochs[-1] if log.epochs else None)
+        _check_limits(entry, path, number, log, limits)
+        if first is None:
+            first = entry
+        _append(log, entry)
+    return _Parsed(log, first, number, end, offset, last_chunk.endswith(b"\n") or not offset)
+
+
+class _TornLine(Exception):
+    """A last line without "\\n" that does not parse: the message says why."""
+
+
+def _parse_line(chunk: bytes, path: Path, number: int, last_without_newline: bool) -> Optional[dict]:
+    """The JSON value of one line (None for a blank one); _TornLine where a line without its ``\\n`` does not
+    parse, LogFormatError for any other line that does not."""
+    try:
+        line = chunk.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if last_without_newline and err.end == len(chunk) and err.reason == "unexpected end of data":
+            raise _TornLine("a UTF-8 character cut short") from None
+        raise LogFormatError(path, number, f"not valid UTF-8 (byte {chunk[err.start]:#04x} at column "
+                                           f"{err.start + 1})") from None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        if last_without_newline:
+            raise _TornLine(f"not valid JSON ({err.msg} at column {err.colno})") from None
+        raise LogFormatError(path, number, f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # an int of > 4300 digits, nesting deeper than the stack
+        raise LogFormatError(path, number, f"not valid JSON ({_short(err, 120)})") from None
+
+
+def _check_epoch_increases(entry: dict, path, line: int, last_epoch: Optional[int], hint: str = "") -> None:
+    if last_epoch is not None and entry["epoch"] <= last_epoch:
+        raise LogFormatError(path, line, f"epoch {entry['epoch']} does not increase (previous line has epoch "
+                                         f"{last_epoch}){hint}")
+
+
+def _check_limits(entry: dict, path: Path, line: int, log: TrainingLog, limits: LogLimits) -> None:
+    metrics = entry.get("metrics") or {}
+    limits.check("max_metrics", path, line, "the number of metric names is",
+                 len(log.metrics) + sum(name not in log.metrics for name in metrics))
+    layers = entry.get("layers")
+    if layers is not None:
+        limits.check("max_layers", path, line, "the number of layers ('layers') is", len(layers))
+    for where, layer in ([("", entry)] if layers is None else
+                         [(f"layers[{i}] ({_short(l['layer'])}): ", l) for i, l in enumerate(layers)]):
+        limits.check("max_columns", path, line, f"{where}the number of router columns ('utilization') is",
+                     len(layer["utilization"]))
+        limits.check("max_affinity_rows", path, line, f"{where}the number of 'affinity' rows (classes) is",
+                     len(layer.get("affinity") or ()))
 
 
 def _append(log: TrainingLog, entry: dict) -> None:
@@ -255,8 +482,7 @@ def _check_entry(entry, path, line: int, first: Optional[dict]) -> None:
     epoch = entry["epoch"]
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
         fail(f"'epoch' must be an int in [0, 2**53], got {_short(epoch)}")
-    want_columns = len(first["utilization"]) if first else None
-    _check_routing(entry, fail, "", want_columns)
+    _check_routing(entry, fail, "", first)
     metrics = entry.get("metrics")
     if metrics is not None and not isinstance(metrics, dict):
         fail(f"'metrics' must be an object of name: number, got {type(metrics).__name__}")
@@ -273,15 +499,12 @@ def _check_entry(entry, path, line: int, first: Optional[dict]) -> None:
     if not isinstance(layers, list) or not layers or not all(isinstance(l, dict) for l in layers):
         fail("'layers' must be a non-empty list of objects")
     names = []
+    first_layers = {l["layer"]: l for l in (first or {}).get("layers") or []}
     for i, layer in enumerate(layers):
         name = layer.get("layer")
         if not _is_text(name) or not name:
             fail(f"layers[{i}] needs a non-empty string field 'layer' (valid Unicode), got {_short(name)}")
-        want = None
-        if first is not None and first.get("layers"):
-            match = [l for l in first["layers"] if l["layer"] == name]
-            want = len(match[0]["utilization"]) if match else None
-        _check_routing(layer, fail, f"layers[{i}] ({_short(name)}): ", want)
+        _check_routing(layer, fail, f"layers[{i}] ({_short(name)}): ", first_layers.get(name))
         names.append(name)
     if len(set(names)) != len(names):
         fail(f"'layers' repeats a layer name: {_short(names)}")
@@ -291,7 +514,9 @@ def _check_entry(entry, path, line: int, first: Optional[dict]) -> None:
             fail(f"'layers' names {_short(names)} differ from the first line's {_short(first_names)}")
 
 
-def _check_routing(obj: dict, fail, where: str, want_columns: Optional[int]) -> None:
+def _check_routing(obj: dict, fail, where: str, like: Optional[dict]) -> None:
+    """The routing fields of ``obj`` (a line, or a layer of it); ``like``: the same object on the first line,
+    whose router columns (count, hole, null kinds) ``obj`` must have."""
     for name in REQUIRED[1:]:
         if name not in obj:
             fail(f"{where}missing field {name!r}")
@@ -302,8 +527,8 @@ def _check_routing(obj: dict, fail, where: str, want_columns: Optional[int]) -> 
         fail(f"{where}'entropy' must be a number in [0, 1e300], got {_short(entropy)}")
     if not isinstance(util, list) or not util or not all(_is_number(u) and u >= 0 for u in util):
         fail(f"{where}'utilization' must be a non-empty list of numbers in [0, 1e300], got {_short(util)}")
-    if want_columns is not None and len(util) != want_columns:
-        fail(f"{where}'utilization' has {len(util)} values but the first line has {want_columns} "
+    if like is not None and len(util) != len(like["utilization"]):
+        fail(f"{where}'utilization' has {len(util)} values but the first line has {len(like['utilization'])} "
              f"(one per router column)")
     if not isinstance(obj.get("hole", False), bool):
         fail(f"{where}'hole' must be true or false, got {_short(obj['hole'])}")
@@ -312,6 +537,12 @@ def _check_routing(obj: dict, fail, where: str, want_columns: Optional[int]) -> 
             and len(null) + int(obj.get("hole", False)) < len(util)):
         fail(f"{where}'null_columns' must be a list of kinds in {list(NULL_KINDS)} that leaves at least one "
              f"expert column in 'utilization', got {_short(null)}")
+    if like is not None:
+        for name, value, first_value in (("hole", bool(obj.get("hole", False)), bool(like.get("hole", False))),
+                                         ("null_columns", list(null), list(like.get("null_columns") or []))):
+            if value != first_value:
+                fail(f"{where}{name!r} is {_short(value)} but the first line has {_short(first_value)} "
+                     f"(the router columns must not change)")
     dropped = obj.get("dropped")
     if dropped is not None and not (_is_number(dropped) and 0 <= dropped <= 1):
         fail(f"{where}'dropped' must be a fraction in [0, 1] or null, got {_short(dropped)}")

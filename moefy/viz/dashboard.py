@@ -9,11 +9,15 @@ from typing import List
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..observe.log import LayerSeries, TrainingLog
 from ._common import column_colors, column_names, new_figure
+
+MAX_LABELLED = 40  # rows / columns of an affinity heatmap that each get a tick label
+MAX_LEGEND = 12  # router columns drawn as labelled lines with markers and a legend; beyond, one LineCollection
 
 
 def _check_log(log) -> TrainingLog:
@@ -40,16 +44,23 @@ def _draw_utilization(ax, log: TrainingLog, series: LayerSeries) -> None:
     util = np.asarray(series.utilization)
     names = _columns(series)
     colors = column_colors(_num_experts(series), series.hole, series.null_columns)
-    for j, (name, color) in enumerate(zip(names, colors)):
-        ax.plot(log.epochs, util[:, j], marker="o", ms=3, color=color, label=name,
-                ls="--" if name == "hole" else "-")
+    if len(names) <= MAX_LEGEND:
+        for j, (name, color) in enumerate(zip(names, colors)):
+            ax.plot(log.epochs, util[:, j], marker="o", ms=3, color=color, label=name,
+                    ls="--" if name == "hole" else "-")
+    else:  # one artist for all columns: hundreds of Line2D (~10 KB each) cost seconds and tens of MB
+        epochs = np.asarray(log.epochs, dtype=float)
+        ax.add_collection(LineCollection([np.column_stack([epochs, util[:, j]]) for j in range(len(names))],
+                                         colors=colors, linewidths=1,
+                                         linestyles=["--" if name == "hole" else "-" for name in names]))
+        ax.autoscale_view()
     ax.axhline(1 / util.shape[1], color="k", lw=0.8, ls=":", label="balanced")
     ax.set_ylim(0, max(1.0, float(util.max()) * 1.05))
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("fraction of assignments")
     ax.set_title(f"Expert utilization — {_plain(series.name)}", fontsize=9)
-    if len(names) <= 12:
+    if len(names) <= MAX_LEGEND:
         ax.legend(fontsize=7, ncol=2)
 
 
@@ -81,8 +92,16 @@ def _draw_affinity(fig, ax, series: LayerSeries) -> None:
     aff = np.asarray(series.affinity, dtype=float)
     frac = aff / np.maximum(aff.sum(axis=1, keepdims=True), 1e-12)
     im = ax.imshow(frac, cmap=colormaps["magma"], vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(frac.shape[1]), [c.replace("expert ", "") for c in _columns(series)])
-    ax.set_yticks(range(frac.shape[0]))
+    # a label per row / column while they are readable; beyond, a few integer ticks (thousands of tick
+    # labels take minutes to lay out)
+    if frac.shape[1] <= MAX_LABELLED:
+        ax.set_xticks(range(frac.shape[1]), [c.replace("expert ", "") for c in _columns(series)])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if frac.shape[0] <= MAX_LABELLED:
+        ax.set_yticks(range(frac.shape[0]))
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("expert")
     ax.set_ylabel("class")
     ax.set_title(f"Router affinity (epoch {series.affinity_epoch}) — {_plain(series.name)}", fontsize=9)
