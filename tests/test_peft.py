@@ -6,7 +6,8 @@ mixtures, and hooks / parametrizations added to fused experts after construction
   after ``merge_and_unload``;
 - the router calls a wrapped gate as a module: its LoRA gets gradients, ``merge_and_unload`` keeps the logits,
   and the math stays float32 in a bf16 model and under autocast;
-- ``target_modules="all-linear"`` on a moefied tiny Llama and on ``moefy.hf.from_hf(mixtral, fused=True)``.
+- ``target_modules="all-linear"`` on a moefied tiny Llama and on ``moefy.hf.from_hf(mixtral, fused=True)``;
+  ``moefy.hf.export`` refuses an unmerged adapter by name.
 """
 import copy
 import logging
@@ -264,15 +265,17 @@ def test_all_linear_lora_on_a_moefied_llama_fused_equals_looped():
                                                                                *expert_b.values()])
 
 
+MIXTRAL = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+
+
+def mixtral(fused=False):
+    torch.manual_seed(0)
+    return moefy.hf.from_hf(transformers.MixtralForCausalLM(transformers.MixtralConfig(**MIXTRAL)), fused=fused)
+
+
 def test_all_linear_lora_on_from_hf_mixtral_fused_equals_looped():
-    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2)
-    models = []
-    for fused in (False, True):
-        torch.manual_seed(0)
-        models.append(moefy.hf.from_hf(transformers.MixtralForCausalLM(cfg), fused=fused))
-    looped, fused = with_lora(models, "all-linear")
+    looped, fused = with_lora([mixtral(), mixtral(fused=True)], "all-linear")
     ids = token_batches(1)[0]
     with torch.no_grad():
         adapted = fused(ids).logits
@@ -287,3 +290,17 @@ def test_all_linear_lora_on_from_hf_mixtral_fused_equals_looped():
     with torch.no_grad():
         torch.testing.assert_close(after, copy.deepcopy(looped).merge_and_unload()(ids).logits, rtol=1e-4,
                                    atol=1e-4)
+
+
+def test_export_refuses_an_unmerged_router_adapter_and_writes_the_merged_one(tmp_path):
+    """A LoRA on the router alone: export would write the gate's base weight (other logits); it names the fix."""
+    (adapted,) = with_lora([mixtral()], ["gate"])
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        want = adapted(ids).logits
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.router\.gate .*PEFT.*merge_and_unload"):
+        moefy.hf.export(adapted.base_model.model, tmp_path / "adapted")
+    moefy.hf.export(adapted.merge_and_unload(), tmp_path / "merged")
+    reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -81,10 +81,23 @@ def swiglu_weights(expert: nn.Module, name: str) -> Tuple[torch.Tensor, torch.Te
     """``(gate (H, D), up (H, D), down (D, H))`` of a SwiGLU expert: bias-free ``gate_proj`` / ``up_proj`` /
     ``down_proj`` Linears (LlamaMLP, Qwen2MLP, :class:`SwiGLU`); ValueError naming ``name`` otherwise."""
     parts = [getattr(expert, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+    for part, module in zip(("gate_proj", "up_proj", "down_proj"), parts):
+        linear_weight(module, f"{name}.{part}")  # a PEFT adapter: merge it first
     if not all(isinstance(p, nn.Linear) and p.bias is None for p in parts) or not hasattr(expert, "act_fn"):
         raise ValueError(f"{name} is a {type(expert).__name__}: Hugging Face MoE experts are SwiGLU MLPs "
                          f"(gate_proj, up_proj, down_proj as bias-free nn.Linear, and act_fn)")
     return tuple(p.weight for p in parts)
+
+
+def linear_weight(module: Optional[nn.Module], name: str) -> Optional[torch.Tensor]:
+    """``module.weight`` (out, in) of an ``nn.Linear`` (a parametrized one gives its computed weight); None for
+    anything else, except a PEFT layer (``base_layer``), whose ``weight`` would be the base weight without the
+    adapter: ValueError naming ``name`` and ``merge_and_unload``."""
+    if module is not None and hasattr(module, "base_layer"):
+        raise ValueError(f"{name} is a {type(module).__module__}.{type(module).__qualname__} (a PEFT adapter): its "
+                         f"weight without the adapter would be written; merge the adapter first "
+                         f"(model = peft_model.merge_and_unload())")
+    return module.weight if isinstance(module, nn.Linear) else None
 
 
 def same_activation(expert: nn.Module, act: str) -> bool:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..block import MoEBlock
-from .block import concat_swiglu, same_activation, stack_experts, swiglu_weights
+from .block import concat_swiglu, linear_weight, same_activation, stack_experts, swiglu_weights
 from .families import TRAINING_ONLY, MoEFamily, family_of, transformers_module
 
 _NOT_CONFIG = ("model_type", "architectures", "transformers_version", "_name_or_path")
@@ -80,6 +80,8 @@ def _check_block(path: str, block: MoEBlock, family: MoEFamily, config) -> None:
     if block.shared_experts is not None and family.shared is None:
         raise ValueError(f"{path}: num_shared={len(block.shared_experts)} cannot be exported to {family.name}: it "
                          f"has no shared expert")
+    linear_weight(block.router.gate, f"{path}.router.gate")  # a PEFT adapter there: merge it first
+    linear_weight(block.shared_expert_gate, f"{path}.shared_expert_gate")
     for name, experts in (("experts", block.experts), ("shared_experts", block.shared_experts or [])):
         for i, expert in enumerate(experts):
             swiglu_weights(expert, f"{path}.{name}.{i}")
