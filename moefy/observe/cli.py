@@ -121,7 +121,7 @@ def plot_log(log_path: str, out: str, dpi: int = 120, limits: PlotLimits = DEFAU
     from ..viz import dashboard
 
     log = read_log(log_path, LogLimits(
-        max_bytes=int(limits.max_log_mb * MB), max_metrics=limits.max_metrics, max_layers=limits.max_layers,
+        max_bytes=max(1, int(limits.max_log_mb * MB)), max_metrics=limits.max_metrics, max_layers=limits.max_layers,
         max_columns=limits.max_columns, max_affinity_rows=limits.max_affinity_rows))
     figures = [("utilization.png", dashboard.plot_utilization(log)), ("entropy.png", dashboard.plot_entropy(log))]
     for name, make in (("routing_accuracy.png", dashboard.plot_routing_accuracy),
@@ -185,6 +185,11 @@ def _write_new(out_dir: Path, name: str, write: Callable) -> Path:
     return final
 
 
+class _LineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"moefy plot: {record.levelname.lower()}: {record.getMessage()}"
+
+
 @contextlib.contextmanager
 def _warnings_to_stderr() -> Iterator[None]:
     """Show moefy's logged warnings (a torn last line) as ``moefy plot: warning: ...`` lines, unless the
@@ -193,7 +198,7 @@ def _warnings_to_stderr() -> Iterator[None]:
         yield
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("moefy plot: %(levelname)s: %(message)s"))
+    handler.setFormatter(_LineFormatter())
     handler.setLevel(logging.WARNING)
     logger = logging.getLogger("moefy")
     logger.addHandler(handler)

@@ -165,8 +165,9 @@ class TrainingLogWriter:
         self._first: Optional[dict] = None
         self._lines = 0
         existing = self._read_existing() if mode == "a" else None
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-                           | (os.O_APPEND if mode == "a" else os.O_TRUNC), 0o666)
+        # O_APPEND in both modes: after a failed write is cut back (_write_all), the next one starts at the end
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+                           | (0 if mode == "a" else os.O_TRUNC), 0o666)
         if existing is not None:
             self._resume(existing)
 
@@ -210,11 +211,12 @@ class TrainingLogWriter:
         line = self._lines + 1
         _check_entry(entry, self.path, line, self._first)
         _check_epoch_increases(entry, self.path, line, self.last_epoch,
-                               " (a restart with mode='a' continues at writer.last_epoch + 1)")
-        self._write_all((json.dumps(entry) + "\n").encode("utf-8"))
+                               f"; a restarted run continues at writer.last_epoch + 1 = {(self.last_epoch or 0) + 1}")
+        text = json.dumps(entry)
+        self._write_all((text + "\n").encode("utf-8"))
         self._lines, self.last_epoch = line, entry["epoch"]
         if self._first is None:
-            self._first = entry
+            self._first = json.loads(text)  # as the reader sees it, and no list the caller may still change
         return entry
 
     def _write_all(self, data: bytes) -> None:
@@ -362,6 +364,7 @@ def _parse(file: BinaryIO, path: Path, limits: LogLimits) -> _Parsed:
         if number == 1 and chunk.startswith(codecs.BOM_UTF8):
             chunk = chunk[len(codecs.BOM_UTF8):]
         torn = not chunk.endswith(b"\n")  # only the last line can lack its "\n"
+        _check_line_structure(chunk, path, number, limits)
         try:
             entry = _parse_line(chunk, path, number, torn)
         except _TornLine as err:
@@ -409,6 +412,29 @@ def _check_epoch_increases(entry: dict, path, line: int, last_epoch: Optional[in
     if last_epoch is not None and entry["epoch"] <= last_epoch:
         raise LogFormatError(path, line, f"epoch {entry['epoch']} does not increase (previous line has epoch "
                                          f"{last_epoch}){hint}")
+
+
+STRUCTURE_SLACK = 4096  # brackets / commas a line may hold beyond what the format's fields need (other fields)
+
+
+def _check_line_structure(chunk: bytes, path: Path, line: int, limits: LogLimits) -> None:
+    """Refuse, before ``json.loads`` builds it, a line with more lists, objects or elements than a line within
+    ``limits`` can hold: parsing allocates up to ~20 bytes per byte of ``[0],[0],...``, so a file within
+    ``max_bytes`` could still take gigabytes. Counting the bytes ``[``, ``{`` and ``,`` bounds those counts
+    from above (the same bytes inside strings only make the count larger)."""
+    bounds = limits.max_layers, limits.max_affinity_rows, limits.max_columns, limits.max_metrics
+    if None in bounds or len(chunk) < 65536:
+        return
+    layers, rows, columns, metrics = bounds
+    objects = layers + 1  # the line's routing fields and each layer's
+    for byte, most, what, limit in ((b"{", objects + 2, "objects", "max_layers"),
+                                    (b"[", objects * (rows + 3) + 1, "lists", "max_affinity_rows"),
+                                    (b",", objects * (columns * (rows + 1) + 16) + metrics, "values", "max_columns")):
+        found = chunk.count(byte)
+        if found > most + STRUCTURE_SLACK:
+            raise LogLimitError(path, line, f"the line holds {found:,} {what} (bytes {byte.decode()!r}), more than "
+                                f"the {most + STRUCTURE_SLACK:,} a line within the limits can hold: above the "
+                                f"limit {limit}={getattr(limits, limit):,}", limit)
 
 
 def _check_limits(entry: dict, path: Path, line: int, log: TrainingLog, limits: LogLimits) -> None:
