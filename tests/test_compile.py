@@ -19,8 +19,9 @@ def test_graph_breaks_are_only_the_data_dependent_counts():
     block = MLPMixture(k=2)
     explained = torch._dynamo.explain(block)(torch.randn(3, 5, 16))
     # bincount's output shape depends on data: dynamo breaks there, once in every frame on the way down
-    # (forward, route_rows, the strategy, from_picks) and nowhere else
-    assert 1 <= explained.graph_break_count <= 4
+    # (forward, route_rows, the strategy, from_picks) and nowhere else; after from_picks reads the counts to the
+    # host (CPU), its last few ops (the counts of the non-finite tokens apart) are one more graph
+    assert 1 <= explained.graph_break_count <= 5
     assert all("bincount" in b.reason for b in explained.break_reasons)
     sites = {(b.user_stack[-1].filename, b.user_stack[-1].lineno) for b in explained.break_reasons}
     assert len(sites) == 1 and next(iter(sites))[0].endswith("fastpaths.py")

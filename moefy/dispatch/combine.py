@@ -3,7 +3,8 @@
 The routing record already lists the assignments grouped by router column, so dispatch is one gather into
 contiguous per-expert slices, one call of the execution seam (:mod:`moefy.dispatch.experts`), and one
 weighted ``index_add_`` back into token order. The hole is the last column: its assignments are a tail that
-is never gathered.
+is never gathered. A token the router could not score (a non-finite score: routed nowhere, see
+:mod:`moefy.routing.select`) gets a NaN output, as a dense layer would give it, not a clean-looking zero.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 
 from ..fastpaths import add_rows, count_ids
 from ..routing.record import Routing
-from .experts import RunExpert
+from .experts import FusedExperts, RunExpert
+from .fused import runs_grouped
 
 AGGREGATIONS = ("sum", "mean")
 
@@ -28,13 +30,26 @@ def dispatch(x: torch.Tensor, routing: Routing, experts, run_expert: RunExpert,
         aggregation: ``"sum"``: ``y_t = sum_i w_ti f_i(x_t)``; ``"mean"``: that sum divided by the number
             of real experts that processed token t (tokens nobody processed stay zero).
     Returns:
-        y: (T, *F_out).
+        y: (T, *F_out); NaN rows for the tokens routed nowhere for a non-finite score.
     """
+    if routing.host_counts is None and not _runs_without_counts(experts, x):
+        routing.counts  # the execution reads them anyway; read first, the lists hold only what they count
     assigned = routing.num_assigned                                   # A: the hole's tail is never run
     token_index = routing.token_index[:assigned]                      # (A,)
     rows = x.index_select(0, token_index)                             # (A, *F), grouped by expert
     out = experts(rows, token_index, routing, run_expert)             # (A, *F_out)
-    return combine(out, token_index, routing.weight[:assigned], x.shape[0], aggregation)
+    y = combine(out, token_index, routing.weight[:assigned], x.shape[0], aggregation)
+    nonfinite = routing.nonfinite_inputs()                            # (T,) bool or None
+    return y if nonfinite is None else y.masked_fill(nonfinite.view(-1, *(1,) * (y.dim() - 1)), float("nan"))
+
+
+def _runs_without_counts(experts, x: torch.Tensor) -> bool:
+    """Whether ``experts`` runs every row as one grouped mm, which finds the experts' rows on the device (the
+    one execution that reads no host counts, and runs any non-finite tail of the lists harmlessly)."""
+    if not isinstance(experts, FusedExperts) or x.dim() != 2 or not runs_grouped(experts.experts, experts.layout, x):
+        return False
+    fusable = getattr(experts, "fusable", None)  # False while a wrapper (PEFT, hooks) makes it run looped
+    return fusable is None or fusable(x.device.type)
 
 
 def combine(out: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor, num_tokens: int,

@@ -1,4 +1,5 @@
-"""Routing statistics over many batches: a recorder that hooks every MoEBlock of a model.
+"""Routing statistics over many batches: a recorder that hooks every MoEBlock of a model, or every MoE layer of a
+Hugging Face model as transformers ships it (:mod:`moefy.observe.hf_routing`: hooks only, outputs unchanged).
 
 Per layer it accumulates the load per router column (and per token position), the router entropy, the
 dropped token slots and, when labels are given, the class × column affinity matrix and routing accuracy.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -22,19 +23,23 @@ from torch import nn
 from ..block import MoEBlock
 from ..checks import check_int, check_module, check_tensor
 from ..routing.record import Routing
+from .hf_routing import HFMoELayer, hf_moe_layers
+
+Observed = Union[MoEBlock, HFMoELayer]
 
 
 @dataclass
 class LayerStats:
-    """Accumulated routing statistics of one MoEBlock. E' = router columns (the hole, if any, is last).
+    """Accumulated routing statistics of one MoEBlock (or observed Hugging Face MoE layer). E' = router columns
+    (the hole, if any, is last).
 
     Attributes:
         name: the block's module name in the model (``""`` for the model itself).
-        layer_id: the block's ``layer_id``.
+        layer_id: the block's ``layer_id`` (a Hugging Face layer's decoder layer index).
         num_experts, hole: the block's E and whether its last column is a hole.
         null_columns: the kinds of its null-expert columns E, E+1, ... (``config.null_columns``), before the hole.
         forwards: forwards recorded.
-        tokens: tokens routed (samples, with per-sample routing).
+        tokens: tokens routed (samples, with per-sample routing); not the non-finite ones (routed nowhere).
         slots: token slots: ``tokens · k`` for token choice, ``tokens`` for expert choice.
         load: (E',) float64 assignments per router column.
         position_load: (E', N) float64 assignments per column and token position (as
@@ -128,22 +133,32 @@ def labels_per_token(labels: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 
 class RoutingRecorder:
-    """Collects :class:`LayerStats` for every MoEBlock of ``model`` across forwards.
+    """Collects :class:`LayerStats` for every MoEBlock of ``model`` across forwards, and for every MoE layer of a
+    Hugging Face model that was not converted (:class:`~moefy.observe.hf_routing.HFMoELayer`: the experts module's
+    inputs and the router's logits, read by hooks; the model's outputs are unchanged).
 
     Use as a context manager (hooks are removed on exit) or call :meth:`attach` / :meth:`detach`.
     Set :attr:`labels` before a forward to record the class × expert affinity of that batch; the labels stay
     until changed. Set :attr:`enabled` to False to skip forwards (e.g. evaluation batches).
 
     Args:
-        model: any module containing MoEBlocks (or one MoEBlock).
+        model: any module containing MoEBlocks (or one MoEBlock), or a transformers MoE model.
         num_classes: C, rows of the affinity matrix; grown on demand when None.
+
+    Attributes:
+        blocks: name → the MoEBlock or :class:`~moefy.observe.hf_routing.HFMoELayer` recorded.
+        skipped: ``"name: why"`` for each Hugging Face experts module whose routing cannot be read (also logged).
     """
 
     def __init__(self, model: nn.Module, num_classes: Optional[int] = None):
         check_module(model, "model")
-        self.blocks: Dict[str, MoEBlock] = {n: m for n, m in model.named_modules() if isinstance(m, MoEBlock)}
+        moe = [(n, m) for n, m in model.named_modules() if isinstance(m, MoEBlock)]
+        hf, self.skipped = hf_moe_layers(model, exclude=[m for _, m in moe])
+        self.blocks: Dict[str, Observed] = dict(moe + [(layer.name, layer) for layer in hf])
         if not self.blocks:
-            raise ValueError("model contains no MoEBlock: nothing to record")
+            raise ValueError("model contains no MoEBlock and no Hugging Face MoE layer (an experts module called as "
+                             "experts(hidden_states, top_k_index, top_k_weights)): nothing to record"
+                             + (f"; found but not readable: {self.skipped}" if self.skipped else ""))
         self.num_classes = check_int(num_classes, "num_classes", min=1, optional=True)
         self.labels: Optional[torch.Tensor] = None
         self.enabled = True
@@ -154,13 +169,14 @@ class RoutingRecorder:
         """Forget everything recorded (e.g. at the start of an epoch). Hooks stay attached."""
         self.stats: Dict[str, LayerStats] = {
             name: LayerStats(name=name, layer_id=b.layer_id, num_experts=b.num_experts, hole=b.hole,
-                             null_columns=b.config.null_columns,
+                             null_columns=_null_columns(b),
                              load=torch.zeros(b.num_columns, dtype=torch.float64))
             for name, b in self.blocks.items()}
 
     def attach(self) -> "RoutingRecorder":
         if not self._handles:
-            self._handles = [b.register_forward_hook(self._hook(name)) for name, b in self.blocks.items()]
+            self._handles = [b.register_forward_hook(self._hook(name)) if isinstance(b, MoEBlock)
+                             else b.watch(self._watcher(name)) for name, b in self.blocks.items()]
         return self
 
     def detach(self) -> None:
@@ -179,21 +195,28 @@ class RoutingRecorder:
                 self.record(name, block)
         return hook
 
+    def _watcher(self, name: str):
+        def watcher(layer: HFMoELayer) -> None:
+            if self.enabled:
+                self.record(name, layer)
+        return watcher
+
     @torch.no_grad()
-    def record(self, name: str, block: MoEBlock) -> None:
+    def record(self, name: str, block: Observed) -> None:
         """Add the last routing of ``block`` (registered as ``name``) to the statistics."""
         if name not in self.stats:
             raise ValueError(f"name {name!r} is not a recorded block; recorded: {sorted(self.stats)}")
-        if not isinstance(block, MoEBlock):
-            raise TypeError(f"block must be a MoEBlock, got {type(block).__name__}")
+        if not isinstance(block, (MoEBlock, HFMoELayer)):
+            raise TypeError(f"block must be a MoEBlock or an HFMoELayer, got {type(block).__name__}")
         if block.routing is None:
             raise ValueError(f"block {block.moe_name} has not run a forward yet: nothing to record")
         r, s = block.routing, self.stats[name]
         s.forwards += 1
-        s.tokens += r.num_tokens
+        nonfinite = r.num_nonfinite  # tokens routed nowhere: their slots count as dropped, no entropy
+        s.tokens += r.num_tokens - nonfinite
         s.slots += r.num_tokens * (1 if r.mode == "expert_choice" else r.indices.shape[1])
         s.load += torch.tensor(r.counts, dtype=torch.float64)
-        s.entropy_sum += float(token_entropy(r.probs).sum())
+        s.entropy_sum += float(token_entropy(r.probs if not nonfinite else r.probs[r.finite]).sum())
         s.dropped += int(r.dropped)
         s.null_slots += r.null_slots
         if s._positions_consistent:
@@ -226,6 +249,10 @@ class RoutingRecorder:
     def summary(self) -> List[dict]:
         """One dict per layer, JSON-ready: layer, utilization, entropy, routing_acc, dropped, affinity."""
         return [layer_summary(s) for s in self.stats.values()]
+
+
+def _null_columns(b: Observed) -> Tuple[str, ...]:
+    return tuple(b.config.null_columns if isinstance(b, MoEBlock) else b.null_columns)
 
 
 def layer_summary(s: LayerStats) -> dict:

@@ -36,6 +36,11 @@ choice; without it, the hard counts are used and carry no gradient).
 With a token-choice capacity (``token_capacity_factor``) every loss sees the router's picks *before* capacity
 drops (``indices`` / ``weights`` / :attr:`~moefy.routing.Routing.picked_count`), as Switch's routing fraction
 and Megatron-LM's ``tokens_per_expert`` before capacity: dropping does not hide an expert's overload.
+
+Non-finite tokens (``Routing.finite`` False: routed nowhere, see :mod:`moefy.routing.select`) count in no
+loss: every mean is over the finite tokens, every count is of their picks, so a NaN token changes no loss
+(each equals the loss of the batch with that token masked out, to float rounding). Without a finite token a
+loss is that of an empty batch.
 """
 from __future__ import annotations
 
@@ -73,11 +78,32 @@ def _takes_routing(loss: Callable[[Routing], torch.Tensor]) -> Callable[[Routing
     return checked
 
 
+def _finite_mean(r: Routing, values: torch.Tensor) -> torch.Tensor:
+    """The mean over the finite tokens of ``values`` (T, ...) (the rows of non-finite ones may be NaN):
+    ``values.mean(0)`` bit for bit when every token is finite; zeros without a finite token."""
+    if r.finite is None:
+        return values.mean(dim=0)
+    finite = r.finite.view(-1, *(1,) * (values.dim() - 1))
+    mean = torch.where(finite, values, values.new_zeros(())).mean(dim=0)   # zero rows: no gradient to NaN ones
+    return mean * (r.num_tokens / r.finite.sum().clamp_min(1))
+
+
+def _finite_rows(r: Routing, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (T, ...) with the rows of non-finite tokens zero (and no gradient)."""
+    if r.finite is None:
+        return values
+    return torch.where(r.finite.view(-1, *(1,) * (values.dim() - 1)), values, values.new_zeros(()))
+
+
 def _mean_probs(r: Routing) -> torch.Tensor:
+    uniform = r.probs.new_full((r.probs.shape[1],), 1.0 / r.probs.shape[1])
     if r.num_tokens == 0:
-        return r.probs.new_full((r.probs.shape[1],), 1.0 / r.probs.shape[1])
-    p = r.probs.mean(dim=0)
-    return p / p.sum()
+        return uniform
+    p = _finite_mean(r, r.probs)                                              # (E',)
+    total = p.sum()
+    if r.finite is None:
+        return p / total
+    return torch.where(total > 0, p / total.clamp_min(torch.finfo(p.dtype).tiny), uniform)  # no finite token
 
 
 @_takes_routing
@@ -85,9 +111,10 @@ def importance(r: Routing) -> torch.Tensor:
     """(E',): sum over tokens of the combine weight each column received (token choice: before capacity
     drops)."""
     if r.mode == "token_choice":
-        columns, weight = r.indices.reshape(-1), r.weights.reshape(-1)    # (T*k,) each
-    else:
-        columns, weight = r.expert_index, r.weight                         # (A,) each
+        columns, weight = r.indices.reshape(-1), _finite_rows(r, r.weights).reshape(-1)  # (T*k,) each
+    else:  # non-finite tokens' picks (NaN weights) may still be listed on an accelerator
+        columns, weight = r.expert_index, r.weight                                      # (A,) each
+        weight = torch.where(weight.isfinite(), weight, weight.new_zeros(()))
     return weight.new_zeros(r.probs.shape[1]).index_add(0, columns, weight)
 
 
@@ -106,9 +133,9 @@ def smooth_load(r: Routing) -> torch.Tensor:
     threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
     is_in = r.noisy_logits > threshold_if_in
     normal = Normal(r.logits.new_zeros(()), r.logits.new_ones(()))
-    prob_if_in = normal.cdf((r.logits - threshold_if_in) / r.noise_std)
-    prob_if_out = normal.cdf((r.logits - threshold_if_out) / r.noise_std)
-    return torch.where(is_in, prob_if_in, prob_if_out).sum(dim=0)
+    z_in = _finite_rows(r, (r.logits - threshold_if_in) / r.noise_std)      # the cdf refuses a NaN argument
+    z_out = _finite_rows(r, (r.logits - threshold_if_out) / r.noise_std)
+    return _finite_rows(r, torch.where(is_in, normal.cdf(z_in), normal.cdf(z_out))).sum(dim=0)
 
 
 @_takes_routing
@@ -136,7 +163,7 @@ def switch_loss(r: Routing) -> torch.Tensor:
 def z_loss(r: Routing) -> torch.Tensor:
     if r.num_tokens == 0:
         return r.logits.new_zeros(())
-    return (torch.logsumexp(r.logits, dim=-1) ** 2).mean()
+    return _finite_mean(r, torch.logsumexp(r.logits, dim=-1) ** 2)
 
 
 @_takes_routing
@@ -164,11 +191,12 @@ def seq_balance_loss(r: Routing) -> torch.Tensor:
         return r.probs.new_zeros(())
     k = r.indices.shape[1]
     seq, num_seqs = _sequences(r)                                                 # (T,)
-    scores = r.probs / r.probs.sum(dim=-1, keepdim=True).clamp_min(1e-20)         # (T, E') s'
-    length = r.probs.new_zeros(num_seqs).index_add(0, seq, r.probs.new_ones(num_tokens))  # (S,) L per sequence
+    scores = _finite_rows(r, r.probs / r.probs.sum(dim=-1, keepdim=True).clamp_min(1e-20))  # (T, E') s'
+    one = r.probs.new_ones(num_tokens) if r.finite is None else r.finite.to(r.probs.dtype)  # (T,) counted tokens
+    length = r.probs.new_zeros(num_seqs).index_add(0, seq, one)                   # (S,) L per sequence
     p = r.probs.new_zeros(num_seqs, num_columns).index_add(0, seq, scores)        # (S, E') Σ_t s'
     hits = r.probs.new_zeros(num_seqs, num_columns).index_put_(                   # (S, E') Σ_t 1[i ∈ topk(t)]
-        (seq.repeat_interleave(k), r.indices.reshape(-1)), r.probs.new_ones(num_tokens * k), accumulate=True)
+        (seq.repeat_interleave(k), r.indices.reshape(-1)), one.repeat_interleave(k), accumulate=True)
     length = length.clamp_min(1)[:, None]                                         # (S, 1)
     per_seq = (num_columns / (k * length) * hits * (p / length)).sum(dim=-1)      # (S,), 0 without tokens
     present = (hits.sum(dim=-1) > 0).sum()                                        # sequences with tokens

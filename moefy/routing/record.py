@@ -4,6 +4,13 @@ Shapes: T tokens (or samples, with per-sample routing), D features, E experts, E
 real experts, then the null experts (``null_columns``: copy, constant, zero, in that order), then the hole
 (the last column, with ``hole``), k experts per token, C tokens per expert (expert choice),
 A = number of (token, expert) assignments.
+
+Non-finite tokens (a NaN or ±inf among a token's router logits or scores, e.g. from a NaN in its input or in
+the router's weights) are routed nowhere and counted, never raised about: raising would need the device's
+answer on the host every forward. Such a token takes no place and no capacity from another, its k slots
+(token choice) count in ``dropped`` and in no column, ``finite`` marks it, its output is NaN (as a dense
+layer's would be: the loss shows it; moefy does not turn it into a clean-looking zero), and the aux losses and
+statistics are those of the finite tokens. The selection strategies (:mod:`moefy.routing.select`) decide it.
 """
 from __future__ import annotations
 
@@ -39,8 +46,9 @@ class Routing:
         count: (E',) long, assignments per router column (``count[-1]`` is the hole's), on the routing's device.
         tokens_shape: leading shape of the routed input, ``prod(tokens_shape) == T``.
         dropped: 0-dim long tensor; token choice: slots sent to the hole plus slots over a real expert's
-            capacity (``token_capacity_factor``); expert choice: tokens that no real expert picked. Every
-            token slot is either processed or counted here.
+            capacity (``token_capacity_factor``) plus the k slots of each non-finite token; expert choice:
+            tokens that no real expert picked, and the non-finite ones. Every token slot is either processed
+            or counted here.
         host_counts: ``count`` as host ints when the router already has them; else read back on first use of
             :attr:`counts` (on a GPU that read is the forward's one synchronisation, and a fused grouped-mm
             forward never makes it).
@@ -52,6 +60,15 @@ class Routing:
             ``sum(load) + null_slots + dropped == T·k``.
         count_before_drops: (E',) the picks per column before a token-choice capacity dropped some; None
             when nothing was capped (read it as :attr:`picked_count`).
+        finite: (T,) bool, False for the non-finite tokens, routed nowhere (see the module docstring); None:
+            not checked (every token routed). Their token-choice rows of ``indices`` are placeholders, with
+            NaN ``weights``; they are in no count, and their slots count in ``dropped``.
+
+    The lists ``token_index`` / ``expert_index`` / ``weight`` hold the ``sum(counts)`` counted assignments.
+    Only while ``host_counts`` is None (an accelerator, before anything read the counts) may they go on with
+    the slots of non-finite tokens, listed under the last column: a fused grouped-mm forward runs them, with
+    their NaN weights, into their own tokens' outputs only, and needs no synchronisation. Reading
+    :attr:`counts` cuts them off.
     """
 
     mode: str
@@ -73,18 +90,45 @@ class Routing:
     kept: Optional[torch.Tensor] = field(default=None, repr=False)
     null_columns: Tuple[str, ...] = ()
     count_before_drops: Optional[torch.Tensor] = field(default=None, repr=False)
+    finite: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def __repr__(self) -> str:
+        bad = self.num_nonfinite
         return (f"Routing({self.mode}, tokens={self.num_tokens}, experts={self.num_experts}, hole={self.hole}, "
                 f"counts={list(self.counts)}, dropped={int(self.dropped)}"
-                + (f", null={self.null_columns}, null_slots={self.null_slots})" if self.null_columns else ")"))
+                + (f", null={self.null_columns}, null_slots={self.null_slots}" if self.null_columns else "")
+                + (f", nonfinite={bad})" if bad else ")"))
 
     @property
     def counts(self) -> Tuple[int, ...]:
         """E' host ints, assignments per router column (``counts[-1]`` is the hole's)."""
         if self.host_counts is None:
             object.__setattr__(self, "host_counts", tuple(self.count.tolist()))  # a cache, not a new value
+            self._cut_lists()
         return self.host_counts
+
+    def _cut_lists(self) -> None:
+        """Drop the non-finite tokens' slots listed behind the counted assignments (see the class docstring);
+        the counted ones are unchanged."""
+        n = sum(self.host_counts)
+        if self.token_index.shape[0] > n:
+            for name in ("token_index", "expert_index", "weight"):
+                object.__setattr__(self, name, getattr(self, name)[:n])
+
+    @property
+    def num_nonfinite(self) -> int:
+        """Tokens routed nowhere because a router score was not finite (a host read)."""
+        return 0 if self.finite is None else int((~self.finite).sum())
+
+    def nonfinite_inputs(self) -> Optional[torch.Tensor]:
+        """(``num_inputs``,) bool, True for the input tokens routed nowhere for a non-finite score (masked-out
+        tokens are False); None when not checked. On the device, without synchronisation."""
+        if self.finite is None:
+            return None
+        if self.kept is None:
+            return ~self.finite
+        bad = torch.zeros(self.num_inputs, dtype=torch.bool, device=self.finite.device)
+        return bad.index_put_((self.kept,), ~self.finite)
 
     @property
     def num_tokens(self) -> int:
@@ -128,7 +172,8 @@ class Routing:
     def num_assigned(self) -> int:
         """A: assignments that reach a real expert, ``sum(load)``; they come first in ``token_index``, the
         null experts' and the hole's are the tail (capacity drops are not listed at all). Without a hole or
-        null experts that is every assignment, known without reading counts."""
+        null experts that is every listed assignment, known without reading counts (on an accelerator the
+        non-finite tokens' slots too, if any are still listed: see the class docstring)."""
         if not self.hole and not self.null_columns:
             return self.token_index.shape[0]
         return sum(self.counts[: self.num_experts])
@@ -146,9 +191,13 @@ class Routing:
             token_index = kept.index_select(0, token_index)
             if picked.mode == "expert_choice":  # its indices are token ids too
                 indices = kept[indices]
-        return cls(mode=picked.mode, num_experts=num_experts, hole=hole, logits=logits, noisy_logits=noisy,
-                   noise_std=std, probs=probs, indices=indices, weights=picked.weights, token_index=token_index,
-                   expert_index=picked.expert_index, weight=picked.weight, count=picked.count,
-                   tokens_shape=tuple(tokens_shape if tokens_shape is not None else (logits.shape[0],)),
-                   dropped=picked.dropped, host_counts=picked.host_counts, kept=kept,
-                   null_columns=tuple(null_columns), count_before_drops=picked.picked_count)
+        routing = cls(mode=picked.mode, num_experts=num_experts, hole=hole, logits=logits, noisy_logits=noisy,
+                      noise_std=std, probs=probs, indices=indices, weights=picked.weights, token_index=token_index,
+                      expert_index=picked.expert_index, weight=picked.weight, count=picked.count,
+                      tokens_shape=tuple(tokens_shape if tokens_shape is not None else (logits.shape[0],)),
+                      dropped=picked.dropped, host_counts=picked.host_counts, kept=kept,
+                      null_columns=tuple(null_columns), count_before_drops=picked.picked_count,
+                      finite=getattr(picked, "finite", None))
+        if routing.host_counts is not None:
+            routing._cut_lists()
+        return routing

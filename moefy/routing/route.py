@@ -9,7 +9,7 @@ from ..config import RoutingConfig
 from .record import Routing
 from .replay import ReplaySlot, check_call, noise_state, redrawn_noise, replay_selection, replayed_sample
 from .router import Router
-from .select import select
+from .select import nonfinite_as_nan, select
 from .simple import simple_subset
 
 
@@ -33,6 +33,7 @@ def route(router: Router, x: torch.Tensor, config: RoutingConfig, num_experts: i
     else:
         with redrawn_noise(call, x.device):              # the noise the recorded forward drew
             scores = router(x)
+    scores = nonfinite_as_nan(scores)                    # non-finite logits: NaN scores, routed nowhere
     subset = None
     if config.noise == "simple" and router.training and (call is None or call.mode == "recompute"):
         # SIMPLE: k-hot (T, E') with the exact marginals' gradient; a replay's sample is the recorded picks

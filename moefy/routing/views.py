@@ -30,6 +30,7 @@ class LastRoutingViews:
         capacity are in no row (they count in ``routing.dropped``).
         """
         r = self._last()
+        r.counts  # read: the lists then hold only counted assignments (no non-finite tail; see Routing)
         positions = r.tokens_shape[-1] if (self.route == "tokens" and len(r.tokens_shape) > 1) else 1
         load = torch.zeros(self.num_columns, positions, dtype=torch.long, device=r.token_index.device)
         pos = r.token_index % positions

@@ -152,6 +152,7 @@ def patch_masks(routing: Routing, grid: Tuple[int, int], prefix_tokens: Optional
     e = routing.num_experts  # null experts and the hole share the last panel
     extra_panel = routing.hole or bool(routing.null_columns) or routing.mode == "expert_choice"
     panels = e + int(extra_panel)
+    routing.counts  # read: the lists then hold only counted assignments (no non-finite tail; see Routing)
     tok = routing.token_index.cpu().numpy() - sample * per_image
     col = routing.expert_index.cpu().numpy()
     keep = (tok >= 0) & (tok < per_image)
