@@ -169,7 +169,7 @@ class RoutingRecorder:
         """Forget everything recorded (e.g. at the start of an epoch). Hooks stay attached."""
         self.stats: Dict[str, LayerStats] = {
             name: LayerStats(name=name, layer_id=b.layer_id, num_experts=b.num_experts, hole=b.hole,
-                             null_columns=_null_columns(b),
+                             null_columns=tuple(b.config.null_columns),
                              load=torch.zeros(b.num_columns, dtype=torch.float64))
             for name, b in self.blocks.items()}
 
@@ -249,10 +249,6 @@ class RoutingRecorder:
     def summary(self) -> List[dict]:
         """One dict per layer, JSON-ready: layer, utilization, entropy, routing_acc, dropped, affinity."""
         return [layer_summary(s) for s in self.stats.values()]
-
-
-def _null_columns(b: Observed) -> Tuple[str, ...]:
-    return tuple(b.config.null_columns if isinstance(b, MoEBlock) else b.null_columns)
 
 
 def layer_summary(s: LayerStats) -> dict:
