@@ -1,11 +1,17 @@
 """`moefy plot LOG --out DIR` on a log from a real (short) training run, and on broken logs."""
+import contextlib
 import csv
 import importlib
+import io
 import json
 import os
+import re
+import resource
+import signal
 import subprocess
 import sys
-import re
+import time
+import tracemalloc
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -131,3 +137,200 @@ def test_console_script_entry_point_is_main(capsys):
     with pytest.raises(SystemExit) as done:
         entry(["--help"])
     assert done.value.code == 0 and "plot" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- moefy plot is bounded (issue 23)
+class Overtime(Exception):
+    """Raised by SIGALRM: not an OSError, which main() would turn into an exit status."""
+
+
+@contextlib.contextmanager
+def bounded(seconds, extra_bytes=2 << 30):
+    """Abort after ``seconds``; cap the address space ``extra_bytes`` above today's (a log that reads
+    /dev/zero must not take the machine's memory), restored after."""
+    def overtime(*_):
+        raise Overtime(f"still running after {seconds} s")
+    old_handler = signal.signal(signal.SIGALRM, overtime)
+    old_limit = resource.getrlimit(resource.RLIMIT_AS)
+    size = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra_bytes, old_limit[1]))
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        resource.setrlimit(resource.RLIMIT_AS, old_limit)
+        signal.signal(signal.SIGALRM, old_handler)
+
+
+def entry(epoch=1, columns=2, **extra):
+    return {"epoch": epoch, "routing_acc": 0.5, "entropy": 0.69, "utilization": [1 / columns] * columns, **extra}
+
+
+def hostile_log(kind, folder: Path) -> Path:
+    """The issue's hostile logs (53 KB with 2,000 metrics, 97 KB with 600 layers, 313 KB with 20,000 affinity
+    rows) and their kin, made in ``folder``."""
+    path = folder / f"{kind}.jsonl"
+    if kind == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        line = {"metrics": entry(metrics={f"train/metric_{i:04d}": 0.5 for i in range(2000)}),
+                "layers": entry(layers=[entry(layer=f"model.layers.{i}.mlp.experts", dropped=0.0) for i in range(600)]),
+                "affinity": entry(affinity=[[10000 + i % 97, 1000 + 7 * i % 89] for i in range(20000)]),
+                "columns": entry(columns=5000),
+                "small": entry(metrics={"loss": 1.0}),
+                }.get(kind)
+        if kind == "one_element_rows":  # 16 MB, inside --max-log-mb: json would build 4M lists (~500 MB)
+            text = json.dumps(entry(columns=1))[:-1] + ', "affinity": [' + "[0]," * ((4 << 20) - 1024) + "[0]]}"
+        elif kind == "over_16_mb":
+            text = json.dumps(entry()) + "\n" + " " * (16 << 20)
+        else:
+            text = json.dumps(line)
+        path.write_text(text + "\n")
+    return path
+
+
+HOSTILE = {  # kind: (extra arguments, exit status, stderr after "moefy plot: error: " (regex))
+    "metrics": ([], 1, r"{log}:1: the number of metric names is 2,000, above the limit max_metrics=16 "
+                       r"\(--max-metrics raises it\)"),
+    "layers": ([], 1, r"{log}:1: the number of layers \('layers'\) is 600, above the limit max_layers=16 "
+                      r"\(--max-layers raises it\)"),
+    "affinity": ([], 1, r"{log}:1: the number of 'affinity' rows \(classes\) is 20,000, above the limit "
+                        r"max_affinity_rows=512 \(--max-affinity-rows raises it\)"),
+    "columns": ([], 1, r"{log}:1: the number of router columns \('utilization'\) is 5,000, above the limit "
+                       r"max_columns=256 \(--max-columns raises it\)"),
+    "one_element_rows": ([], 1, r"{log}:1: the line holds 4,193,283 lists \(bytes '\['\), more than the 12,852 a "
+                                r"line within the limits can hold: above the limit max_affinity_rows=512 "
+                                r"\(--max-affinity-rows raises it\)"),
+    "over_16_mb": ([], 1, r"{log}: the log's size in bytes is 16,777,\d{3}, above the limit max_bytes=16,777,216 "
+                          r"= 16 MiB \(--max-log-mb raises it\)"),
+    "dev_zero": ([], 1, r"{log}: cannot read the log: not a regular file \(a character device\)"),
+    "fifo": ([], 1, r"{log}: cannot read the log: not a regular file \(a FIFO\)"),
+    "folder": ([], 1, r"{log}: cannot read the log: not a regular file \(a directory\)"),
+    "small": (["--dpi", "100000"], 2, r"--dpi must be in \[10, 600\] \(the limit max_dpi=600; --max-dpi raises "
+                                      r"it\), got 100000"),
+    "small ": (["--dpi", "100000", "--max-dpi", "100000"], 1,
+               r"{log}: utilization.png would be 420,000 x 300,000 pixels \(126,000.0 megapixels\) at --dpi 100000, "
+               r"above the limit max_megapixels=16 \(--max-megapixels raises it, a lower --dpi shrinks the image\)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_hostile_logs_fail_fast_with_one_line_naming_the_limit(kind, tmp_path):
+    """Each fails in under 2 s with under 200 MB traced, exit status != 0, one stderr line naming the file and
+    the limit (and the flag that raises it), no traceback, nothing written. On the code before, the first
+    three ran past 90 s, /dev/zero read until MemoryError, a FIFO blocked, --dpi 100000 was a bad_alloc."""
+    args, status, message = HOSTILE[kind]
+    log = hostile_log(kind.strip(), tmp_path)
+    out = tmp_path / "plots"
+    err = io.StringIO()
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with bounded(10), contextlib.redirect_stderr(err):
+            code = main(["plot", str(log), "--out", str(out), *args])
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    stderr = err.getvalue()
+    assert code == status and "Traceback" not in stderr and stderr.count("\n") == 1, stderr
+    assert re.fullmatch(r"moefy plot: error: " + message.replace("{log}", re.escape(str(log))) + "\n", stderr), stderr
+    assert seconds < 2 and peak < 200e6, (seconds, peak / 1e6)
+    assert not out.exists()
+
+
+def test_plot_subprocess_bounds_time_and_memory(tmp_path):
+    """The CLI in a fresh process (imports done first): each hostile log fails in < 2 s with its peak RSS
+    < 200 MB above the imports; a torn log draws with a warning line."""
+    logs = {kind: str(hostile_log(kind, tmp_path)) for kind in ("metrics", "layers", "affinity", "dev_zero", "small")}
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(json.dumps(entry(1)) + "\n" + json.dumps(entry(2))[:20])
+    cases = [[logs["metrics"]], [logs["layers"]], [logs["affinity"]], [logs["dev_zero"]],
+             [logs["small"], "--dpi", "100000"], [logs["small"], "--dpi", "100000", "--max-dpi", "100000"],
+             [str(torn), "--dpi", "20"]]
+    script = f"""
+import contextlib, io, json, resource, sys, time
+import moefy.observe.cli, moefy.viz.dashboard
+size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + (2 << 30), resource.RLIM_INFINITY))  # /dev/zero read on the old code
+base, results = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, []
+for i, args in enumerate({cases!r}):
+    err, start = io.StringIO(), time.perf_counter()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = moefy.observe.cli.main(["plot", args[0], "--out", {str(tmp_path)!r} + f"/out{{i}}", *args[1:]])
+    results.append([code, time.perf_counter() - start, err.getvalue()])
+print(json.dumps({{"grew_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
+                  "results": results}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    *hostile, (torn_code, _, torn_err) = report["results"]
+    for (code, seconds, stderr), args in zip(hostile, cases):
+        assert code in (1, 2) and seconds < 2 and stderr.count("\n") == 1, (args, code, seconds, stderr)
+        assert stderr.startswith("moefy plot: error: ") and "raises it" in stderr or "regular file" in stderr
+    assert report["grew_mb"] < 200, report
+    assert torn_code == 0 and torn_err.startswith(f"moefy plot: warning: {torn}:2: skipped the torn last line "
+                                                  f"(20 bytes without a newline"), torn_err
+
+
+def test_each_limit_names_its_flag_and_the_flag_raises_it(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    layers = [entry(columns=3, layer=name, affinity=[[1, 2, 3]] * 3) for name in "abc"]
+    log.write_text("".join(json.dumps(entry(e, columns=3, layers=layers, metrics={"x": 1, "y": 2, "z": 3})) + "\n"
+                           for e in (1, 2)))
+    at_limits = {"--max-layers": "3", "--max-metrics": "3", "--max-columns": "3", "--max-affinity-rows": "3"}
+    for flag in at_limits:
+        args = [a for f, v in dict(at_limits, **{flag: "2"}).items() for a in (f, v)]
+        assert main(["plot", str(log), "--out", str(tmp_path / "no"), *args]) == 1
+        err = capsys.readouterr().err
+        limit = flag[2:].replace("-", "_")
+        assert err.count("\n") == 1 and err.endswith(f"3, above the limit {limit}=2 ({flag} raises it)\n"), err
+    assert main(["plot", str(log), "--out", str(tmp_path / "no"), "--max-megapixels", "0.1"]) == 1
+    assert "utilization.png would be 1,512 x 360 pixels (0.5 megapixels) at --dpi 120, above the limit " \
+           "max_megapixels=0.1 (--max-megapixels raises it" in capsys.readouterr().err
+    assert main(["plot", str(log), "--out", str(tmp_path / "no"), "--max-dpi", "100"]) == 2
+    assert not (tmp_path / "no").exists()
+    args = [a for item in at_limits.items() for a in item]
+    assert main(["plot", str(log), "--out", str(tmp_path / "plots"), "--dpi", "20", *args]) == 0
+    assert len(list((tmp_path / "plots").glob("affinity_*.csv"))) == 3
+
+
+def test_plot_never_follows_a_symlink_planted_in_out(tmp_path, capsys):
+    """A symlink at each output name (to a file outside, or dangling) is replaced by the plot; what it pointed
+    to is untouched and no file appears where the dangling one pointed."""
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps(entry(metrics={"loss": 1.0}, affinity=[[1, 2]])) + "\n")
+    out = tmp_path / "plots"
+    out.mkdir()
+    names = ["utilization.png", "entropy.png", "routing_accuracy.png", "affinity.png", "metrics.png",
+             "affinity.csv", "dashboard.png"]
+    victims = {}
+    for name in names:
+        victims[name] = tmp_path / f"victim_{name}"
+        victims[name].write_bytes(b"precious")
+        (out / name).symlink_to(victims[name])
+    (out / "dashboard.png").unlink()
+    (out / "dashboard.png").symlink_to(tmp_path / "elsewhere" / "created.png")  # dangling
+    (tmp_path / "elsewhere").mkdir()
+    assert main(["plot", str(log), "--out", str(out), "--dpi", "20"]) == 0
+    for name in names:
+        assert not (out / name).is_symlink() and (out / name).is_file(), name
+        assert (out / name).read_bytes()[:4] == (b"clas" if name.endswith(".csv") else b"\x89PNG"), name
+        if name != "dashboard.png":
+            assert victims[name].read_bytes() == b"precious", name
+    assert not (tmp_path / "elsewhere" / "created.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temporary file left
+    capsys.readouterr()
+    (out / "entropy.png").unlink()
+    (out / "entropy.png").mkdir()  # an output name that cannot be replaced: one line, no temporary left
+    assert main(["plot", str(log), "--out", str(out), "--dpi", "20"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"moefy plot: error: cannot write to {out}: ") and "entropy" in err
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

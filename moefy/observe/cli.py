@@ -124,15 +124,18 @@ def plot_log(log_path: str, out: str, dpi: int = 120, limits: PlotLimits = DEFAU
         max_bytes=max(1, int(limits.max_log_mb * MB)), max_metrics=limits.max_metrics, max_layers=limits.max_layers,
         max_columns=limits.max_columns, max_affinity_rows=limits.max_affinity_rows))
     figures = [("utilization.png", dashboard.plot_utilization(log)), ("entropy.png", dashboard.plot_entropy(log))]
+    skipped = []
     for name, make in (("routing_accuracy.png", dashboard.plot_routing_accuracy),
                        ("affinity.png", dashboard.plot_affinity), ("metrics.png", dashboard.plot_metrics)):
         try:
             figures.append((name, make(log)))
         except ValueError as err:  # optional content missing from the log
-            print(f"moefy plot: skipped {name}: {err}", file=sys.stderr)
+            skipped.append(f"moefy plot: skipped {name}: {err}")
     figures.append(("dashboard.png", dashboard.plot_dashboard(log)))
     for name, fig in figures:
         _check_pixels(name, fig, dpi, limits.max_megapixels)
+    for note in skipped:  # only once nothing can fail but the writing: an error stays the one line on stderr
+        print(note, file=sys.stderr)
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -415,6 +415,7 @@ def _check_epoch_increases(entry: dict, path, line: int, last_epoch: Optional[in
 
 
 STRUCTURE_SLACK = 4096  # brackets / commas a line may hold beyond what the format's fields need (other fields)
+STRUCTURE_MIN_BYTES = 1 << 20  # shorter lines parse in a few tens of MB at most: their fields' checks name them
 
 
 def _check_line_structure(chunk: bytes, path: Path, line: int, limits: LogLimits) -> None:
@@ -423,7 +424,7 @@ def _check_line_structure(chunk: bytes, path: Path, line: int, limits: LogLimits
     ``max_bytes`` could still take gigabytes. Counting the bytes ``[``, ``{`` and ``,`` bounds those counts
     from above (the same bytes inside strings only make the count larger)."""
     bounds = limits.max_layers, limits.max_affinity_rows, limits.max_columns, limits.max_metrics
-    if None in bounds or len(chunk) < 65536:
+    if None in bounds or len(chunk) < STRUCTURE_MIN_BYTES:
         return
     layers, rows, columns, metrics = bounds
     objects = layers + 1  # the line's routing fields and each layer's
