@@ -39,8 +39,10 @@ def dispatch(x: torch.Tensor, routing: Routing, experts, run_expert: RunExpert,
     rows = x.index_select(0, token_index)                             # (A, *F), grouped by expert
     out = experts(rows, token_index, routing, run_expert)             # (A, *F_out)
     y = combine(out, token_index, routing.weight[:assigned], x.shape[0], aggregation)
-    nonfinite = routing.nonfinite_inputs()                            # (T,) bool or None
-    return y if nonfinite is None else y.masked_fill(nonfinite.view(-1, *(1,) * (y.dim() - 1)), float("nan"))
+    if routing.finite is None:
+        return y
+    finite = routing.finite if routing.kept is None else ~routing.nonfinite_inputs()  # (T,) bool
+    return torch.where(finite.view(-1, *(1,) * (y.dim() - 1)), y, float("nan"))
 
 
 def _runs_without_counts(experts, x: torch.Tensor) -> bool:

@@ -15,8 +15,8 @@ the record and dispatch see an ordinary selection. Shapes as in :mod:`moefy.rout
 weights; :func:`nonfinite_as_nan` gives every score of a token NaN once one of its logits is not finite) is
 routed nowhere, in every strategy: its picks never compete with a finite token's (its scores count as the
 lowest for every ranking: top-k, groups, capacity with either drop policy, an expert's top-C), its combine
-weights are NaN, and its k slots (token choice) leave the assignments and count in ``dropped``, so counts and
-``sum(load) + null_slots + dropped == T·k`` describe the finite tokens only. ``Selection.finite`` (T,) says
+weights are NaN, and its k slots (token choice) leave the assignments and count in ``dropped``: the counts
+are the finite tokens' and ``sum(load) + null_slots + dropped == T·k`` still holds. ``Selection.finite`` (T,) says
 which tokens were routed; the record keeps it, dispatch gives the others a NaN output (the NaN stays visible
 in the loss, as in a dense layer, and never reaches another token), and the aux losses and statistics leave
 them out. All of it is computed on the device: no host synchronisation, no error. The assignments of a
@@ -48,7 +48,8 @@ class Selection:
         weights: same shape as ``indices``: the combine weight of each pick.
         token_index, expert_index, weight: (A,) the kept picks as assignments, grouped by column.
         count: (E',) long, assignments per column, on the device.
-        dropped: 0-dim long, token slots no real expert processes (sent to the hole or over capacity).
+        dropped: 0-dim long, token slots no real expert processes (sent to the hole or a zero null expert,
+            over capacity, or of a non-finite token).
         host_counts: ``count`` as host ints where the strategy knows them without a device read, else None.
         picked_count: (E',) assignments per column before capacity drops; None when nothing was capped
             (then it is ``count``).
@@ -74,11 +75,11 @@ class Selection:
 
 def nonfinite_as_nan(scores: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
     """The router's ``(logits, noisy_logits, noise_std, probs)`` with every score (probs) NaN in the rows
-    whose noisy logits or scores are not all finite: with a sigmoid, a ±inf logit scores a finite 1 or 0,
-    and with a softmax a -inf one a finite 0, yet the token's input (or the gate) is not finite."""
+    whose noisy logits are not all finite: with a sigmoid, a ±inf logit scores a finite 1 or 0, and with a
+    softmax a -inf one a finite 0, yet the token's input (or the gate) is not finite. (A score that is not
+    finite itself, the strategies see directly.)"""
     logits, noisy, std, probs = scores
-    ok = noisy.isfinite().all(dim=-1, keepdim=True) & probs.isfinite().all(dim=-1, keepdim=True)  # (T, 1)
-    return logits, noisy, std, probs.masked_fill(~ok, float("nan"))
+    return logits, noisy, std, torch.where(noisy.isfinite().all(dim=-1, keepdim=True), probs, float("nan"))
 
 
 def finite_rows(probs: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,7 @@ def finite_rows(probs: torch.Tensor) -> torch.Tensor:
 def ranking_scores(probs: torch.Tensor, finite: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """``probs`` (T, E') detached, with the rows of non-finite tokens (``~finite`` (T,)) set to ``fill``:
     what a strategy ranks, so a NaN (which ``topk`` and ``sort`` rank highest) never wins a place."""
-    return probs.detach().masked_fill(~finite[:, None], fill)
+    return torch.where(finite[:, None], probs.detach(), fill)
 
 
 def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
@@ -118,7 +119,7 @@ def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
 def nonfinite_weights(weights: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     """Token-choice ``weights`` (T, k) with the rows of non-finite tokens (``~finite`` (T,)) NaN: how
     :func:`from_picks` (and a replay of them) knows the tokens to route nowhere."""
-    return weights.masked_fill(~finite[:, None], float("nan"))
+    return torch.where(finite[:, None], weights, float("nan"))
 
 
 def group_limited_token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
@@ -172,7 +173,7 @@ def from_picks(indices: torch.Tensor, weights: torch.Tensor, num_columns: int, n
     ``config.zero_columns``) are the dropped ones, and so are all k slots of a token whose ``weights`` row is
     not finite (a non-finite token, routed nowhere: sorted behind every column and counted in no column)."""
     finite = weights.detach().isfinite().all(dim=-1)                         # (T,)
-    column = indices.masked_fill(~finite[:, None], num_columns)              # (T, k), num_columns: nowhere
+    column = torch.where(finite[:, None], indices, num_columns)              # (T, k), num_columns: nowhere
     token_index, column, weight = group_by_column(column, weights)          # (T*k,) each
     count = count_ids(column, num_columns + 1)                               # (E' + 1,): the last, nowhere
     host = host_counts(count, num_columns)                                   # on a GPU: read back when needed
