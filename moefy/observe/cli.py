@@ -84,12 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--dpi", type=_positive(int), default=120, help="resolution of the PNGs (default: 120)")
     limits = plot.add_argument_group("limits", "what moefy plot agrees to read and draw")
     for name, kind, help_text in (
-            ("max_log_mb", float, "size of LOG in MiB"), ("max_metrics", int, "metric names"),
-            ("max_layers", int, "MoE layers"), ("max_columns", int, "router columns of a layer"),
-            ("max_affinity_rows", int, "rows (classes) of an affinity matrix"), ("max_dpi", int, "--dpi"),
-            ("max_megapixels", float, "pixels of one PNG, in millions")):
+            ("max_log_mb", float, "the largest LOG read, in MiB"), ("max_metrics", int, "the most metric names"),
+            ("max_layers", int, "the most MoE layers"), ("max_columns", int, "the most router columns of a layer"),
+            ("max_affinity_rows", int, "the most rows (classes) of an affinity matrix"),
+            ("max_dpi", int, "the largest --dpi"), ("max_megapixels", float, "the largest PNG, in megapixels")):
         limits.add_argument(f"--{name.replace('_', '-')}", type=_positive(kind), default=getattr(DEFAULTS, name),
-                            metavar="N", help=f"the most {help_text} (default: {getattr(DEFAULTS, name):g})")
+                            metavar="N", help=f"{help_text} (default: {getattr(DEFAULTS, name):g})")
     return parser
 
 

@@ -31,6 +31,12 @@ line never glues onto it), and continues the log: it reads the existing lines on
 reader refuses, and then refuses any line the reader would refuse after them (an epoch that does not
 increase, another number of router columns, other layers, ...). :attr:`TrainingLogWriter.last_epoch` says
 where a restarted run resumes.
+
+Untrusted logs. :func:`read_log` opens regular files only (``/dev/zero``, a FIFO or a folder is a
+LogFormatError), reads line by line, and with :class:`LogLimits` refuses, before keeping a line, a file over
+``max_bytes`` or a line with more metrics, layers, router columns or affinity rows than allowed
+(:class:`LogLimitError`, naming the limit); a line over 1 MiB whose count of ``[``, ``{`` or ``,`` exceeds
+what such a line can hold is refused before ``json`` builds it.
 """
 from __future__ import annotations
 
