@@ -197,7 +197,7 @@ class Routing:
                       tokens_shape=tuple(tokens_shape if tokens_shape is not None else (logits.shape[0],)),
                       dropped=picked.dropped, host_counts=picked.host_counts, kept=kept,
                       null_columns=tuple(null_columns), count_before_drops=picked.picked_count,
-                      finite=getattr(picked, "finite", None))
+                      finite=picked.finite)
         if routing.host_counts is not None:
             routing._cut_lists()
         return routing
