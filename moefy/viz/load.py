@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..block import MoEBlock
+from ..observe.hf_routing import HFMoELayer
 from ..observe.recorder import RoutingRecorder
 from ._common import NULL_LABELS, column_colors, column_names, new_figure
 
@@ -27,8 +28,8 @@ def _as_numpy(x: ArrayLike, name: str) -> np.ndarray:
 
 
 def _check_block(block) -> MoEBlock:
-    if not isinstance(block, MoEBlock):
-        raise TypeError(f"block must be a MoEBlock, got {type(block).__name__}")
+    if not isinstance(block, (MoEBlock, HFMoELayer)):  # an HFMoELayer: RoutingRecorder(hf_model).blocks[name]
+        raise TypeError(f"block must be a MoEBlock or an HFMoELayer, got {type(block).__name__}")
     return block
 
 
