@@ -46,6 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..checks import check_int, check_module, check_tensor
 from ..routing.record import Routing
 from ..routing.views import LastRoutingViews
 
@@ -73,6 +74,11 @@ def token_choice_routing(indices: torch.Tensor, weights: torch.Tensor, logits: t
     Returns:
         the record; ``host_counts`` already read.
     """
+    for value, name in ((indices, "indices"), (weights, "weights"), (logits, "logits")):
+        check_tensor(value, name)
+    check_int(num_experts, "num_experts", min=1)
+    if indices.is_floating_point() or indices.is_complex():
+        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
     if indices.dim() != 2 or weights.shape != indices.shape or logits.dim() != 2 or \
             logits.shape[0] != indices.shape[0]:
         raise ValueError(f"indices and weights must be (T, k) and logits (T, E'), got {tuple(indices.shape)}, "
@@ -441,6 +447,7 @@ def hf_moe_layers(model: nn.Module, exclude: Sequence[nn.Module] = ()) -> Tuple[
         ``(layers, skipped)``: the :class:`HFMoELayer` of each MoE block in module order, and one line per
         experts module that was found but whose router could not be (``"name: why"``).
     """
+    check_module(model, "model")
     skip = {id(m) for e in exclude for m in e.modules()}
     modules = dict(model.named_modules())
     specs = _router_specs(model)
