@@ -166,7 +166,8 @@ class RoutingConfig:
                           "ones (`gate_proj`, `up_proj`, `down_proj`, `act_fn`: HF's `LlamaMLP`) and an "
                           "`expert_forward` that is just `expert(x)`; other experts raise ValueError. Same outputs "
                           "and gradients as unfused (to float rounding); calls with extra forward arguments, and "
-                          "dispatch overrides, run unfused.")
+                          "dispatch overrides, run unfused, as do experts wrapped after construction (PEFT, hooks, a "
+                          "parametrization; one warning).")
 
     selection_bias: bool = _option(False, "`False`, `True`", "token choice: a router buffer "
                                    "`router.score_correction_bias` (E',), zeros, saved in the state dict, added to "
