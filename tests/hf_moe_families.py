@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import transformers
+import transformers.integrations.moe
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -248,11 +249,14 @@ class _quiet_transformers:
 
 # ---------------------------------------------------------------------------------------------- survey
 def is_experts_implementation(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s class is decorated with transformers' ``@use_experts_implementation``."""
-    forward = type(module).forward
-    code = getattr(forward, "__code__", None)
-    return (getattr(forward, "__wrapped__", None) is not None and code is not None
-            and code.co_filename.replace(os.sep, "/").endswith("integrations/moe.py"))
+    """Whether ``module``'s class, or a base class (Ergo's experts subclass one), is decorated with
+    transformers' ``@use_experts_implementation`` (the decorator's ``forward`` wraps the class's own)."""
+    decorated = inspect.getsourcefile(transformers.integrations.moe.use_experts_implementation)
+    for cls in type(module).__mro__:
+        forward = cls.__dict__.get("forward")
+        if getattr(forward, "__wrapped__", None) is not None and forward.__code__.co_filename == decorated:
+            return True
+    return False
 
 
 def survey(model_type: str) -> dict:

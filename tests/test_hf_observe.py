@@ -9,11 +9,11 @@ transformers = pytest.importorskip("transformers", reason="observing Hugging Fac
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
-from hf_moe_families import SKIPPED, families, tiny_input_ids, tiny_model  # noqa: E402
+from hf_moe_families import SKIPPED, families, is_experts_implementation, tiny_input_ids, tiny_model  # noqa: E402
 
 from moefy import RoutingRecorder, TrainingLogWriter  # noqa: E402
 from moefy.observe.hf_routing import HFMoELayer, hf_moe_layers, is_hf_experts  # noqa: E402
-from moefy.viz import plot_experts_load, plot_load_heatmap, plot_total_load  # noqa: E402
+from moefy.viz import plot_experts_load, plot_load_heatmap, plot_token_routing, plot_total_load  # noqa: E402
 
 FAMILIES = sorted(families())
 
@@ -150,14 +150,21 @@ def test_records_equal_what_the_experts_receive_and_the_logits_stay_bit_identica
     assert len(plot_total_load(layer, rec.stats[name].load).axes) == 1
     if layer.reader != "experts call" or model_type == "mixtral":  # one per reader: 8+ panels cost ~0.1 s
         assert len(plot_experts_load(layer, rec.stats[name].position_load).axes) >= layer.num_columns
+        fig = plot_token_routing([f"t{i}" for i in range(ids.shape[1])], rec, sample=1)
+        assert len(fig.axes[0].get_yticklabels()) == len(rec.blocks)
 
 
 def test_every_family_builds_with_a_moe_layer_and_is_observed():
-    """The survey the README's table quotes: every text MoE family builds here and has an observed MoE layer."""
+    """The survey the README's table quotes: every text MoE family builds here and has an observed MoE layer;
+    in the families that use ``@use_experts_implementation``, every decorated experts module is one observed."""
     assert len(FAMILIES) >= 49
     for model_type in FAMILIES:
-        layers, skipped = hf_moe_layers(model_of(model_type))
+        model = model_of(model_type)
+        layers, skipped = hf_moe_layers(model)
         assert layers and not skipped, model_type
+        if families()[model_type].uses_experts_implementation:
+            decorated = {id(m) for m in model.modules() if is_experts_implementation(m)}
+            assert decorated == {id(layer.experts) for layer in layers}, model_type
 
 
 def test_zero_and_copy_null_experts_are_columns_of_their_own():

@@ -169,6 +169,8 @@ class HFMoELayer(LastRoutingViews):
         router: the module whose output holds the router logits (the block itself for Doge).
         reader: how the record is read (``"experts call"``, ``"llama4"``, ``"jetmoe"``, ``"doge"``,
             ``"longcat zero experts"``, ``"zaya skip expert"``).
+        input_module: the module whose input gives the routed tokens' shape (B, L) (the block; JetMoE's
+            attention experts are not called as a module: their attention layer).
     """
 
     route = "tokens"
@@ -176,8 +178,9 @@ class HFMoELayer(LastRoutingViews):
 
     def __init__(self, name: str, block: nn.Module, experts: nn.Module, router: Optional[nn.Module],
                  router_index: int, num_experts: int, layer_id: int, reader: str,
-                 null_columns: Tuple[str, ...] = ()):
+                 null_columns: Tuple[str, ...] = (), input_module: Optional[nn.Module] = None):
         self.name, self.block, self.experts, self.router = name, block, experts, router
+        self.input_module = block if input_module is None else input_module
         self.router_index, self.num_experts, self.layer_id = router_index, num_experts, layer_id
         self.reader, self.null_columns = reader, tuple(null_columns)
         self.config = HFLayerConfig(self.null_columns)
@@ -226,7 +229,7 @@ class HFMoELayer(LastRoutingViews):
             callback(self)
 
     def _install(self) -> None:
-        self._handles.append(self.block.register_forward_pre_hook(self._on_block_input, with_kwargs=True))
+        self._handles.append(self.input_module.register_forward_pre_hook(self._on_block_input, with_kwargs=True))
         install = _READERS[self.reader]
         self._handles.extend(install(self))
 
@@ -424,14 +427,14 @@ def _warn_once(layer: HFMoELayer, message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- discovery
-def _special(name: str, block: nn.Module, layer_id: int) -> Optional[HFMoELayer]:
+def _special(name: str, block: nn.Module, layer_id: int, parent: nn.Module) -> Optional[HFMoELayer]:
     """The layers of the families with their own reader (by class name, checked by structure)."""
     cls = type(block).__name__
     if cls == "Llama4TextMoe" and hasattr(block, "router") and hasattr(block, "experts"):
         return HFMoELayer(name, block, block.experts, block.router, 1, block.num_experts, layer_id, "llama4")
     if cls in ("JetMoeMoE", "JetMoeMoA") and hasattr(block, "router"):
         return HFMoELayer(name, block, block.input_linear, block.router, 4, block.router.num_experts, layer_id,
-                          "jetmoe")
+                          "jetmoe", input_module=parent if cls == "JetMoeMoA" else block)
     if cls == "DogeCDMoE" and hasattr(block, "down_embed") and hasattr(block, "num_keys"):
         return HFMoELayer(name, block, block.down_embed, block, 1, block.num_experts, layer_id, "doge")
     return None
@@ -455,7 +458,7 @@ def hf_moe_layers(model: nn.Module, exclude: Sequence[nn.Module] = ()) -> Tuple[
     for name, module in modules.items():
         if id(module) in skip:
             continue
-        special = _special(name, module, _layer_id(name, len(layers)))
+        special = _special(name, module, _layer_id(name, len(layers)), modules[name.rpartition(".")[0]])
         if special is not None:
             layers.append(special)
             skip.update(id(m) for m in module.modules())

@@ -8,6 +8,7 @@ from matplotlib.patches import Patch, Rectangle
 from torch import nn
 
 from ..block import MoEBlock
+from ..observe.recorder import RoutingRecorder
 from ._common import column_colors, column_names
 
 
@@ -19,16 +20,18 @@ def plot_token_routing(tokens: Sequence[str], model: nn.Module, sample: int = 0)
     Args:
         tokens: the L token strings of sample ``sample`` of the model's last forward (``route="tokens"``,
             input (B, L, D) or (L, D)).
-        model: a model whose MoE blocks all ran that forward (or one block).
+        model: a model whose MoE blocks all ran that forward (or one block), or the RoutingRecorder that watched
+            that forward of a Hugging Face model (its layers' last records).
         sample: which sequence of the batch to draw.
     Returns:
         the figure.
     """
     if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens) or not tokens:
         raise TypeError("tokens must be a non-empty list of token strings")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    blocks = [(n or "model", b) for n, b in model.named_modules() if isinstance(b, MoEBlock)]
+    if not isinstance(model, (nn.Module, RoutingRecorder)):
+        raise TypeError(f"model must be an nn.Module or a RoutingRecorder, got {type(model).__name__}")
+    blocks = list(model.blocks.items()) if isinstance(model, RoutingRecorder) else [
+        (n or "model", b) for n, b in model.named_modules() if isinstance(b, MoEBlock)]
     if not blocks:
         raise ValueError("model contains no MoEBlock")
     rows = []
