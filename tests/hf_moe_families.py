@@ -44,7 +44,8 @@ _TOP_K = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "
 FAMILY_OVERRIDES: Dict[str, dict] = {
     # default leaves the MoE sizes unset (None): DeepSeek-V2-Lite's routing, scaled
     "deepseek_v2": {"num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "topk_method": "group_limited_greedy"},
-    "longcat_flash": {"zero_expert_num": 2},  # zero experts (identity) beside the 8 real ones; default 256
+    "longcat_flash": {"zero_expert_num": 2},
+    "deepseek_v4": {"mlp_layer_types": ["hash_moe", "moe"]},  # one hash-routed, one top-k layer (default 3 hash)  # zero experts (identity) beside the 8 real ones; default 256
     "dots1": {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1},
     # default is one expert, head_dim None
     "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2, "head_dim": 8},
@@ -260,8 +261,10 @@ def is_experts_implementation(module: torch.nn.Module) -> bool:
 
 
 def survey(model_type: str) -> dict:
-    """What the tiny model of ``model_type`` is made of: builds (and runs a forward), its MoE block, experts
-    and router class names, MoE layers, and the reason when it does not build."""
+    """What the tiny model of ``model_type`` is made of: whether it builds and runs a forward here, its MoE
+    layers as :func:`moefy.observe.hf_routing.hf_moe_layers` finds them (block, experts and router class names,
+    how the routing is read), and the reason when it does not build."""
+    from moefy.observe.hf_routing import hf_moe_layers
     family = families()[model_type]
     row = {"model_type": model_type, "causal_lm": family.causal_lm,
            "uses_experts_implementation": family.uses_experts_implementation}
@@ -271,32 +274,26 @@ def survey(model_type: str) -> dict:
             model(input_ids=tiny_input_ids())
     except Exception as err:  # noqa: BLE001
         return {**row, "builds": False, "reason": str(err)[:300]}
-    experts = [(n, m) for n, m in model.named_modules() if is_experts_implementation(m)]
-    modules = dict(model.named_modules())
-    blocks = [modules[n.rpartition(".")[0]] for n, _ in experts]
-    routers = _router_classes(model)
-    return {**row, "builds": True, "moe_layers": len(experts),
-            "block": sorted({type(b).__name__ for b in blocks}), "experts": sorted({type(m).__name__ for _, m in experts}),
-            "router": sorted(routers)}
+    layers, skipped = hf_moe_layers(model)
+
+    def names(attr):
+        return sorted({type(getattr(layer, attr)).__name__ for layer in layers})
+
+    return {**row, "builds": True, "moe_layers": len(layers), "block": names("block"), "experts": names("experts"),
+            "router": names("router"), "reader": sorted({layer.reader for layer in layers}), "skipped": skipped}
 
 
-def _router_classes(model) -> List[str]:
-    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    names = set()
-    for m in model.modules():
-        if isinstance(m, transformers.PreTrainedModel):
-            spec = _CAN_RECORD_REGISTRY.get(m).get("router_logits")
-            for s in spec if isinstance(spec, list) else [spec] if spec is not None else []:
-                target = getattr(s, "target_class", s)
-                names.add(target.__name__ if inspect.isclass(target) else str(target))
-    return sorted(names)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the survey as a markdown table: python tests/hf_moe_families.py [model_type ...]
     import sys
-    import time
     torch.set_num_threads(1)
+    print("| family | causal LM | builds | MoE layers | MoE block | experts | router | read as | "
+          "@use_experts_implementation |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mt in sys.argv[1:] or families():
-        t = time.perf_counter()
         r = survey(mt)
-        print(f"{time.perf_counter() - t:6.2f}s", r, flush=True)
+        if not r["builds"]:
+            print(f"| {mt} | {r['causal_lm']} | no: {r['reason']} | | | | | | |")
+            continue
+        print(f"| {mt} | {r['causal_lm']} | yes | {r['moe_layers']} | {', '.join(r['block'])} | "
+              f"{', '.join(r['experts'])} | {', '.join(r['router'])} | {', '.join(r['reader'])} | "
+              f"{'yes' if r['uses_experts_implementation'] else 'no'} |")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 from hf_moe_families import SKIPPED, families, is_experts_implementation, tiny_input_ids, tiny_model  # noqa: E402
 
 from moefy import RoutingRecorder, TrainingLogWriter  # noqa: E402
-from moefy.observe.hf_routing import HFMoELayer, hf_moe_layers, is_hf_experts  # noqa: E402
+from moefy.observe.hf_routing import HFMoELayer, hf_moe_layers, is_hf_experts, token_choice_routing  # noqa: E402
 from moefy.viz import plot_experts_load, plot_load_heatmap, plot_token_routing, plot_total_load  # noqa: E402
 
 FAMILIES = sorted(families())
@@ -216,6 +216,33 @@ def test_recorder_gradients_training_mode_and_detach():
     assert all(s.forwards == 2 and s.tokens == 2 * ids.numel() for s in rec.stats.values())
 
 
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+def test_every_experts_implementation_and_greedy_generate(implementation):
+    """The record is the experts call's arguments whichever implementation transformers dispatches to; greedy
+    generation is unchanged and every decoding step is recorded."""
+    model = model_of("mixtral")
+    ids = tiny_input_ids()
+    with RoutingRecorder(model) as rec, torch.no_grad():
+        eager = [b.routing for b in (model(input_ids=ids), *rec.blocks.values())[1:]]
+    try:
+        model.set_experts_implementation(implementation)
+        with torch.no_grad():
+            reference = model.generate(ids, max_new_tokens=3, do_sample=False)
+            logits = model(input_ids=ids).logits
+        with RoutingRecorder(model) as rec, torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, logits)
+            for r, layer in zip(eager, rec.blocks.values()):
+                assert torch.equal(r.indices, layer.routing.indices) and torch.equal(r.weights, layer.routing.weights)
+            rec.reset()
+            assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), reference)
+    finally:
+        model.set_experts_implementation("eager")
+    stats = rec.stats["model.layers.0.mlp"]
+    assert stats.forwards == 3 and stats.tokens == ids.numel() + 2 * ids.shape[0]  # prefill, then 1 token each
+    assert stats.position_load is None                                               # (2, 6) then (2, 1)
+    assert float(stats.load.sum()) == stats.tokens * 2
+
+
 def test_training_log_and_moefy_plot_read_an_unconverted_model(tmp_path):
     from moefy.observe import read_log
     from moefy.observe.cli import main
@@ -241,3 +268,17 @@ def test_a_model_without_moe_layers_is_refused_by_name():
     with pytest.raises(ValueError, match="no MoEBlock and no Hugging Face MoE layer"):
         RoutingRecorder(llama)
     assert not any(is_hf_experts(m) for m in llama.modules())
+    with pytest.raises(TypeError, match="model must be"):
+        hf_moe_layers("mixtral")
+    index, weights, logits = torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"logits have 4 columns but num_experts=3"):
+        token_choice_routing(index, weights, logits, 3)
+    with pytest.raises(ValueError, match=r"indices and weights must be \(T, k\)"):
+        token_choice_routing(index, weights[:, :1], logits, 4)
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        token_choice_routing(weights, weights, logits, 4)
+    with pytest.raises(TypeError, match="callback must be callable"):
+        hf_moe_layers(model_of("mixtral"))[0][0].watch("print")
+    r = token_choice_routing(torch.tensor([[0, 4], [1, -1], [3, 1]]), torch.ones(3, 2), logits, 4, (1, 3))
+    assert r.counts == (1, 2, 0, 1) and int(r.dropped) == 2 and r.tokens_shape == (1, 3)   # 4, -1: sentinels
+    assert r.token_index.tolist() == [0, 1, 2, 2] and r.expert_index.tolist() == [0, 1, 1, 3]
