@@ -224,7 +224,7 @@ class HFMoELayer(LastRoutingViews):
             self._handles, self._router_out, self._tokens_shape = [], None, None
 
     def _emit(self, routing: Routing) -> None:
-        self.routing = routing
+        self.routing, self._router_out = routing, None  # the router's output would keep its graph alive
         for callback in list(self._watchers.values()):
             callback(self)
 
@@ -242,6 +242,7 @@ class HFMoELayer(LastRoutingViews):
         self._router_out = output
 
     def _router_logits(self, tokens: int) -> Optional[torch.Tensor]:
+        """The (T, E') logits in the router's last output (None if it has none of that shape)."""
         out = self._router_out
         if isinstance(out, (tuple, list)):
             out = out[self.router_index] if len(out) > self.router_index else None
@@ -284,6 +285,7 @@ def _experts_args(args, kwargs):
 # ---------------------------------------------------------------------------------------------- readers
 def _experts_call(layer: HFMoELayer) -> list:
     """The common case: the record is the experts module's (top_k_index, top_k_weights)."""
+    @torch.no_grad()
     def on_experts(module, args, kwargs):
         got = _experts_args(args, kwargs)
         if got is None:
@@ -301,6 +303,7 @@ def _experts_call(layer: HFMoELayer) -> list:
 
 def _longcat(layer: HFMoELayer) -> list:
     """LongCat-Flash: the router's picks, zero experts as copy null columns; checked against the experts call."""
+    @torch.no_grad()
     def on_experts(module, args, kwargs):
         _, index, weights = _experts_args(args, kwargs)
         logits = layer._router_logits(index.shape[0])
@@ -326,6 +329,7 @@ def _zaya(layer: HFMoELayer) -> list:
     """Zaya: the skip expert (column E) as a zero null column. The router masks its picks to expert 0 with
     weight 0 before the experts see them; the picks are redone from the router logits as the router does
     (softmax, + balancing biases, top-k) and must reproduce the experts call exactly."""
+    @torch.no_grad()
     def on_experts(module, args, kwargs):
         _, index, weights = _experts_args(args, kwargs)
         logits = layer._router_logits(index.shape[0])
@@ -353,6 +357,7 @@ def _llama4(layer: HFMoELayer) -> list:
     """Llama 4: the router returns (scores (T, E), logits (T, E)), scores = sigmoid of the top-k logits, 0 off
     them; the experts run on every token times its score. The record: the router's top-k of the logits (the
     same call as the router's) with their scores; checked: scattering them back gives the scores exactly."""
+    @torch.no_grad()
     def on_router(module, args, output):
         scores, logits = output
         index = torch.topk(logits, module.top_k, dim=1).indices
@@ -369,6 +374,7 @@ def _jetmoe(layer: HFMoELayer) -> list:
     """JetMoE (MLP and attention experts): the router returns the experts' sorted slots (slot ids
     ``token·k + j``, their token ids, gates, tokens per expert) and the logits; the record is rebuilt from
     those slots exactly."""
+    @torch.no_grad()
     def on_router(module, args, output):
         slots, _, gates, expert_size, logits = output
         k, tokens = module.top_k, logits.shape[0]
@@ -390,8 +396,9 @@ def _doge(layer: HFMoELayer) -> list:
     looked_up: list = []
 
     def on_lookup(module, args):
-        looked_up[:] = [args[0]]
+        looked_up[:] = [args[0].detach()]
 
+    @torch.no_grad()
     def on_block(module, args, output):
         router_logits = output[1]                                      # (2, T, K)
         keys, top_k = block.num_keys, block.top_k
@@ -406,6 +413,7 @@ def _doge(layer: HFMoELayer) -> list:
         if looked_up and not torch.equal(looked_up[0], index):
             _warn_once(layer, "the redone picks differ from the experts' lookup; recording the lookup's indices")
             index = looked_up[0]
+        looked_up.clear()
         tokens = index.shape[0]
         logits = router_logits.new_full((tokens, layer.num_experts), -math.inf)
         logits[:, : keys * keys] = (router_logits[0].unsqueeze(-1) + router_logits[1].unsqueeze(-2)).flatten(-2)
