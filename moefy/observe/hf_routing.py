@@ -176,7 +176,7 @@ class HFMoELayer(LastRoutingViews):
     route = "tokens"
     hole = False
 
-    def __init__(self, name: str, block: nn.Module, experts: nn.Module, router: Optional[nn.Module],
+    def __init__(self, name: str, block: nn.Module, experts: nn.Module, router: nn.Module,
                  router_index: int, num_experts: int, layer_id: int, reader: str,
                  null_columns: Tuple[str, ...] = (), input_module: Optional[nn.Module] = None):
         self.name, self.block, self.experts, self.router = name, block, experts, router
