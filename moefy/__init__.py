@@ -16,6 +16,7 @@ from .convert import (AttentionMixture, ModuleMixture, load_dense_state_dict, me
 # saving: a moefied model's weights and conversions, and re-applying them to a fresh dense model; moefy.hf (imported
 # on first use): HF MoE models in (from_hf) and out (export)
 from .convert.save import load, save
+from .hf import from_hf as _from_hf  # noqa: F401 (registers HFMoEBlock with save / load; no transformers)
 # observing: routing statistics, the JSON-lines training log, and the plots (viz is imported on first use)
 from .observe import LogFormatError, RoutingRecorder, TrainingLogWriter, read_log
 # parallel: experts sharded over the ranks of a process group, and their checkpoints

@@ -97,7 +97,11 @@ def test_moefy_json_records_every_conversion(tmp_path):
                         null_experts={"constant": 1})
     moefy.save(model, tmp_path)
     meta = json.loads((tmp_path / "moefy.json").read_text())
-    assert meta["format_version"] == 1 and meta["weights"] == "moefy.safetensors"
+    assert meta["format_version"] == 2 and meta["weights"] == "moefy.safetensors"
+    weights = (tmp_path / "moefy.safetensors").read_bytes()  # the commit record: its size and the save's id
+    header = json.loads(weights[8:8 + int.from_bytes(weights[:8], "little")])
+    assert meta["files"] == {"moefy.safetensors": {"bytes": len(weights),
+                                                   "save_id": header["__metadata__"]["moefy_save_id"]}}
     entries = meta["conversions"]
     assert [e["path"] for e in entries] == ["blocks.0", "blocks.1"]
     e = entries[1]
@@ -192,6 +196,21 @@ def test_without_safetensors_falls_back_to_torch_save(tmp_path, monkeypatch):
     _same(model, moefy.load(Net(), tmp_path), torch.randn(2, 3, 8))
 
 
+# -------------------------------------------------------------------------------------- import graph
+def test_no_import_cycle_through_save_surgery_and_from_hf():
+    """convert/save ↔ convert/surgery ↔ hf/from_hf is untangled: moefy.convert imports nothing of moefy.hf (not even
+    lazily); moefy.hf registers HFMoEBlock in the registry moefy.convert owns (moefy.convert.recorded)."""
+    from test_import_graph import cycles, module_graph
+    graph = module_graph()
+    assert "moefy.convert.writer" in graph["moefy.convert.surgery"]  # the graph sees these edges
+    assert "moefy.convert.recorded" in graph["moefy.hf.from_hf"]
+    upward = sorted((a, b) for a in graph if a.startswith("moefy.convert") for b in graph[a] if b.startswith("moefy.hf"))
+    assert upward == []
+    assert [c for c in cycles(graph) if any(m.startswith(("moefy.convert", "moefy.hf")) for m in c)] == []
+    from moefy.convert.recorded import RECORDED
+    assert RECORDED["HFMoEBlock"].cls is moefy.hf.HFMoEBlock
+
+
 # ----------------------------------------------------------------------------------------- bad input
 def test_given_state_dict_is_what_is_written(tmp_path):
     model = moefy.moefy(Net(), 2, target="blocks.*")
@@ -223,14 +242,15 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
             self.mlp = nn.Linear(8, 8)
     with pytest.raises(ValueError, match="no submodule 'blocks.0'.*pass the dense model"):
         moefy.load(Other(), tmp_path)
-    mismatch = "shape mismatches ['blocks.0.experts.0.0.weight: saved (32, 16), model (32, 12)"
+    mismatch = "moefy.safetensors: shape mismatches ['emb.bias: saved (16,), model (12,)'"
     with pytest.raises(ValueError, match=re.escape(mismatch)):
-        moefy.load(Net(dim=12), tmp_path)  # same names, other sizes: input_dim is recorded as 16
+        moefy.load(Net(dim=12), tmp_path)  # same names, other sizes: checked before the conversions
     with pytest.raises(ValueError, match=r"missing keys \[\].*unexpected keys \['extra'\]"):
         state = moefy.moefy(Net(), 2, target="blocks.*").state_dict()
         torch.save({**state, "extra": torch.zeros(1)}, tmp_path / "moefy.pt")
-        meta = json.loads((tmp_path / "moefy.json").read_text())
-        (tmp_path / "moefy.json").write_text(json.dumps({**meta, "weights": "moefy.pt"}))
+        meta = json.loads((tmp_path / "moefy.json").read_text())  # format 1 (no commit record) still loads
+        del meta["files"]
+        (tmp_path / "moefy.json").write_text(json.dumps({**meta, "format_version": 1, "weights": "moefy.pt"}))
         moefy.load(Net(), tmp_path)
     (tmp_path / "moefy.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):

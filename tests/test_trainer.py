@@ -77,6 +77,9 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, caplog):
     old.mkdir()
     for name in ("moefy.json", "moefy.safetensors"):
         (old / name).write_bytes((checkpoint / name).read_bytes())
+    meta = json.loads((old / "moefy.json").read_text())  # moefy.json of then: format 1, no commit record
+    del meta["files"]
+    (old / "moefy.json").write_text(json.dumps({**meta, "format_version": 1}))
     config = json.loads((checkpoint / "config.json").read_text())
     del config["transformers_weights"]
     (old / "config.json").write_text(json.dumps(config))

@@ -15,6 +15,7 @@ from .mixture import AttentionMixture, ModuleMixture, _check_module
 from .router_init import check_router_init, init_router
 from .sources import check_rest, model_sources
 from .torch_layers import check_target, sync_fast_paths
+from .writer import keep_save_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,6 @@ def moefy(module: nn.Module, num_experts: Optional[int] = None, k: Optional[int]
         _set_submodule(module, name, mixture)
     if router_init is not None:
         init_router(module, router_data, router_init, layerwise=experts_from is not None)  # see router_init.py
-    from .save import keep_save_pretrained  # save.py imports this module
     keep_save_pretrained(module)
     return module
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..config import RoutingConfig
+from ..convert.recorded import RecordedBlock, register
 from ..convert.surgery import _set_submodule
+from ..convert.writer import keep_save_pretrained
 from .block import HFMoEBlock, unstack_experts
 from .families import FAMILIES, MoEFamily, transformers_module
 
@@ -100,19 +103,24 @@ def from_hf(model: nn.Module, **options) -> nn.Module:
         routing = RoutingConfig.from_options(base, **{"layer_id": _layer_index(path, i), **options})
         _set_submodule(model, path, convert_block(hf_block, family, model.config, routing))
     _guard_router_logits(model)
-    from ..convert.save import keep_save_pretrained  # save.py imports moefy.hf
     keep_save_pretrained(model)
     logger.info("moefy.hf.from_hf: %d %s blocks of %s -> HFMoEBlock", len(found), family.block, type(model).__name__)
     return model
 
 
-def convert_at(model: nn.Module, path: str, routing: RoutingConfig) -> HFMoEBlock:
+def convert_at(model: nn.Module, path: str, routing: RoutingConfig, num_experts: Optional[int] = None) -> HFMoEBlock:
     """Convert the one HF MoE block at ``path`` of ``model`` in place, routing by ``routing`` (what
-    :func:`moefy.load` re-applies from ``moefy.json``)."""
+    :func:`moefy.load` re-applies from ``moefy.json``). ``num_experts``: the number of experts the block must have
+    (what the weights file holds), checked before any expert is built."""
     family = _family(model)
     hf_block = model.get_submodule(path)
     if type(hf_block).__name__ != family.block:
         raise ValueError(f"model: {path!r} is a {type(hf_block).__name__}, not a {family.block}")
+    stacked = getattr(getattr(hf_block, "experts", None), "down_proj", None)
+    if num_experts is not None and (not isinstance(stacked, torch.Tensor) or stacked.shape[0] != num_experts):
+        has = stacked.shape[0] if isinstance(stacked, torch.Tensor) else "no stacked"
+        raise ValueError(f"model: {path!r} ({family.block}) has {has} experts, but the weights hold {num_experts} "
+                         f"there; pass the model this folder was saved from")
     block = convert_block(hf_block, family, model.config, routing)
     _set_submodule(model, path, block)
     _guard_router_logits(model)
@@ -132,3 +140,6 @@ def _guard_router_logits(model: nn.Module) -> None:
         model.register_forward_pre_hook(_refuse_router_logits, with_kwargs=True)
         model._moefy_router_logits_guard = True
 
+
+# moefy.save records each HFMoEBlock; moefy.load converts the HF block at its path again
+register(RecordedBlock(HFMoEBlock, {"source": str}, lambda block: {"source": block.source}, convert_at))
