@@ -259,3 +259,18 @@ def test_token_routing_colours_every_token_by_its_first_and_second_choice():
         assert [p.get_facecolor() for p in drawn[0::2]] == [to_rgba(colors[int(e)]) for e in picks[:, 0]]
         assert [p.get_facecolor() for p in drawn[1::2]] == [to_rgba(colors[int(e)]) for e in picks[:, 1]]
     fig.canvas.draw()  # "$" is drawn as text, not mathtext
+
+
+def test_token_routing_reads_a_flat_record_as_sequences_of_the_tokens():
+    """A layer that flattened its (B, L) tokens to (B·L,) rows (JetMoE's attention experts) draws sample 1 too."""
+    from moefy.viz import plot_token_routing
+    torch.manual_seed(0)
+    flat, nested = LinearMixture(6, 6, 4, k=2, layer_id=0), LinearMixture(6, 6, 4, k=2, layer_id=0)
+    nested.load_state_dict(flat.state_dict())
+    x = torch.randn(2, 5, 6)
+    flat(x.reshape(10, 6)), nested(x)
+    tokens = list("abcde")
+    drawn = [[p.get_facecolor() for p in plot_token_routing(tokens, m, sample=1).axes[0].patches] for m in (flat, nested)]
+    assert drawn[0] == drawn[1] and len(drawn[0]) == 10
+    with pytest.raises(ValueError, match="routed 1 sequence"):
+        plot_token_routing(list("abc"), flat)  # 10 rows are not sequences of 3 tokens

@@ -40,7 +40,8 @@ def plot_token_routing(tokens: Sequence[str], model: nn.Module, sample: int = 0)
         if r is None or r.mode != "token_choice" or b.route != "tokens" or r.kept is not None:
             raise ValueError(f"{name}: needs the last forward of a token-choice, per-token block without a "
                              f"token_mask (run the model on the sequence first)")
-        length = r.tokens_shape[-1] if len(r.tokens_shape) > 1 else r.tokens_shape[0]
+        flat = len(r.tokens_shape) == 1  # (T,) rows of a batch the layer flattened: sequences of len(tokens)
+        length = len(tokens) if flat and r.tokens_shape[0] % len(tokens) == 0 else r.tokens_shape[-1]
         batch = r.indices.shape[0] // length
         if length != len(tokens) or not 0 <= sample < batch:
             raise ValueError(f"tokens / sample: {name} routed {batch} sequence(s) of {length} tokens, got "
