@@ -65,7 +65,7 @@ def test_plot_real_log(trained_log, tmp_path, capsys):
     assert main(["plot", str(trained_log), "--out", str(out), "--dpi", "40"]) == 0
     written = sorted(p.name for p in out.iterdir())
     assert written == ["affinity.png", "affinity_2.csv", "affinity_4.csv", "dashboard.png", "entropy.png",
-                       "metrics.png", "routing_accuracy.png", "utilization.png"]
+                       "health.png", "metrics.png", "routing_accuracy.png", "utilization.png"]
     assert set(capsys.readouterr().out.split()) == {str(out / name) for name in written}
     for name in written:
         if name.endswith(".png"):
@@ -203,7 +203,7 @@ HOSTILE = {  # kind: (extra arguments, exit status, stderr after "moefy plot: er
                         r"max_affinity_rows=512 \(--max-affinity-rows raises it\)"),
     "columns": ([], 1, r"{log}:1: the number of router columns \('utilization'\) is 5,000, above the limit "
                        r"max_columns=256 \(--max-columns raises it\)"),
-    "one_element_rows": ([], 1, r"{log}:1: the line holds 4,193,283 lists \(bytes '\['\), more than the 12,852 a "
+    "one_element_rows": ([], 1, r"{log}:1: the line holds 4,193,283 lists \(bytes '\['\), more than the 21,607 a "
                                 r"line within the limits can hold: above the limit max_affinity_rows=512 "
                                 r"\(--max-affinity-rows raises it\)"),
     "over_16_mb": ([], 1, r"{log}: the log's size in bytes is 16,777,\d{3}, above the limit max_bytes=16,777,216 "

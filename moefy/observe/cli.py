@@ -3,7 +3,9 @@
     moefy plot LOG --out DIR [--dpi 120] [--max-log-mb 16] [--max-metrics 16] [--max-layers 16]
                              [--max-columns 256] [--max-affinity-rows 512] [--max-dpi 600] [--max-megapixels 16]
 
-turns a JSON-lines training log (see :mod:`moefy.observe.log`) into PNG dashboards and the affinity CSV.
+turns a JSON-lines training log (see :mod:`moefy.observe.log`) into PNG dashboards and the affinity CSV;
+``health.png`` (MaxVio, dead experts, load entropy over epochs; co-activation and top-1 transition heatmaps of
+the last epoch that logged them) when the log has routing-health fields.
 Exit status: 0 on success, 1 for a bad log, a log beyond a limit or an unwritable output folder, 2 for bad
 arguments; every error is one line on stderr naming the file (and line, or the limit and the flag that raises
 it), no traceback. A torn last line (a run killed mid-write) is skipped with a warning.
@@ -77,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         "plot", help="plot a JSON-lines training log",
         description="Plot a JSON-lines training log: expert utilization over epochs, router entropy, routing "
                     "accuracy, the class x expert affinity heatmap (+ CSV), the metric curves and a dashboard "
-                    "with all of them. A bad log stops with an error naming the line; a log beyond a limit "
+                    "with all of them; health.png: MaxVio, dead experts and load entropy over epochs, the "
+                    "co-activation and layer-to-layer transition heatmaps. A bad log stops with an error naming the line; a log beyond a limit "
                     "with an error naming the flag that raises it.")
     plot.add_argument("log", metavar="LOG", help="training log, one JSON object per line (a regular file)")
     plot.add_argument("--out", metavar="DIR", required=True, help="output folder (created if missing)")
@@ -126,7 +129,8 @@ def plot_log(log_path: str, out: str, dpi: int = 120, limits: PlotLimits = DEFAU
     figures = [("utilization.png", dashboard.plot_utilization(log)), ("entropy.png", dashboard.plot_entropy(log))]
     skipped = []
     for name, make in (("routing_accuracy.png", dashboard.plot_routing_accuracy),
-                       ("affinity.png", dashboard.plot_affinity), ("metrics.png", dashboard.plot_metrics)):
+                       ("affinity.png", dashboard.plot_affinity), ("metrics.png", dashboard.plot_metrics),
+                       ("health.png", dashboard.plot_health)):
         try:
             figures.append((name, make(log)))
         except ValueError as err:  # optional content missing from the log
@@ -134,8 +138,6 @@ def plot_log(log_path: str, out: str, dpi: int = 120, limits: PlotLimits = DEFAU
     figures.append(("dashboard.png", dashboard.plot_dashboard(log)))
     for name, fig in figures:
         _check_pixels(name, fig, dpi, limits.max_megapixels)
-    for note in skipped:  # only once nothing can fail but the writing: an error stays the one line on stderr
-        print(note, file=sys.stderr)
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +157,8 @@ def plot_log(log_path: str, out: str, dpi: int = 120, limits: PlotLimits = DEFAU
         text = dashboard.affinity_csv(series).encode("utf-8")
         written.append(_write_new(out_dir, name, lambda f: f.write(text)))
     save_next()  # the dashboard
+    for note in skipped:  # only once everything is written: an error stays the one line on stderr
+        print(note, file=sys.stderr)
     return written
 
 

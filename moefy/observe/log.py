@@ -19,6 +19,16 @@ experts and before the hole; written only when there are some), ``dropped``
 line). The top-level routing fields are those of
 the first MoE layer, so a one-layer log is exactly seed 004's format.
 
+Routing health (optional, per layer; :mod:`moefy.observe.health` defines them over the real experts, the null
+columns and the hole left out): ``max_vio`` (MaxVio of the epoch's summed load), ``max_vio_batch`` (the mean of
+each recorded batch's MaxVio), ``cv`` (the load's coefficient of variation), ``load_entropy`` (nats, entropy of
+the load distribution over the experts; ``entropy`` is the mean per-token router entropy), each a number ≥ 0 or
+null; ``dead`` (ids of the experts without a token, increasing, in [0, E)); ``coactivation`` (E rows of E
+counts: tokens processed by both experts; the diagonal: by the expert); ``transition_to`` (the name of another
+layer of the line) with ``transition`` (one row per router column of this layer, one count per router column of
+``transition_to``: tokens whose top-1 column went from the row to the column). ``transition`` is a field of a
+``layers`` entry only. A log without them (older logs) reads as before.
+
 Numbers are finite (no NaN / Infinity) and within ±1e300, epochs ≤ 2**53; names are valid Unicode. The file is
 UTF-8 (a BOM is skipped) with ``\\n`` or ``\\r\\n`` line ends. The parser rejects the whole file on the first bad
 line with a :class:`LogFormatError` naming the line.
@@ -52,9 +62,12 @@ from typing import BinaryIO, Dict, List, Mapping, Optional, Sequence, Union
 from ..checks import check_path
 
 REQUIRED = ("epoch", "routing_acc", "entropy", "utilization")
+HEALTH_NUMBERS = ("max_vio", "max_vio_batch", "cv", "load_entropy")  # numbers >= 0 or null
+HEALTH_FIELDS = HEALTH_NUMBERS + ("dead", "coactivation")
 MAX_EPOCH = 2 ** 53  # epochs stay exact as floats (plot axes)
 MAX_ABS = 1e300  # larger magnitudes overflow the arithmetic of plot axis limits
-ROUTING_FIELDS = ("routing_acc", "entropy", "utilization", "hole", "null_columns", "dropped", "affinity")
+ROUTING_FIELDS = ("routing_acc", "entropy", "utilization", "hole", "null_columns", "dropped", "affinity") \
+    + HEALTH_FIELDS  # copied from the first layer to the top level (co-activation only in a one-layer log)
 NULL_KINDS = ("copy", "constant", "zero")  # as moefy.config.NULL_KINDS (this module reads logs without torch)
 PathLike = Union[str, Path]
 logger = logging.getLogger(__name__)
@@ -112,6 +125,9 @@ class LayerSeries:
     """One layer's routing fields over the epochs (aligned with :attr:`TrainingLog.epochs`).
 
     ``utilization`` is (epochs, E'); ``affinity`` is the last matrix logged, from epoch ``affinity_epoch``.
+    The health series (``max_vio``, ``max_vio_batch``, ``cv``, ``load_entropy``, ``dead``) hold None for an
+    epoch that did not log them; ``coactivation`` (E, E) and ``transition`` (E', E'_next, to the layer
+    ``transition_to``) are the last matrices logged, from epochs ``coactivation_epoch`` / ``transition_epoch``.
     """
 
     name: str
@@ -123,10 +139,31 @@ class LayerSeries:
     affinity_epoch: Optional[int] = None
     hole: bool = False
     null_columns: List[str] = field(default_factory=list)
+    max_vio: List[Optional[float]] = field(default_factory=list)
+    max_vio_batch: List[Optional[float]] = field(default_factory=list)
+    cv: List[Optional[float]] = field(default_factory=list)
+    load_entropy: List[Optional[float]] = field(default_factory=list)
+    dead: List[Optional[List[int]]] = field(default_factory=list)
+    coactivation: Optional[List[List[float]]] = None
+    coactivation_epoch: Optional[int] = None
+    transition: Optional[List[List[float]]] = None
+    transition_to: Optional[str] = None
+    transition_epoch: Optional[int] = None
 
     @property
     def num_columns(self) -> int:
         return len(self.utilization[0])
+
+    @property
+    def num_experts(self) -> int:
+        """E: the router columns less the null columns and the hole."""
+        return self.num_columns - len(self.null_columns) - int(self.hole)
+
+    @property
+    def has_health(self) -> bool:
+        """Whether any epoch logged a health field."""
+        return any(v is not None for series in (self.max_vio, self.max_vio_batch, self.cv, self.load_entropy,
+                                                self.dead) for v in series)
 
 
 @dataclass
@@ -197,13 +234,15 @@ class TrainingLogWriter:
         elif existing.size and not existing.ends_with_newline:  # a complete last line without its "\n"
             self._write_all(b"\n")
 
-    def write(self, epoch: int, layers, metrics: Optional[Dict[str, float]] = None) -> dict:
+    def write(self, epoch: int, layers, metrics: Optional[Dict[str, float]] = None, matrices: bool = True) -> dict:
         """Write the line of ``epoch``.
 
         Args:
             epoch: epoch number (strictly increasing, also across a restart with ``mode="a"``).
             layers: a :class:`moefy.observe.recorder.RoutingRecorder` or its ``summary()`` (one dict per layer).
             metrics: name → number (accuracy, loss, ...).
+            matrices: with a recorder, also write the co-activation and transition matrices (E² + E'·E'_next
+                numbers per layer; ``moefy plot`` draws the last ones): False keeps a long log small.
         Returns:
             the object written.
         Raises:
@@ -212,7 +251,7 @@ class TrainingLogWriter:
         """
         if self._fd is None:
             raise ValueError(f"{self.path}: the writer is closed")
-        summary = layers.summary() if hasattr(layers, "summary") else layers
+        summary = layers.summary(matrices=matrices) if hasattr(layers, "summary") else layers
         entry = log_entry(epoch, summary, metrics)
         line = self._lines + 1
         _check_entry(entry, self.path, line, self._first)
@@ -266,7 +305,8 @@ def log_entry(epoch: int, layers: Sequence[dict], metrics: Optional[Dict[str, fl
     if metrics is not None and not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping of name -> number, got {type(metrics).__name__}")
     entry = {"epoch": epoch}
-    entry.update({k: v for k, v in layers[0].items() if k in ROUTING_FIELDS})
+    entry.update({k: v for k, v in layers[0].items()
+                  if k in ROUTING_FIELDS and (k != "coactivation" or len(layers) == 1)})
     entry["metrics"] = {}
     for name, value in (metrics or {}).items():
         try:
@@ -434,9 +474,13 @@ def _check_line_structure(chunk: bytes, path: Path, line: int, limits: LogLimits
         return
     layers, rows, columns, metrics = bounds
     objects = layers + 1  # the line's routing fields and each layer's
+    # per object: utilization, null_columns, dead (columns each at most), affinity (rows x columns),
+    # coactivation and transition (columns x columns each), and a few dozen keys
+    lists = rows + 2 * columns + 6
+    values = columns * (rows + 3) + 2 * columns * columns + 32
     for byte, most, what, limit in ((b"{", objects + 2, "objects", "max_layers"),
-                                    (b"[", objects * (rows + 3) + 1, "lists", "max_affinity_rows"),
-                                    (b",", objects * (columns * (rows + 1) + 16) + metrics, "values", "max_columns")):
+                                    (b"[", objects * lists + 1, "lists", "max_affinity_rows"),
+                                    (b",", objects * values + metrics, "values", "max_columns")):
         found = chunk.count(byte)
         if found > most + STRUCTURE_SLACK:
             raise LogLimitError(path, line, f"the line holds {found:,} {what} (bytes {byte.decode()!r}), more than "
@@ -473,6 +517,13 @@ def _append(log: TrainingLog, entry: dict) -> None:
         series.null_columns = list(layer.get("null_columns") or [])
         if layer.get("affinity") is not None:
             series.affinity, series.affinity_epoch = layer["affinity"], entry["epoch"]
+        for name in HEALTH_NUMBERS + ("dead",):
+            getattr(series, name).append(layer.get(name))
+        if layer.get("coactivation") is not None:
+            series.coactivation, series.coactivation_epoch = layer["coactivation"], entry["epoch"]
+        if layer.get("transition") is not None:
+            series.transition, series.transition_epoch = layer["transition"], entry["epoch"]
+            series.transition_to = layer["transition_to"]
     for name, value in (entry.get("metrics") or {}).items():
         log.metrics.setdefault(name, [None] * index).append(value)
     for values in log.metrics.values():
@@ -528,6 +579,8 @@ def _check_entry(entry, path, line: int, first: Optional[dict]) -> None:
     if layers is None:
         if first is not None and first.get("layers") is not None:
             fail("missing field 'layers' (the first line has per-layer fields)")
+        if "transition" in entry or "transition_to" in entry:
+            fail("'transition' / 'transition_to' need 'layers': they map a layer's columns to another layer's")
         return
     if not isinstance(layers, list) or not layers or not all(isinstance(l, dict) for l in layers):
         fail("'layers' must be a non-empty list of objects")
@@ -541,6 +594,9 @@ def _check_entry(entry, path, line: int, first: Optional[dict]) -> None:
         names.append(name)
     if len(set(names)) != len(names):
         fail(f"'layers' repeats a layer name: {_short(names)}")
+    columns = {l["layer"]: len(l["utilization"]) for l in layers}
+    for where, obj in [("", entry)] + [(f"layers[{i}] ({_short(l['layer'])}): ", l) for i, l in enumerate(layers)]:
+        _check_transition(obj, fail, where, columns)
     if first is not None:
         first_names = [l["layer"] for l in first.get("layers") or []]
         if names != first_names:
@@ -586,3 +642,42 @@ def _check_routing(obj: dict, fail, where: str, like: Optional[dict]) -> None:
         if not ok:
             fail(f"{where}'affinity' must be a list of rows (one per class) of {len(util)} numbers in [0, 1e300] "
                  f"(one per router column)")
+    _check_health(obj, fail, where, len(util) - len(null) - int(obj.get("hole", False)))
+
+
+def _is_matrix(value, rows: int, columns: int) -> bool:
+    """A list of ``rows`` lists of ``columns`` numbers in [0, MAX_ABS]."""
+    return (isinstance(value, list) and len(value) == rows and all(
+        isinstance(r, list) and len(r) == columns and all(_is_number(v) and v >= 0 for v in r) for r in value))
+
+
+def _check_health(obj: dict, fail, where: str, experts: int) -> None:
+    """The routing-health fields of ``obj`` (all optional); ``experts``: E, its real experts."""
+    for name in HEALTH_NUMBERS:
+        value = obj.get(name)
+        if value is not None and not (_is_number(value) and value >= 0):
+            fail(f"{where}{name!r} must be a number in [0, 1e300] or null, got {_short(value)}")
+    dead = obj.get("dead")
+    if dead is not None and not (isinstance(dead, list) and all(
+            isinstance(e, int) and not isinstance(e, bool) and 0 <= e < experts for e in dead)
+            and all(a < b for a, b in zip(dead, dead[1:]))):
+        fail(f"{where}'dead' must be an increasing list of expert ids in [0, {experts}) (the real experts), "
+             f"got {_short(dead)}")
+    coact = obj.get("coactivation")
+    if coact is not None and not _is_matrix(coact, experts, experts):
+        fail(f"{where}'coactivation' must be {experts} rows of {experts} numbers in [0, 1e300] (real experts x "
+             f"real experts)")
+
+
+def _check_transition(obj: dict, fail, where: str, columns: Dict[str, int]) -> None:
+    """``transition_to`` names a layer of the line (``columns``: name → its router columns) and ``transition``
+    is (this layer's columns) x (that layer's columns)."""
+    if "transition" not in obj and "transition_to" not in obj:
+        return
+    target, matrix = obj.get("transition_to"), obj.get("transition")
+    if not (_is_text(target) and target in columns):
+        fail(f"{where}'transition_to' must name a layer of 'layers', got {_short(target)}")
+    rows, cols = len(obj["utilization"]), columns[target]
+    if not _is_matrix(matrix, rows, cols):
+        fail(f"{where}'transition' must be {rows} rows (this layer's router columns) of {cols} numbers in "
+             f"[0, 1e300] (the router columns of {_short(target)})")

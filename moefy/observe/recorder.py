@@ -2,7 +2,9 @@
 Hugging Face model as transformers ships it (:mod:`moefy.observe.hf_routing`: hooks only, outputs unchanged).
 
 Per layer it accumulates the load per router column (and per token position), the router entropy, the
-dropped token slots and, when labels are given, the class × column affinity matrix and routing accuracy.
+dropped token slots and, when labels are given, the class × column affinity matrix and routing accuracy; and the
+routing health (:mod:`moefy.observe.health`): MaxVio per recorded batch, the experts' co-activation and the
+top-1 transitions to the next MoE layer, with an optional collapse alarm.
 
     rec = RoutingRecorder(model)
     with rec:                      # hooks live inside the with block
@@ -10,9 +12,11 @@ dropped token slots and, when labels are given, the class × column affinity mat
             rec.labels = y         # (B,) or per-token labels of the batch about to run; None for no labels
             model(x)
     rec.stats["blocks.0.mlp"].utilization, rec.stats["blocks.0.mlp"].routing_acc
+    rec.health()["blocks.0.mlp"].max_vio                 # LayerHealth of each layer over the recorded batches
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
@@ -23,9 +27,11 @@ from torch import nn
 from ..block import MoEBlock
 from ..checks import check_int, check_module, check_tensor
 from ..routing.record import Routing
+from .health import HealthAlarm, HealthThresholds, LayerHealth, max_vio, model_health
 from .hf_routing import HFMoELayer, hf_moe_layers
 
 Observed = Union[MoEBlock, HFMoELayer]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +56,20 @@ class LayerStats:
             experts' and the hole's included).
         null_slots: token slots sent to copy or constant null experts (computed, not dropped).
         affinity: (C, E') float64 assignments of tokens of class c to column e, or None without labels.
+        batch_max_vio: the MaxVio of each recorded forward's own expert load (None where no expert got a token);
+            see :mod:`moefy.observe.health`.
+        coactivation: (E, E) float64, real experts only: ``[i, j]`` = tokens processed by both expert i and
+            expert j (i ≠ j); ``[e, e]`` = tokens expert e processed (``load[e]``). From the kept assignments
+            (a slot dropped over a capacity is in none).
+        multi_expert: whether a token could reach two experts (token choice with k ≥ 2, or expert choice): only
+            then does ``coactivation`` hold more than its diagonal.
+        transition_to: the next MoE layer in :attr:`RoutingRecorder.blocks` order.
+        transition: (E', E'_next) float64: ``[i, j]`` = tokens whose top-1 router column was i in this layer and
+            j in ``transition_to`` in the same forward of the model; None until one was paired. A token's
+            top-1 is the column of its kept assignment with the largest combine weight (ties: the lowest
+            column); tokens masked out, non-finite or with no kept assignment in either layer are in no cell.
+        transition_refused: why this layer's forwards are not paired with the next layer's (their routed token
+            shapes differ, e.g. per-token vs per-sample routing), or None.
     """
 
     name: str
@@ -66,6 +86,12 @@ class LayerStats:
     affinity: Optional[torch.Tensor] = None
     null_columns: Tuple[str, ...] = ()
     null_slots: int = 0
+    batch_max_vio: List[Optional[float]] = field(default_factory=list, repr=False)
+    coactivation: Optional[torch.Tensor] = field(default=None, repr=False)
+    multi_expert: bool = False
+    transition_to: Optional[str] = None
+    transition: Optional[torch.Tensor] = field(default=None, repr=False)
+    transition_refused: Optional[str] = None
     _positions_consistent: bool = field(default=True, repr=False)
 
     @property
@@ -87,6 +113,17 @@ class LayerStats:
     def dropped_frac(self) -> float:
         """Fraction of token slots dropped (see ``dropped``)."""
         return self.dropped / self.slots if self.slots else 0.0
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        """(E,) float64 assignments of the real experts (the null columns and the hole left out)."""
+        return self.load[: self.num_experts]
+
+    @property
+    def health(self) -> LayerHealth:
+        """MaxVio, dead experts, load CV, load and token entropies over the recorded forwards
+        (:class:`~moefy.observe.health.LayerHealth`)."""
+        return LayerHealth.of(self.expert_load, self.batch_max_vio, self.entropy if self.tokens else None)
 
     @property
     def routing_acc(self) -> Optional[float]:
@@ -141,17 +178,32 @@ class RoutingRecorder:
     Set :attr:`labels` before a forward to record the class × expert affinity of that batch; the labels stay
     until changed. Set :attr:`enabled` to False to skip forwards (e.g. evaluation batches).
 
+    Routing health (:mod:`moefy.observe.health`): :meth:`health` gives each layer's MaxVio, dead experts, load
+    CV and entropies over the forwards recorded since the last :meth:`reset` (the *global batch*; reset at each
+    optimizer step to measure per step, at each epoch for the epoch); :attr:`LayerStats.batch_max_vio` the
+    MaxVio of every recorded forward; :attr:`LayerStats.coactivation` and :attr:`LayerStats.transition` the
+    expert co-activation and the top-1 transitions from each layer to the next one in :attr:`blocks` order
+    (paired within one forward of the model, token by token, when both layers route inputs of the same leading
+    shape; otherwise refused with a logged warning and :attr:`LayerStats.transition_refused`).
+
     Args:
         model: any module containing MoEBlocks (or one MoEBlock), or a transformers MoE model.
         num_classes: C, rows of the affinity matrix; grown on demand when None.
+        alarm: bounds of a healthy layer (:class:`~moefy.observe.health.HealthThresholds`); each recorded forward
+            of a layer is checked against them and a crossing is logged as a warning on
+            ``logging.getLogger("moefy.observe.health")`` and kept in :attr:`crossings`. None: no alarm.
 
     Attributes:
         blocks: name → the MoEBlock or :class:`~moefy.observe.hf_routing.HFMoELayer` recorded.
         skipped: ``"name: why"`` for each Hugging Face experts module whose routing cannot be read (also logged).
+        crossings: every :class:`~moefy.observe.health.Crossing` the alarm logged (kept across resets).
     """
 
-    def __init__(self, model: nn.Module, num_classes: Optional[int] = None):
+    def __init__(self, model: nn.Module, num_classes: Optional[int] = None,
+                 alarm: Optional[HealthThresholds] = None):
         check_module(model, "model")
+        self._alarm = None if alarm is None else HealthAlarm(alarm)
+        self._refusals_logged: set = set()  # layer pairs whose tokens cannot be paired, warned about once
         moe = [(n, m) for n, m in model.named_modules() if isinstance(m, MoEBlock)]
         hf, self.skipped = hf_moe_layers(model, exclude=[m for _, m in moe])
         self.blocks: Dict[str, Observed] = dict(moe + [(layer.name, layer) for layer in hf])
@@ -165,13 +217,34 @@ class RoutingRecorder:
         self._handles: list = []
         self.reset()
 
+    @property
+    def crossings(self) -> list:
+        return [] if self._alarm is None else self._alarm.crossings
+
     def reset(self) -> None:
-        """Forget everything recorded (e.g. at the start of an epoch). Hooks stay attached."""
+        """Forget everything recorded (e.g. at the start of an epoch or of an optimizer step: the next global
+        batch). Hooks stay attached; the alarm remembers which bounds each layer was beyond."""
+        names = list(self.blocks)
         self.stats: Dict[str, LayerStats] = {
             name: LayerStats(name=name, layer_id=b.layer_id, num_experts=b.num_experts, hole=b.hole,
                              null_columns=tuple(b.config.null_columns),
-                             load=torch.zeros(b.num_columns, dtype=torch.float64))
-            for name, b in self.blocks.items()}
+                             load=torch.zeros(b.num_columns, dtype=torch.float64),
+                             coactivation=torch.zeros(b.num_experts, b.num_experts, dtype=torch.float64),
+                             transition_to=names[i + 1] if i + 1 < len(names) else None)
+            for i, (name, b) in enumerate(self.blocks.items())}
+        self._previous = {name: names[i - 1] for i, name in enumerate(names) if i}
+        self._sequence = 0                 # records so far: orders the layers' forwards
+        self._top1: Dict[str, Tuple[int, Tuple[int, ...], torch.Tensor]] = {}  # name → (sequence, shape, top-1)
+
+    def health(self) -> Dict[str, LayerHealth]:
+        """name → :class:`~moefy.observe.health.LayerHealth` of each layer over the forwards recorded since the
+        last reset (:func:`~moefy.observe.health.model_health` of it: the model's)."""
+        return {name: s.health for name, s in self.stats.items()}
+
+    def model_health(self) -> dict:
+        """The health over all layers (:func:`~moefy.observe.health.model_health`): mean and max MaxVio, dead
+        experts and their fraction of all experts, the worst layer."""
+        return model_health(self.health())
 
     def attach(self) -> "RoutingRecorder":
         if not self._handles:
@@ -219,6 +292,13 @@ class RoutingRecorder:
         s.entropy_sum += float(token_entropy(r.probs if not nonfinite else r.probs[r.finite]).sum())
         s.dropped += int(r.dropped)
         s.null_slots += r.null_slots
+        batch_load = r.counts[: s.num_experts]  # counts read first: the lists then hold only kept assignments
+        s.batch_max_vio.append(max_vio(batch_load))
+        s.multi_expert |= r.mode == "expert_choice" or r.indices.shape[1] > 1
+        s.coactivation += coactivation_counts(r.token_index, r.expert_index, s.num_experts)
+        self._add_transition(name, s, r)
+        if self._alarm is not None:
+            self._alarm.check(name, batch_load, s.forwards)
         if s._positions_consistent:
             pos = block.experts_load().double().cpu()
             if s.position_load is None:
@@ -229,6 +309,31 @@ class RoutingRecorder:
                 s.position_load, s._positions_consistent = None, False
         if self.labels is not None:
             self._add_affinity(s, r)
+
+    def _add_transition(self, name: str, s: LayerStats, r: Routing) -> None:
+        """Keep this forward's top-1 per input token; pair it with the previous layer's if that layer ran since
+        this one last did (the same forward of the model)."""
+        self._sequence += 1
+        last = self._top1.get(name, (0, None, None))[0]
+        top1 = top1_columns(r)
+        self._top1[name] = (self._sequence, tuple(r.tokens_shape), top1)
+        before = self._previous.get(name)
+        if before is None or before not in self._top1 or self._top1[before][0] <= last:
+            return
+        _, shape, source = self._top1[before]
+        p = self.stats[before]
+        if shape != tuple(r.tokens_shape):
+            p.transition_refused = (f"{before!r} routed inputs of leading shape {shape} and {name!r} of "
+                                    f"{tuple(r.tokens_shape)}: their tokens cannot be paired")
+            if (before, name) not in self._refusals_logged:
+                self._refusals_logged.add((before, name))
+                logger.warning("routing health: no top-1 transitions: %s", p.transition_refused)
+            return
+        source = source.to(top1.device)
+        both = (source >= 0) & (top1 >= 0)
+        cells = torch.bincount(source[both] * s.num_columns + top1[both], minlength=p.num_columns * s.num_columns)
+        counts = cells.view(p.num_columns, s.num_columns).double().cpu()
+        p.transition = counts if p.transition is None else p.transition + counts
 
     def _add_affinity(self, s: LayerStats, r: Routing) -> None:
         labels = labels_per_token(self.labels, r).to(r.token_index.device)
@@ -246,13 +351,18 @@ class RoutingRecorder:
         flat = labels[r.token_index].cpu() * s.num_columns + r.expert_index.cpu()
         s.affinity += torch.bincount(flat, minlength=rows * s.num_columns).double().view(rows, s.num_columns)
 
-    def summary(self) -> List[dict]:
-        """One dict per layer, JSON-ready: layer, utilization, entropy, routing_acc, dropped, affinity."""
-        return [layer_summary(s) for s in self.stats.values()]
+    def summary(self, matrices: bool = True) -> List[dict]:
+        """One dict per layer, JSON-ready: layer, utilization, entropy, routing_acc, dropped, affinity and the
+        health fields (max_vio, max_vio_batch, dead, cv, load_entropy; with ``matrices``: coactivation and
+        transition_to / transition)."""
+        names = {name: s.name or "model" for name, s in self.stats.items()}
+        return [layer_summary(s, matrices, names.get(s.transition_to)) for s in self.stats.values()]
 
 
-def layer_summary(s: LayerStats) -> dict:
-    """The JSON fields of one layer (see :mod:`moefy.observe.log`)."""
+def layer_summary(s: LayerStats, matrices: bool = True, transition_to: Optional[str] = None) -> dict:
+    """The JSON fields of one layer (see :mod:`moefy.observe.log`). ``matrices``: also the co-activation
+    (where a token can reach two experts) and the transition matrix (where one was recorded), written under the
+    next layer's log name ``transition_to`` (default: ``s.transition_to``)."""
     if not isinstance(s, LayerStats):
         raise TypeError(f"s must be a LayerStats (RoutingRecorder.stats[name]), got {type(s).__name__}")
     out = {"layer": s.name or "model", "routing_acc": _round(s.routing_acc), "entropy": _round(s.entropy),
@@ -261,7 +371,58 @@ def layer_summary(s: LayerStats) -> dict:
         out["null_columns"] = list(s.null_columns)
     if s.affinity is not None:
         out["affinity"] = [[int(v) for v in row] for row in s.affinity.tolist()]
+    if s.forwards:
+        h = s.health
+        out.update(max_vio=_round(h.max_vio), max_vio_batch=_round(h.max_vio_batch), dead=list(h.dead),
+                   cv=_round(h.cv), load_entropy=_round(h.load_entropy))
+        if matrices and s.multi_expert:
+            out["coactivation"] = [[int(v) for v in row] for row in s.coactivation.tolist()]
+        if matrices and s.transition is not None:
+            out["transition_to"] = transition_to or s.transition_to
+            out["transition"] = [[int(v) for v in row] for row in s.transition.tolist()]
     return out
+
+
+@torch.no_grad()
+def coactivation_counts(token_index: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E, E) float64 on the host: ``[i, j]`` = tokens assigned to both expert i and expert j (i ≠ j), ``[e, e]``
+    = tokens assigned to expert e, from the (A,) assignment lists of a :class:`Routing` record (token ids and
+    router columns; columns ≥ E, the null experts and the hole, are left out)."""
+    real = expert_index < num_experts
+    tokens, experts = token_index[real], expert_index[real]
+    if not tokens.numel():
+        return torch.zeros(num_experts, num_experts, dtype=torch.float64)
+    # one row per token holding its experts (-1 padded): (U, m) with m the most experts a token got
+    _, row = torch.unique(tokens, return_inverse=True)
+    order = torch.argsort(row, stable=True)
+    row, experts = row[order], experts[order]
+    per_row = torch.bincount(row)
+    slot = torch.arange(row.numel(), device=row.device) - (torch.cumsum(per_row, 0) - per_row)[row]
+    table = torch.full((per_row.numel(), int(per_row.max())), -1, dtype=torch.long, device=row.device)
+    table[row, slot] = experts
+    counts = torch.zeros(num_experts * num_experts, dtype=torch.long, device=row.device)
+    chunk = max(1, (1 << 22) // table.shape[1] ** 2)  # rows per step: at most ~4M slot pairs in memory
+    for part in table.split(chunk):
+        a, b = part.unsqueeze(2), part.unsqueeze(1)                    # (u, m, 1), (u, 1, m)
+        pairs = (a * num_experts + b)[(a >= 0) & (b >= 0)]
+        counts += torch.bincount(pairs, minlength=num_experts * num_experts)
+    return counts.view(num_experts, num_experts).double().cpu()
+
+
+@torch.no_grad()
+def top1_columns(routing: Routing) -> torch.Tensor:
+    """(``num_inputs``,) long: each input token's top-1 router column, the column of its kept assignment with
+    the largest combine weight (ties: the lowest column); -1 for a token with none (masked out, non-finite,
+    every slot dropped)."""
+    routing.counts  # read: the lists then hold only the counted assignments
+    tokens, columns, weight = routing.token_index, routing.expert_index, routing.weight.float()
+    n = routing.num_inputs
+    best = torch.full((n,), -math.inf, device=weight.device).scatter_reduce(0, tokens, weight, "amax")
+    top = weight == best[tokens]
+    none = routing.logits.shape[1]
+    out = torch.full((n,), none, dtype=torch.long, device=weight.device)
+    out = out.scatter_reduce(0, tokens[top], columns[top], "amin")
+    return out.masked_fill(out == none, -1)
 
 
 def _round(v: Optional[float]) -> Optional[float]:

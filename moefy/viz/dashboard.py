@@ -1,11 +1,13 @@
 """Training-log dashboards (seed 004): expert utilization over epochs, router entropy, routing accuracy,
-the class × expert affinity heatmap and the metric curves, from a :class:`moefy.observe.log.TrainingLog`."""
+the class × expert affinity heatmap and the metric curves, from a :class:`moefy.observe.log.TrainingLog`; and
+the routing-health dashboard: MaxVio, dead experts and load entropy over epochs, the experts' co-activation and
+the top-1 transitions between consecutive layers (:mod:`moefy.observe.health`)."""
 from __future__ import annotations
 
 import csv
 import io
 import math
-from typing import List
+from typing import Callable, List
 
 import numpy as np
 from matplotlib import colormaps
@@ -88,27 +90,98 @@ def _draw_entropy(ax, log: TrainingLog) -> None:
     ax.set_ylim(bottom=0)
 
 
-def _draw_affinity(fig, ax, series: LayerSeries) -> None:
-    aff = np.asarray(series.affinity, dtype=float)
-    frac = aff / np.maximum(aff.sum(axis=1, keepdims=True), 1e-12)
+def _short_columns(series: LayerSeries) -> List[str]:
+    return [c.replace("expert ", "") for c in _columns(series)]
+
+
+def _row_fractions(counts) -> np.ndarray:
+    counts = np.asarray(counts, dtype=float)
+    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12)
+
+
+def _heatmap(fig, ax, frac: np.ndarray, xticks, yticks, xlabel: str, ylabel: str, title: str, bar: str) -> None:
+    """``frac`` (rows, columns) in [0, 1] (NaN: blank) with its labels; ``xticks`` / ``yticks`` None for
+    integer ticks."""
     im = ax.imshow(frac, cmap=colormaps["magma"], vmin=0, vmax=1, aspect="auto")
     # a label per row / column while they are readable; beyond, a few integer ticks (thousands of tick
     # labels take minutes to lay out)
-    if frac.shape[1] <= MAX_LABELLED:
-        ax.set_xticks(range(frac.shape[1]), [c.replace("expert ", "") for c in _columns(series)])
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if frac.shape[0] <= MAX_LABELLED:
-        ax.set_yticks(range(frac.shape[0]))
-    else:
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("expert")
-    ax.set_ylabel("class")
-    ax.set_title(f"Router affinity (epoch {series.affinity_epoch}) — {_plain(series.name)}", fontsize=9)
+    for axis, set_ticks, n, labels in ((ax.xaxis, ax.set_xticks, frac.shape[1], xticks),
+                                       (ax.yaxis, ax.set_yticks, frac.shape[0], yticks)):
+        if n <= MAX_LABELLED:
+            set_ticks(range(n), labels if labels is not None else [str(i) for i in range(n)])
+        else:
+            axis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(_plain(xlabel))
+    ax.set_ylabel(_plain(ylabel))
+    ax.set_title(title, fontsize=9)
     if frac.size <= 400:
         for (i, j), v in np.ndenumerate(frac):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
-    fig.colorbar(im, ax=ax, label="fraction of the class's assignments")
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label=bar)
+
+
+def _draw_affinity(fig, ax, series: LayerSeries) -> None:
+    _heatmap(fig, ax, _row_fractions(series.affinity), _short_columns(series), None, "expert", "class",
+             f"Router affinity (epoch {series.affinity_epoch}) — {_plain(series.name)}",
+             "fraction of the class's assignments")
+
+
+def _draw_coactivation(fig, ax, series: LayerSeries) -> None:
+    counts = np.asarray(series.coactivation, dtype=float)
+    frac = counts / np.maximum(np.diag(counts)[:, None], 1e-12)  # of expert i's tokens, the share also at j
+    np.fill_diagonal(frac, np.nan)
+    labels = [str(e) for e in range(counts.shape[0])]
+    _heatmap(fig, ax, frac, labels, labels, "also routed to expert j", "expert i",
+             f"Co-activation (epoch {series.coactivation_epoch}) — {_plain(series.name)}",
+             "fraction of expert i's tokens")
+
+
+def _draw_transition(fig, ax, log: TrainingLog, series: LayerSeries) -> None:
+    target = log.layers.get(series.transition_to)
+    _heatmap(fig, ax, _row_fractions(series.transition), None if target is None else _short_columns(target),
+             _short_columns(series), f"top-1 in {series.transition_to}", f"top-1 in {series.name}",
+             f"Top-1 transitions (epoch {series.transition_epoch})", "fraction of the row's tokens")
+
+
+def _health_series(log: TrainingLog, values, title: str, ylabel: str, dashed=None) -> Callable:
+    """A drawer of one line per layer (``values(series)`` aligned with the epochs; ``dashed``: a second, dashed
+    line of the same colour)."""
+    def draw(ax) -> None:
+        layers = [s for s in log.layers.values() if s.has_health]
+        for i, s in enumerate(layers):
+            color = f"C{i % 10}"
+            for get, style, label in ((values, "-", _plain(s.name)), (dashed, "--", None)):
+                if get is None:
+                    continue
+                ys = np.array([np.nan if v is None else v for v in get(s)], dtype=float)
+                if np.isfinite(ys).any():
+                    ax.plot(log.epochs, ys, marker="o", ms=3, ls=style, color=color, label=label)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(bottom=0)
+        if 1 < len(layers) <= MAX_LEGEND:
+            ax.legend(fontsize=7)
+    return draw
+
+
+def _health_panels(log: TrainingLog):
+    """The line panels of the health dashboard: MaxVio, dead experts, load entropy."""
+    if not any(s.has_health for s in log.layers.values()):
+        raise ValueError(f"{log.path}: no routing health fields (max_vio, dead, ...) in the log")
+    max_vio = _health_series(log, lambda s: s.max_vio, "MaxVio (solid: epoch's load; dashed: mean over batches)", "max load / mean load - 1", dashed=lambda s: s.max_vio_batch)
+    dead = _health_series(log, lambda s: [None if d is None else len(d) for d in s.dead],
+                          "Dead experts (no token in the epoch)", "experts")
+    entropy = _health_series(log, lambda s: s.load_entropy, "Load entropy (dotted: log E, uniform)", "nats")
+
+    def entropy_with_bounds(ax) -> None:
+        entropy(ax)
+        for n in sorted({s.num_experts for s in log.layers.values() if s.has_health}):
+            ax.axhline(math.log(n), color="k", lw=0.8, ls=":")
+    return [max_vio, dead, entropy_with_bounds]
 
 
 def plot_utilization(log: TrainingLog) -> Figure:
@@ -166,6 +239,72 @@ def plot_metrics(log: TrainingLog) -> Figure:
     return fig
 
 
+def plot_max_vio(log: TrainingLog) -> Figure:
+    """MaxVio per layer over epochs: of the epoch's summed load (solid) and the mean of its batches' (dashed).
+    Raises ValueError when the log has no health fields."""
+    _check_log(log)
+    draw = _health_panels(log)[0]
+    fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
+    draw(ax)
+    return fig
+
+
+def plot_dead_experts(log: TrainingLog) -> Figure:
+    """Experts without a token per layer over epochs. Raises ValueError when the log has no health fields."""
+    _check_log(log)
+    draw = _health_panels(log)[1]
+    fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
+    draw(ax)
+    return fig
+
+
+def plot_coactivation(log: TrainingLog) -> Figure:
+    """One heatmap per layer that logged a co-activation matrix (the last one): row i, column j = the fraction
+    of expert i's tokens that expert j also processed (diagonal blank). Raises ValueError when there is none."""
+    _check_log(log)
+    layers = [s for s in log.layers.values() if s.coactivation is not None]
+    if not layers:
+        raise ValueError(f"{log.path}: no 'coactivation' matrix in the log")
+    fig, axes = new_figure(len(layers), panel_size=(4.4, 3.6), max_cols=3)
+    for ax, series in zip(axes, layers):
+        _draw_coactivation(fig, ax, series)
+    return fig
+
+
+def plot_transition(log: TrainingLog) -> Figure:
+    """One heatmap per layer that logged top-1 transitions to the next layer (the last ones): row i, column j =
+    the fraction of the tokens whose top-1 column was i in this layer that had j in the next. Raises ValueError
+    when there is none."""
+    _check_log(log)
+    layers = [s for s in log.layers.values() if s.transition is not None]
+    if not layers:
+        raise ValueError(f"{log.path}: no 'transition' matrix in the log")
+    fig, axes = new_figure(len(layers), panel_size=(4.4, 3.6), max_cols=3)
+    for ax, series in zip(axes, layers):
+        _draw_transition(fig, ax, log, series)
+    return fig
+
+
+def plot_health(log: TrainingLog) -> Figure:
+    """The routing-health dashboard: MaxVio, dead experts and load entropy per layer over epochs, then the
+    co-activation heatmap of every layer and the transition heatmap of every consecutive pair that logged one
+    (their last epoch). Raises ValueError when the log has no health fields (a log from before them)."""
+    _check_log(log)
+    lines = _health_panels(log)
+    coact = [s for s in log.layers.values() if s.coactivation is not None]
+    trans = [s for s in log.layers.values() if s.transition is not None]
+    fig, axes = new_figure(len(lines) + len(coact) + len(trans), panel_size=(4.2, 3.4), max_cols=3)
+    it = iter(axes)
+    for draw in lines:
+        draw(next(it))
+    for s in coact:
+        _draw_coactivation(fig, next(it), s)
+    for s in trans:
+        _draw_transition(fig, next(it), log, s)
+    fig.suptitle(f"moefy routing health: {_plain(log.path)}", fontsize=10)
+    return fig
+
+
 def plot_dashboard(log: TrainingLog) -> Figure:
     """Everything on one page: utilization per layer, entropy, routing accuracy (if logged), each metric
     and the affinity heatmap of every layer that logged one."""
@@ -212,5 +351,6 @@ def safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name[:80]) or "model"
 
 
-__all__ = ["plot_utilization", "plot_entropy", "plot_routing_accuracy", "plot_affinity",
-                          "plot_metrics", "plot_dashboard", "affinity_csv"]
+__all__ = ["plot_utilization", "plot_entropy", "plot_routing_accuracy", "plot_affinity", "plot_metrics",
+           "plot_dashboard", "affinity_csv", "plot_max_vio", "plot_dead_experts", "plot_coactivation",
+           "plot_transition", "plot_health"]
