@@ -3,7 +3,8 @@ one-line ValueError / FileNotFoundError naming the file and the field; no code f
 outside it is read; a failed ``moefy.load`` leaves the base model as it was; malformed ``moefy.json`` files (fuzz)
 never give a bare KeyError / TypeError / RecursionError.
 
-Run as a script for the before / after table: ``.venv/bin/python tests/test_hostile_folder.py``.
+Run as a script for the before / after table: ``.venv/bin/python tests/test_hostile_folder.py [name part ...]``
+(each case in its own process, stopped at 4 GB more or after 60 s).
 """
 import copy
 import hashlib
@@ -171,7 +172,8 @@ CASES = {
                                    ("config.json", "architectures")),
     "auto_map + evil.py": ("llama", _remote_code, ("config.json", "model_type")),
     "config.json edited after the save": ("llama", lambda f: (f / "config.json").write_text(
-        (f / "config.json").read_text().replace('"vocab_size": 64', '"vocab_size": 65')), ("config.json", "sha256")),
+        (f / "config.json").read_text().replace('"hidden_act": "silu"', '"hidden_act": "gelu"')),
+        ("config.json", "sha256")),  # same size, other outputs
     "config.json -> /dev/zero": ("llama", _dev_zero("config.json"), ("config.json", "symlink")),
     "config.json a FIFO": ("llama", _fifo("config.json"), ("config.json", "regular file")),
     "num_local_experts=100000000": ("mixtral", _config(num_local_experts=100_000_000),
@@ -406,7 +408,7 @@ def test_fuzzed_moefy_json_gives_a_named_value_error_never_a_bare_one(tmp_path):
 
 if __name__ == "__main__":  # each case in its own process, stopped at 4 GB more or after 60 s
     import tempfile
-    for name in CASES:
+    for name in [n for n in CASES if not sys.argv[1:] or any(a in n for a in sys.argv[1:])]:
         with tempfile.TemporaryDirectory() as tmp:
             results, stdout = run_child(Path(tmp), limit_seconds=60, only=name)
             ran = bool(list(Path(tmp).rglob("RAN")))

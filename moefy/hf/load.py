@@ -92,7 +92,7 @@ def _named_sizes(err: ValueError, config: Dict[str, Any], plan: Plan, path: str)
     """The config.json fields behind a size mismatch: those whose value the error names and the weights do not
     hold (a vocab_size, a num_local_experts); the error itself where there is none."""
     held = {d for _, shape in plan.header.tensors.values() for d in shape}
-    said = {int(n) for n in re.findall(r"\d+", str(err)) if len(n) < 20}
+    said = {int(n) for n in re.findall(r"\d+", re.sub(r"\S*/\S*", "", str(err))) if len(n) < 20}  # no paths
     fields = [f for f, v in _int_fields(config) if v in said and v not in held and v > 1]
     return bad(path, ", ".join(fields), str(err)) if fields else err
 
