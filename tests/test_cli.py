@@ -334,3 +334,39 @@ def test_plot_never_follows_a_symlink_planted_in_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"moefy plot: error: cannot write to {out}: ") and "entropy" in err
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------- routing health (issue 24, part 4)
+def test_plot_draws_the_health_dashboard_and_skips_it_for_old_logs(tmp_path, capsys):
+    from moefy.observe.log import read_log
+    from moefy.viz.dashboard import plot_coactivation, plot_health, plot_transition
+    layer = entry(columns=3, hole=True)
+    lines = [dict(layer, epoch=e, layers=[
+        dict(layer, layer="a", max_vio=v, max_vio_batch=v + 0.1, dead=dead, cv=0.3, load_entropy=0.6,
+             coactivation=[[5, 2], [2, 3]], transition_to="b", transition=[[4, 1, 0], [0, 3, 0], [1, 0, 1]]),
+        dict(layer, layer="b", max_vio=v / 2, dead=[], coactivation=[[4, 1], [1, 4]])])
+        for e, v, dead in ((1, 0.8, [1]), (2, 0.4, []))]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "plots"
+    assert main(["plot", str(log), "--out", str(out), "--dpi", "40"]) == 0
+    assert "health.png" in {p.name for p in out.iterdir()}
+    image = mpimg.imread(out / "health.png")
+    assert image.shape[:2] == (round(3.4 * 2 * 40), round(4.2 * 3 * 40)) and image[..., :3].std() > 0.05
+    parsed = read_log(log)
+    fig = plot_health(parsed)                            # MaxVio, dead, load entropy; 2 co-activations; 1 transition
+    assert len([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]) == 6
+    max_vio_ax = fig.axes[0]
+    assert [list(line.get_ydata()) for line in max_vio_ax.get_lines()][:2] == [[0.8, 0.4], [0.9, 0.5]]
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == [1, 0]            # dead experts of a per epoch
+    coact = plot_coactivation(parsed).axes[0].images[0].get_array()
+    np.testing.assert_allclose(coact.filled(np.nan), [[np.nan, 2 / 5], [2 / 3, np.nan]])
+    trans = plot_transition(parsed).axes[0].images[0].get_array()
+    np.testing.assert_allclose(trans, [[0.8, 0.2, 0], [0, 1, 0], [0.5, 0, 0.5]])
+    capsys.readouterr()
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps(entry(metrics={"loss": 1.0}, affinity=[[1, 2]])) + "\n")
+    assert main(["plot", str(old), "--out", str(tmp_path / "old"), "--dpi", "20"]) == 0
+    err = capsys.readouterr().err
+    assert err == f"moefy plot: skipped health.png: {old}: no routing health fields (max_vio, dead, ...) in the log\n"
+    assert not (tmp_path / "old" / "health.png").exists()

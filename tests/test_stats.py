@@ -180,3 +180,92 @@ def test_parser_empty_and_seed_example(tmp_path):
     log = read_log(seed)
     assert list(log.layers) == ["model"] and log.layers["model"].routing_acc == [0.5841]
     assert log.metrics == {"accuracy": [0.4356], "loss": [2.5902]}
+
+
+# ------------------------------------------------------------------------------------------ routing health in the log
+def test_health_fields_round_trip_and_old_logs_still_read(tmp_path):
+    from moefy.observe.log import LayerSeries
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(LinearMixture(4, 4, 3, k=2, layer_id=0), LinearMixture(4, 4, 2, hole=True, layer_id=1))
+    path = tmp_path / "log.jsonl"
+    with TrainingLogWriter(path) as writer, RoutingRecorder(model) as rec:
+        for epoch in (1, 2):
+            rec.reset()
+            model(torch.randn(6, 4))
+            summary = rec.summary()
+            written = writer.write(epoch, rec, matrices=epoch == 2)
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert "coactivation" not in first["layers"][0] and "transition" not in first["layers"][0]
+    assert written["max_vio"] == summary[0]["max_vio"] and "coactivation" not in written  # top level: scalars
+    log = read_log(path)
+    s0, s1 = log.layers["0"], log.layers["1"]
+    h0, h1 = rec.stats["0"].health, rec.stats["1"].health
+    assert s0.max_vio[1] == round(h0.max_vio, 6) and s0.max_vio_batch[1] == round(h0.max_vio_batch, 6)
+    assert s0.cv[1] == round(h0.cv, 6) and s0.load_entropy[1] == round(h0.load_entropy, 6)
+    assert s0.dead[1] == list(h0.dead) and s1.dead[1] == list(h1.dead) and s0.has_health
+    assert s0.coactivation == rec.stats["0"].coactivation.tolist() and s0.coactivation_epoch == 2
+    assert s0.transition == rec.stats["0"].transition.tolist() and s0.transition_to == "1"
+    assert len(s0.transition) == 3 and len(s0.transition[0]) == 3 and sum(map(sum, s0.transition)) == 6
+    assert s1.coactivation is None                                 # k = 1: only its diagonal: not written
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"epoch": 1, "routing_acc": None, "entropy": 0.5, "utilization": [0.5, 0.5]}) + "\n")
+    series = read_log(old).layers["model"]
+    assert isinstance(series, LayerSeries) and not series.has_health
+    assert series.max_vio == [None] and series.dead == [None] and series.coactivation is None
+
+
+def health_line(**fields):
+    layer = {"routing_acc": None, "entropy": 0.5, "utilization": [0.5, 0.5]}
+    return json.dumps({"epoch": 1, **layer, **fields})
+
+
+def layers_line(a=None, b=None):
+    layer = {"routing_acc": None, "entropy": 0.5, "utilization": [0.5, 0.5]}
+    c = dict(layer, utilization=[0.2, 0.3, 0.5], hole=True)
+    return json.dumps({"epoch": 1, **layer, "layers": [dict(layer, layer="a", **(a or {})),
+                                                       dict(c, layer="b", **(b or {}))]})
+
+
+@pytest.mark.parametrize("line, message", [
+    (health_line(dead=[2]), r"'dead' must be an increasing list of expert ids in \[0, 2\)"),
+    (health_line(dead=[1, 0]), r"'dead' must be an increasing list"),
+    (health_line(max_vio=-0.1), r"'max_vio' must be a number in \[0, 1e300\] or null"),
+    (health_line(load_entropy="high"), r"'load_entropy' must be a number"),
+    (health_line(coactivation=[[1]]), r"'coactivation' must be 2 rows of 2 numbers"),
+    (health_line(transition_to="a", transition=[[1]]), r"'transition' / 'transition_to' need 'layers'"),
+    (layers_line(b={"coactivation": [[1, 0, 0]] * 3}), r"layers\[1\] \('b'\): 'coactivation' must be 2 rows of 2"),
+    (layers_line(a={"transition_to": "c", "transition": [[1]]}), r"layers\[0\] \('a'\): 'transition_to' must name"),
+    (layers_line(a={"transition": [[1, 2, 3]] * 2}), r"'transition_to' must name a layer of 'layers', got None"),
+    (layers_line(a={"transition_to": "b", "transition": [[1, 2]] * 2}),
+     r"layers\[0\] \('a'\): 'transition' must be 2 rows \(this layer's router columns\) of 3 numbers"),
+])
+def test_bad_health_fields_are_refused_by_reader_and_writer(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(LogFormatError, match=message) as err:
+        read_log(path)
+    assert err.value.line == 1
+    entry = json.loads(line)
+    if "transition" in entry:
+        return  # a one-layer summary has no transition: log_entry writes no such field
+    with TrainingLogWriter(tmp_path / "w.jsonl") as writer, pytest.raises(LogFormatError, match=message):
+        writer.write(1, entry.get("layers") or [entry])
+    assert (tmp_path / "w.jsonl").read_bytes() == b""
+
+
+def test_the_largest_line_within_the_limits_is_not_refused_unparsed(tmp_path):
+    """With every limit set, a line over 1 MiB is refused before json builds it if it holds more lists or values
+    than a line within the limits can: co-activation and transition matrices are within them (on the code before
+    they counted as an attack)."""
+    from moefy.observe.log import LogLimits
+    e, value = 64, 1.2345678901234567e-05                     # 22 bytes a number: the line passes 1 MiB
+    layer = {"routing_acc": None, "entropy": 0.5, "utilization": [value] * e, "affinity": [[value] * e] * e,
+             "dead": [], "max_vio": value, "coactivation": [[value] * e] * e}
+    layers = [dict(layer, layer=f"l{i}", **({"transition_to": f"l{i + 1}", "transition": [[value] * e] * e}
+                                          if i < 3 else {})) for i in range(4)]
+    line = json.dumps({"epoch": 1, **{k: v for k, v in layer.items() if k != "coactivation"}, "layers": layers})
+    assert len(line) > 1 << 20
+    path = tmp_path / "big.jsonl"
+    path.write_text(line + "\n")
+    log = read_log(path, LogLimits(max_layers=4, max_columns=e, max_affinity_rows=e, max_metrics=1))
+    assert log.layers["l0"].transition_to == "l1" and len(log.layers["l3"].coactivation) == e
