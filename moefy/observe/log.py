@@ -98,7 +98,8 @@ class LogLimits:
         max_bytes: size of the file.
         max_metrics: distinct metric names over all lines.
         max_layers: entries of ``layers``.
-        max_columns: router columns (the length of ``utilization``) of any layer.
+        max_columns: router columns (the length of ``utilization``) of any layer; it also bounds ``dead`` and
+            the ``coactivation`` and ``transition`` matrices (at most ``max_columns`` x ``max_columns``).
         max_affinity_rows: rows (classes) of any ``affinity`` matrix.
     """
 
