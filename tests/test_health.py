@@ -146,6 +146,18 @@ def test_helpers_on_lists_and_ties():
     # tokens 0: experts 0, 2; 1: expert 2 and the hole (column 3, left out); 2: nothing real
     counts = coactivation_counts(torch.tensor([0, 1, 0, 1, 2, 5]), torch.tensor([0, 2, 2, 3, 3, 1]), 3)
     assert counts.tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 2]]
+    # 70 experts (and a hole, column 70): the slot-pair path, against the sets of each token
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.stack([torch.randperm(71, generator=generator)[:3] for _ in range(50)])   # (50, 3)
+    tokens = torch.arange(50).repeat_interleave(3)
+    expected = torch.zeros(70, 70, dtype=torch.float64)
+    for row in picks.tolist():
+        real = [c for c in row if c < 70]
+        for i in real:
+            for j in real:
+                expected[i, j] += 1
+    assert torch.equal(coactivation_counts(tokens, picks.reshape(-1), 70, 50), expected)
+    assert torch.equal(coactivation_counts(tokens, picks.reshape(-1), 70), expected)
     block = LinearMixture(4, 4, 4, k=2).eval()
     with torch.no_grad():
         block.router.gate.weight.copy_(torch.eye(4))

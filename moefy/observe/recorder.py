@@ -295,7 +295,7 @@ class RoutingRecorder:
         batch_load = r.counts[: s.num_experts]  # counts read first: the lists then hold only kept assignments
         s.batch_max_vio.append(max_vio(batch_load))
         s.multi_expert |= r.mode == "expert_choice" or r.indices.shape[1] > 1
-        s.coactivation += coactivation_counts(r.token_index, r.expert_index, s.num_experts)
+        s.coactivation += coactivation_counts(r.token_index, r.expert_index, s.num_experts, r.num_inputs)
         self._add_transition(name, s, r)
         if self._alarm is not None:
             self._alarm.check(name, batch_load, s.forwards)
@@ -384,28 +384,31 @@ def layer_summary(s: LayerStats, matrices: bool = True, transition_to: Optional[
 
 
 @torch.no_grad()
-def coactivation_counts(token_index: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+def coactivation_counts(token_index: torch.Tensor, expert_index: torch.Tensor, num_experts: int,
+                        num_inputs: Optional[int] = None) -> torch.Tensor:
     """(E, E) float64 on the host: ``[i, j]`` = tokens assigned to both expert i and expert j (i ≠ j), ``[e, e]``
-    = tokens assigned to expert e, from the (A,) assignment lists of a :class:`Routing` record (token ids and
-    router columns; columns ≥ E, the null experts and the hole, are left out)."""
+    = tokens assigned to expert e, from the (A,) assignment lists of a :class:`Routing` record (token ids in
+    ``[0, num_inputs)`` and router columns; columns ≥ E, the null experts and the hole, are left out)."""
     real = expert_index < num_experts
     tokens, experts = token_index[real], expert_index[real]
     if not tokens.numel():
         return torch.zeros(num_experts, num_experts, dtype=torch.float64)
-    # one row per token holding its experts (-1 padded): (U, m) with m the most experts a token got
-    _, row = torch.unique(tokens, return_inverse=True)
-    order = torch.argsort(row, stable=True)
-    row, experts = row[order], experts[order]
-    per_row = torch.bincount(row)
-    slot = torch.arange(row.numel(), device=row.device) - (torch.cumsum(per_row, 0) - per_row)[row]
-    table = torch.full((per_row.numel(), int(per_row.max())), -1, dtype=torch.long, device=row.device)
-    table[row, slot] = experts
-    counts = torch.zeros(num_experts * num_experts, dtype=torch.long, device=row.device)
-    chunk = max(1, (1 << 22) // table.shape[1] ** 2)  # rows per step: at most ~4M slot pairs in memory
-    for part in table.split(chunk):
-        a, b = part.unsqueeze(2), part.unsqueeze(1)                    # (u, m, 1), (u, 1, m)
-        pairs = (a * num_experts + b)[(a >= 0) & (b >= 0)]
-        counts += torch.bincount(pairs, minlength=num_experts * num_experts)
+    n = int(tokens.max()) + 1 if num_inputs is None else num_inputs
+    if num_experts <= 64 and n < 1 << 24:  # membership (N, E) of 0/1: Mᵀ M is exact in float32 below 2**24
+        member = torch.zeros(n, num_experts, device=tokens.device)
+        member[tokens, experts] = 1.0
+        return (member.T @ member).double().cpu()
+    # many experts: count the slot pairs of each token, N·m² work (m: the most experts a token got)
+    order = torch.argsort(tokens, stable=True)
+    tokens, experts = tokens[order], experts[order]
+    per_token = torch.bincount(tokens, minlength=n)
+    slot = torch.arange(tokens.numel(), device=tokens.device) - (torch.cumsum(per_token, 0) - per_token)[tokens]
+    table = torch.full((n, int(per_token.max())), -1, dtype=torch.long, device=tokens.device)  # (N, m), -1 pad
+    table[tokens, slot] = experts
+    counts = torch.zeros(num_experts * num_experts, dtype=torch.long, device=tokens.device)
+    for part in table.split(max(1, (1 << 20) // table.shape[1] ** 2)):  # ~1M slot pairs at a time
+        a, b = part.unsqueeze(2), part.unsqueeze(1)                      # (u, m, 1), (u, 1, m)
+        counts += torch.bincount((a * num_experts + b)[(a >= 0) & (b >= 0)], minlength=num_experts ** 2)
     return counts.view(num_experts, num_experts).double().cpu()
 
 
