@@ -698,6 +698,15 @@ case("token_entropy", lambda t: stats.token_entropy(torch.ones(3)), ValueError, 
 case("labels_per_token", lambda t: stats.labels_per_token(torch.zeros(4, dtype=torch.long), "routing"), TypeError,
      r"routing must be a Routing")
 case("layer_summary", lambda t: stats.layer_summary({"name": "x"}), TypeError, r"s must be a LayerStats")
+case("coactivation_counts", lambda t: stats.coactivation_counts(torch.zeros(2), torch.zeros(2, dtype=torch.long), 2),
+     TypeError, r"token_index must be a 1-D integer tensor")
+case("coactivation_counts", lambda t: stats.coactivation_counts(torch.zeros(2, dtype=torch.long),
+                                                                torch.zeros(3, dtype=torch.long), 2),
+     ValueError, r"token_index and expert_index must have the same shape")
+case("coactivation_counts", lambda t: stats.coactivation_counts(torch.zeros(2, dtype=torch.long),
+                                                                torch.zeros(2, dtype=torch.long), 0),
+     ValueError, r"num_experts")
+case("top1_columns", lambda t: stats.top1_columns(lin()), TypeError, r"routing must be a Routing record")
 
 # ----------------------------------------------------------------------------------- observe/log.py
 case("read_log", lambda t: moefy.read_log(3), TypeError, r"path must be")
@@ -804,13 +813,19 @@ case("viz.PatchRouting", lambda t: moefy.viz.plot_patch_routing(
 
 # -------------------------------------------------------------------------- viz (dashboard.py)
 for _fn in (moefy.viz.plot_utilization, moefy.viz.plot_entropy, moefy.viz.plot_routing_accuracy,
-            moefy.viz.plot_affinity, moefy.viz.plot_metrics, moefy.viz.plot_dashboard):
+            moefy.viz.plot_affinity, moefy.viz.plot_metrics, moefy.viz.plot_dashboard, moefy.viz.plot_health,
+            moefy.viz.plot_max_vio, moefy.viz.plot_dead_experts, moefy.viz.plot_coactivation,
+            moefy.viz.plot_transition):
     case(f"viz.{_fn.__name__}", lambda t, f=_fn: f(str(log_file(t))), TypeError,
          r"log must be a TrainingLog \(moefy.read_log\(path\)\)")
 case("viz.plot_routing_accuracy", lambda t: moefy.viz.plot_routing_accuracy(moelog.read_log(log_file(
     t, [{"epoch": 1, "routing_acc": None, "entropy": 1.0, "utilization": [1.0]}]))), ValueError, r"no routing_acc")
 case("viz.plot_affinity", lambda t: moefy.viz.plot_affinity(a_log(t)), ValueError, r"no 'affinity' matrix")
 case("viz.plot_metrics", lambda t: moefy.viz.plot_metrics(a_log(t)), ValueError, r"no 'metrics'")
+for _fn in (moefy.viz.plot_health, moefy.viz.plot_max_vio, moefy.viz.plot_dead_experts):
+    case(f"viz.{_fn.__name__}", lambda t, f=_fn: f(a_log(t)), ValueError, r"no routing health fields")
+case("viz.plot_coactivation", lambda t: moefy.viz.plot_coactivation(a_log(t)), ValueError, r"no 'coactivation'")
+case("viz.plot_transition", lambda t: moefy.viz.plot_transition(a_log(t)), ValueError, r"no 'transition'")
 case("viz.affinity_csv", lambda t: moefy.viz.affinity_csv(a_log(t)), TypeError, r"series must be a LayerSeries")
 case("viz.affinity_csv", lambda t: moefy.viz.affinity_csv(a_log(t).layers["model"]), ValueError,
      r"layer 'model' logged no affinity")

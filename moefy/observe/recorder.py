@@ -389,6 +389,15 @@ def coactivation_counts(token_index: torch.Tensor, expert_index: torch.Tensor, n
     """(E, E) float64 on the host: ``[i, j]`` = tokens assigned to both expert i and expert j (i ≠ j), ``[e, e]``
     = tokens assigned to expert e, from the (A,) assignment lists of a :class:`Routing` record (token ids in
     ``[0, num_inputs)`` and router columns; columns ≥ E, the null experts and the hole, are left out)."""
+    for value, name in ((token_index, "token_index"), (expert_index, "expert_index")):
+        check_tensor(value, name)
+        if value.dim() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a 1-D integer tensor (A,), got {value.dtype} {tuple(value.shape)}")
+    if token_index.shape != expert_index.shape:
+        raise ValueError(f"token_index and expert_index must have the same shape (A,), got "
+                         f"{tuple(token_index.shape)} and {tuple(expert_index.shape)}")
+    check_int(num_experts, "num_experts", min=1)
+    check_int(num_inputs, "num_inputs", min=1, optional=True)
     real = expert_index < num_experts
     tokens, experts = token_index[real], expert_index[real]
     if not tokens.numel():
@@ -417,6 +426,8 @@ def top1_columns(routing: Routing) -> torch.Tensor:
     """(``num_inputs``,) long: each input token's top-1 router column, the column of its kept assignment with
     the largest combine weight (ties: the lowest column); -1 for a token with none (masked out, non-finite,
     every slot dropped)."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a Routing record (block.routing), got {type(routing).__name__}")
     routing.counts  # read: the lists then hold only the counted assignments
     tokens, columns, weight = routing.token_index, routing.expert_index, routing.weight.float()
     n = routing.num_inputs
