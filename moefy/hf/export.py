@@ -23,6 +23,7 @@ from torch import nn
 from ..block import MoEBlock
 from .block import concat_swiglu, linear_weight, same_activation, stack_experts, swiglu_weights
 from .families import TRAINING_ONLY, MoEFamily, family_of, transformers_module
+from .generic import HFExpertsBlock, family_blocks, family_state_dict
 
 _NOT_CONFIG = ("model_type", "architectures", "transformers_version", "_name_or_path")
 
@@ -138,6 +139,8 @@ def export(model: nn.Module, folder) -> str:
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
     transformers_module(moe_layout=True)
+    if family_blocks(model):
+        return _export_family_routed(model, folder)
     family = family_of(model)
     layers = _decoder_mixtures(model, family)
     imported = model.config.model_type == family.model_type
@@ -154,6 +157,34 @@ def export(model: nn.Module, folder) -> str:
     _check_keys(target, state, family, model)
     target.load_state_dict(state, strict=True, assign=True)
     target.save_pretrained(folder)
+    return folder
+
+
+def _export_family_routed(model: nn.Module, folder) -> str:
+    """A model imported with the family's routers kept (:mod:`moefy.hf.generic`): its own class, its state dict in
+    the family's layout (the experts' weights never left the family's modules)."""
+    name = type(model).__name__
+    for path, block in model.named_modules():
+        if isinstance(block, MoEBlock) and not isinstance(block, HFExpertsBlock):
+            raise ValueError(f"model: the mixture at {path!r} is a {type(block).__name__}, which {name} has no place "
+                             f"for (only the experts modules from_hf replaced go back)")
+    for path, block in family_blocks(model):
+        if block.config.token_capacity_factor is not None:
+            raise ValueError(f"{path}: token_capacity_factor={block.config.token_capacity_factor!r} cannot be "
+                             f"exported to {name}: its experts compute every pick its router makes")
+    state = {k: v.detach() for k, v in family_state_dict(model).items()}
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        target = type(model)(model.config)
+    own = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} for {own[k]}" for k in set(own) & set(state)
+                    if tuple(state[k].shape) != own[k])
+    if extra or missing or shapes:
+        raise ValueError(f"model: {name} does not fit its own class any more: weights it has no place for "
+                         f"{extra[:6]} (a PEFT adapter or a parametrization: merge it first), weights it lacks "
+                         f"{missing[:6]}, shape mismatches {shapes[:6]}")
+    type(model).save_pretrained(model, folder, state_dict=state)  # transformers' own writer, the family's layout
     return folder
 
 

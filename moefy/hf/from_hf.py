@@ -21,6 +21,7 @@ from ..convert.surgery import _set_submodule
 from ..convert.writer import keep_save_pretrained
 from .block import HFMoEBlock, unstack_experts
 from .families import FAMILIES, MoEFamily, transformers_module
+from .generic import import_family
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,17 @@ def _family(model: nn.Module) -> MoEFamily:
     return FAMILIES[model_type]
 
 
-def from_hf(model: nn.Module, **options) -> nn.Module:
-    """Convert every MoE block of a transformers MoE model into an :class:`HFMoEBlock`, in place.
+def from_hf(model: nn.Module, keep_router: Optional[bool] = None, **options) -> nn.Module:
+    """Convert every MoE block of a transformers MoE model into an :class:`HFMoEBlock`, in place; or, for the
+    families moefy has no RoutingConfig mapping of, every experts module into a
+    :class:`~moefy.hf.generic.HFExpertsBlock` that keeps the family's router (:mod:`moefy.hf.generic`).
 
     Args:
-        model: a transformers model of a family in :data:`moefy.hf.families.FAMILIES` (``MixtralForCausalLM``,
-            ``Qwen2MoeModel``, ``DeepseekV3ForCausalLM``, ...), with its ``config``.
+        model: a transformers MoE model: a family in :data:`moefy.hf.families.FAMILIES` (``MixtralForCausalLM``,
+            ``Qwen2MoeModel``, ``DeepseekV3ForCausalLM``, ...) or any other whose experts are called as
+            ``experts(hidden_states, top_k_index, top_k_weights)`` (GPT-OSS, GLM-4-MoE, Qwen3-Next, ...).
+        keep_router: None (default): the RoutingConfig mapping where moefy has one, else the family's router;
+            True: keep the family's router (the general path) for every family; False: the mapping or an error.
         **options: RoutingConfig fields that replace the family's in every block, for training with moefy:
             ``aux_criterion={"switch": 0.01}``, ``bias_update_rate=1e-3`` (DeepSeek-V3's aux-loss-free
             balancing), ``fused``, ... . An option that changes the outputs (``hole``, ``noise``, ...) makes a
@@ -90,9 +96,17 @@ def from_hf(model: nn.Module, **options) -> nn.Module:
     Returns:
         ``model``, its blocks replaced (each with ``layer_id`` = its decoder layer index); same logits.
         ``output_router_logits=True`` then raises (the HF routers are gone): use ``moefy.aux_loss(model)``.
+        On the general path the family's routers stay, ``output_router_logits`` works, and the options are
+        :data:`moefy.hf.generic.OPTIONS`.
     Raises:
         ValueError: not such a model, or it has no MoE block left to convert.
     """
+    if keep_router not in (None, True, False):
+        raise TypeError(f"keep_router must be None, True or False, got {keep_router!r}")
+    if keep_router or keep_router is None and getattr(getattr(model, "config", None), "model_type", None) \
+            not in FAMILIES and isinstance(model, nn.Module):
+        transformers_module(moe_layout=True)
+        return import_family(model, **options)
     family = _family(model)
     found = [(path, m) for path, m in model.named_modules() if type(m).__name__ == family.block]
     if not found:
