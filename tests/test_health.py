@@ -192,32 +192,61 @@ def test_alarm_fires_exactly_when_a_layer_crosses(caplog):
     assert quiet.crossings == [] and not caplog.records
 
 
-def test_transition_pairs_per_sample_routing_and_refuses_other_shapes(caplog):
-    torch.manual_seed(0)
-    first = LinearMixture(3, 3, 3, k=1, route="samples")
-    second = LinearMixture(3, 3, 3, k=1, route="samples")
+class Run(nn.Module):
+    """Runs ``blocks`` (registered in this order) on the same input in the order ``order`` (names)."""
+
+    def __init__(self, **blocks):
+        super().__init__()
+        self.blocks = nn.ModuleDict(blocks)
+        self.order = list(blocks)
+
+    def forward(self, x):
+        for name in self.order:
+            self.blocks[name](x)
+
+
+def one_hot_router(route="tokens", permutation=(0, 1, 2)):
+    block = LinearMixture(3, 3, 3, k=1, route=route)
     with torch.no_grad():
-        first.router.gate.weight.copy_(torch.eye(3))
-        second.router.gate.weight.copy_(torch.eye(3)[[2, 0, 1]])
+        block.router.gate.weight.copy_(torch.eye(3)[list(permutation)])
+    return block
+
+
+def test_transitions_follow_the_forward_pair_samples_and_refuse_other_shapes(caplog):
     x = torch.eye(3)[[0, 1, 1, 2]].unsqueeze(1).expand(4, 5, 3)  # 4 samples of 5 equal tokens
-    model = nn.ModuleDict({"first": first, "second": second}).eval()
+    # registered first, second; run second, then first: first's logits x[[2, 0, 1]] -> column (c + 1) % 3
+    model = Run(first=one_hot_router("samples", (2, 0, 1)), second=one_hot_router("samples")).eval()
+    model.order = ["second", "first"]
     with RoutingRecorder(model) as rec, torch.no_grad():
-        first(x)
-        second(x)
-    # sample's top-1: first -> its one-hot column c; second reads x[[2, 0, 1]]: column (c + 1) % 3
-    assert rec.stats["first"].transition.tolist() == [[0, 1, 0], [0, 0, 2], [1, 0, 0]]
-    tokens = LinearMixture(3, 3, 3, k=1)                       # per token after per sample: no pairing
-    model = nn.ModuleDict({"first": first, "tokens": tokens}).eval()
-    with RoutingRecorder(model) as rec, torch.no_grad(), caplog.at_level(logging.WARNING):
-        first(x)
-        tokens(x)
-        first(x)
-        tokens(x)
-    s = rec.stats["first"]
+        model(x)
+        model.blocks["second"](x)                               # outside a forward of the model: not paired
+    second = rec.stats["blocks.second"]
+    assert second.transition_to == "blocks.first" and rec.stats["blocks.first"].transition is None
+    assert second.transition.tolist() == [[0, 1, 0], [0, 0, 2], [1, 0, 0]]  # per sample: c -> (c + 1) % 3
+    assert second.transition_refused.startswith("it ran outside a forward of the recorded model")
+    mixed = Run(first=one_hot_router("samples"), tokens=one_hot_router()).eval()   # per sample, then per token
+    with RoutingRecorder(mixed) as rec, torch.no_grad(), caplog.at_level(logging.WARNING):
+        mixed(x)
+        mixed(x)
+        mixed.order = ["first", "first", "tokens"]              # the same layer twice in a row: no pair
+        mixed(x)
+    s = rec.stats["blocks.first"]
     assert s.transition is None and "(4,)" in s.transition_refused and "(4, 5)" in s.transition_refused
     warned = [r.getMessage() for r in caplog.records if "transitions" in r.getMessage()]
     assert warned == [f"routing health: no top-1 transitions: {s.transition_refused}"]  # once
     assert "transition" not in rec.summary()[0]
+    caplog.clear()
+    three = Run(a=one_hot_router(), b=one_hot_router(), c=one_hot_router()).eval()
+    with RoutingRecorder(three) as rec, torch.no_grad(), caplog.at_level(logging.WARNING):
+        three(x)
+        three.order = ["a", "c"]                                # a followed by c now: not counted, said once
+        three(x)
+        three(x)
+    a = rec.stats["blocks.a"]
+    assert a.transition_to == "blocks.b" and a.transition.sum() == 20
+    assert a.transition_refused == "'blocks.a' was followed by 'blocks.b' and later by 'blocks.c': transitions are " \
+                                   "kept to 'blocks.b' only"
+    assert len([r for r in caplog.records if "later by" in r.getMessage()]) == 1
 
 
 def test_expert_choice_coactivation_is_the_assignments():

@@ -63,13 +63,15 @@ class LayerStats:
             (a slot dropped over a capacity is in none).
         multi_expert: whether a token could reach two experts (token choice with k ≥ 2, or expert choice): only
             then does ``coactivation`` hold more than its diagonal.
-        transition_to: the next MoE layer in :attr:`RoutingRecorder.blocks` order.
+        transition_to: the MoE layer that ran next in the same forward of the recorded model (the first one
+            seen; None until then).
         transition: (E', E'_next) float64: ``[i, j]`` = tokens whose top-1 router column was i in this layer and
             j in ``transition_to`` in the same forward of the model; None until one was paired. A token's
             top-1 is the column of its kept assignment with the largest combine weight (ties: the lowest
             column); tokens masked out, non-finite or with no kept assignment in either layer are in no cell.
-        transition_refused: why this layer's forwards are not paired with the next layer's (their routed token
-            shapes differ, e.g. per-token vs per-sample routing), or None.
+        transition_refused: why a forward of this layer was not paired with the next layer's (their routed
+            token shapes differ, e.g. per-token vs per-sample routing; another layer followed it; it ran outside
+            a forward of the recorded model), or None.
     """
 
     name: str
@@ -182,9 +184,10 @@ class RoutingRecorder:
     CV and entropies over the forwards recorded since the last :meth:`reset` (the *global batch*; reset at each
     optimizer step to measure per step, at each epoch for the epoch); :attr:`LayerStats.batch_max_vio` the
     MaxVio of every recorded forward; :attr:`LayerStats.coactivation` and :attr:`LayerStats.transition` the
-    expert co-activation and the top-1 transitions from each layer to the next one in :attr:`blocks` order
-    (paired within one forward of the model, token by token, when both layers route inputs of the same leading
-    shape; otherwise refused with a logged warning and :attr:`LayerStats.transition_refused`).
+    expert co-activation and the top-1 transitions from each layer to the MoE layer that runs next in the same
+    forward of ``model`` (token by token, when both route inputs of the same leading shape; otherwise refused
+    with a logged warning and :attr:`LayerStats.transition_refused`; blocks called outside a forward of
+    ``model``, or recomputed in backward, are not paired).
 
     Args:
         model: any module containing MoEBlocks (or one MoEBlock), or a transformers MoE model.
@@ -203,7 +206,9 @@ class RoutingRecorder:
                  alarm: Optional[HealthThresholds] = None):
         check_module(model, "model")
         self._alarm = None if alarm is None else HealthAlarm(alarm)
-        self._refusals_logged: set = set()  # layer pairs whose tokens cannot be paired, warned about once
+        self._root = model
+        self._forward, self._depth = 0, 0  # forwards of the model begun; nested calls of it now running
+        self._refusals_logged: set = set()  # layer pairs not paired, warned about once
         moe = [(n, m) for n, m in model.named_modules() if isinstance(m, MoEBlock)]
         hf, self.skipped = hf_moe_layers(model, exclude=[m for _, m in moe])
         self.blocks: Dict[str, Observed] = dict(moe + [(layer.name, layer) for layer in hf])
@@ -224,17 +229,14 @@ class RoutingRecorder:
     def reset(self) -> None:
         """Forget everything recorded (e.g. at the start of an epoch or of an optimizer step: the next global
         batch). Hooks stay attached; the alarm remembers which bounds each layer was beyond."""
-        names = list(self.blocks)
         self.stats: Dict[str, LayerStats] = {
             name: LayerStats(name=name, layer_id=b.layer_id, num_experts=b.num_experts, hole=b.hole,
                              null_columns=tuple(b.config.null_columns),
                              load=torch.zeros(b.num_columns, dtype=torch.float64),
-                             coactivation=torch.zeros(b.num_experts, b.num_experts, dtype=torch.float64),
-                             transition_to=names[i + 1] if i + 1 < len(names) else None)
-            for i, (name, b) in enumerate(self.blocks.items())}
-        self._previous = {name: names[i - 1] for i, name in enumerate(names) if i}
-        self._sequence = 0                 # records so far: orders the layers' forwards
-        self._top1: Dict[str, Tuple[int, Tuple[int, ...], torch.Tensor]] = {}  # name → (sequence, shape, top-1)
+                             coactivation=torch.zeros(b.num_experts, b.num_experts, dtype=torch.float64))
+            for name, b in self.blocks.items()}
+        # the last record in the current forward of the model: (forward, name, tokens shape, (N,) top-1 columns)
+        self._last: Optional[Tuple[int, str, Tuple[int, ...], torch.Tensor]] = None
 
     def health(self) -> Dict[str, LayerHealth]:
         """name → :class:`~moefy.observe.health.LayerHealth` of each layer over the forwards recorded since the
@@ -250,6 +252,8 @@ class RoutingRecorder:
         if not self._handles:
             self._handles = [b.register_forward_hook(self._hook(name)) if isinstance(b, MoEBlock)
                              else b.watch(self._watcher(name)) for name, b in self.blocks.items()]
+            self._handles += [self._root.register_forward_pre_hook(self._begin_forward),
+                              self._root.register_forward_hook(self._end_forward, always_call=True)]
         return self
 
     def detach(self) -> None:
@@ -261,6 +265,14 @@ class RoutingRecorder:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+    def _begin_forward(self, module, args) -> None:
+        if not self._depth:
+            self._forward, self._last = self._forward + 1, None
+        self._depth += 1
+
+    def _end_forward(self, module, args, output) -> None:
+        self._depth = max(0, self._depth - 1)
 
     def _hook(self, name: str):
         def hook(block: MoEBlock, inputs, output) -> None:
@@ -311,29 +323,37 @@ class RoutingRecorder:
             self._add_affinity(s, r)
 
     def _add_transition(self, name: str, s: LayerStats, r: Routing) -> None:
-        """Keep this forward's top-1 per input token; pair it with the previous layer's if that layer ran since
-        this one last did (the same forward of the model)."""
-        self._sequence += 1
-        last = self._top1.get(name, (0, None, None))[0]
-        top1 = top1_columns(r)
-        self._top1[name] = (self._sequence, tuple(r.tokens_shape), top1)
-        before = self._previous.get(name)
-        if before is None or before not in self._top1 or self._top1[before][0] <= last:
+        """Pair this record with the one before it in the same forward of the model: the previous layer's
+        top-1 per token → this layer's."""
+        if not self._depth:  # a block called on its own, or recomputed in backward: no forward to pair in
+            s.transition_refused = "it ran outside a forward of the recorded model: nothing to pair it with"
             return
-        _, shape, source = self._top1[before]
+        last, top1 = self._last, top1_columns(r)
+        self._last = (self._forward, name, tuple(r.tokens_shape), top1)
+        if last is None or last[0] != self._forward or last[1] == name:
+            return
+        _, before, shape, source = last
         p = self.stats[before]
-        if shape != tuple(r.tokens_shape):
-            p.transition_refused = (f"{before!r} routed inputs of leading shape {shape} and {name!r} of "
-                                    f"{tuple(r.tokens_shape)}: their tokens cannot be paired")
-            if (before, name) not in self._refusals_logged:
-                self._refusals_logged.add((before, name))
-                logger.warning("routing health: no top-1 transitions: %s", p.transition_refused)
-            return
-        source = source.to(top1.device)
-        both = (source >= 0) & (top1 >= 0)
-        cells = torch.bincount(source[both] * s.num_columns + top1[both], minlength=p.num_columns * s.num_columns)
-        counts = cells.view(p.num_columns, s.num_columns).double().cpu()
-        p.transition = counts if p.transition is None else p.transition + counts
+        p.transition_to = p.transition_to or name
+        if p.transition_to != name:
+            self._refuse(p, before, name, f"{before!r} was followed by {p.transition_to!r} and later by {name!r}: "
+                                          f"transitions are kept to {p.transition_to!r} only")
+        elif shape != tuple(r.tokens_shape):
+            self._refuse(p, before, name, f"{before!r} routed inputs of leading shape {shape} and {name!r} of "
+                                          f"{tuple(r.tokens_shape)}: their tokens cannot be paired")
+        else:
+            source = source.to(top1.device)
+            both = (source >= 0) & (top1 >= 0)
+            cells = torch.bincount(source[both] * s.num_columns + top1[both],
+                                   minlength=p.num_columns * s.num_columns)
+            counts = cells.view(p.num_columns, s.num_columns).double().cpu()
+            p.transition = counts if p.transition is None else p.transition + counts
+
+    def _refuse(self, p: LayerStats, before: str, name: str, why: str) -> None:
+        p.transition_refused = why
+        if (before, name) not in self._refusals_logged:
+            self._refusals_logged.add((before, name))
+            logger.warning("routing health: no top-1 transitions: %s", why)
 
     def _add_affinity(self, s: LayerStats, r: Routing) -> None:
         labels = labels_per_token(self.labels, r).to(r.token_index.device)
