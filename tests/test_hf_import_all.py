@@ -236,6 +236,34 @@ def test_router_replay_reproduces_values_and_gradients(model_type):
                 model(input_ids=ids)
 
 
+@pytest.mark.parametrize("model_type", ["gpt_oss", "nemotron_h", "ergo", "dbrx", "longcat_flash", "zaya"])
+def test_gradients_equal_transformers(model_type):
+    """Backward through the imported model gives transformers' gradients for every parameter (routers, stacked
+    experts with biases / transposed / ungated layouts, per-expert calls, null experts)."""
+    hf = copy.deepcopy(original(model_type))
+    model = from_hf(copy.deepcopy(hf))
+    ids = tiny_input_ids()
+    for m in (hf, model):
+        m(input_ids=ids, labels=ids).loss.backward()
+    want = dict(hf.named_parameters())
+    got = {name.replace(".hf_experts.", "."): p for name, p in model.named_parameters()}
+    assert got.keys() == want.keys()
+    for name, p in want.items():
+        assert p.grad is not None and got[name].grad is not None, name
+        torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_experts_moefy_cannot_reproduce_are_refused_and_nothing_changes():
+    model = copy.deepcopy(original("mixtral"))
+    experts = model.model.layers[1].mlp.experts
+    own = experts.forward
+    experts.forward = lambda h, i, w: own(h, i, w) ** 2  # not a weighted sum of per-expert outputs
+    with pytest.raises(ValueError, match=r"neither the stacked-weights math nor per-expert calls reproduce "
+                                         r"MixtralExperts \(model.layers.1.mlp\)"):
+        from_hf(model, keep_router=True)
+    assert not moefy.moe_blocks(model) and model.model.layers[0].mlp.experts.__class__.__name__ == "MixtralExperts"
+
+
 def test_token_mask_and_capacity_on_a_direct_call():
     """Called on its own, the block routes only the tokens ``token_mask`` keeps (the others: zero output, in no
     count) and caps each expert at ``token_capacity_factor`` (the dropped slots counted)."""

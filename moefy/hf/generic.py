@@ -275,6 +275,16 @@ class HFExpertsBlock(MoEBlock):
             return stacked_expert(self.hf_experts, expert.index, x)
         return called_expert(self.hf_experts, expert.index, x)
 
+    def _execution(self, rows: torch.Tensor, side_inputs: bool):
+        """The stacked math runs all rows at once (:func:`stacked_rows`); per-expert calls loop (the seam's
+        looped implementation); expert parallelism as for any block."""
+        if self.math == "stacked" and self.parallel is None and not side_inputs and rows.dim() == 2:
+            return self._run_stacked
+        return super()._execution(rows, side_inputs)
+
+    def _run_stacked(self, rows: torch.Tensor, token_index: torch.Tensor, routing: Routing, run_expert) -> torch.Tensor:
+        return stacked_rows(self.hf_experts, rows, routing)
+
     # ---------------------------------------------------------------------------- copies
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -306,6 +316,56 @@ def stacked_expert(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def stacked_rows(experts: nn.Module, rows: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Every expert of a ``@use_experts_implementation`` module on its rows, as :func:`stacked_expert` computes one:
+    ``rows`` (A, D) grouped by expert (``routing.expert_index[:A]``) → (A, D).
+
+    The up and down projections run as one grouped mm over the stacked weights where that has a fast kernel
+    (CUDA, bfloat16, compute capability ≥ 9.0), else as one matmul per expert with rows on its slice, the weights
+    taken apart once (``unbind``: backward writes one gradient for the stacked tensor, not one per expert); the gate
+    (or activation), the biases and the post-expert norm run once on all rows."""
+    up = experts.gate_up_proj if experts.has_gate else experts.up_proj                # (E, 2H, D) or transposed
+    rows = rows if rows.dtype == up.dtype else rows.to(up.dtype)
+    num_rows, num_experts = rows.shape[0], up.shape[0]
+    if num_rows == 0:  # nothing routed: an empty output that still reaches the weights (zero gradients)
+        zero = sum(p.sum() for p in experts.parameters() if p.requires_grad) * 0
+        return rows.new_zeros(0, rows.shape[1]) + zero
+    expert_index = routing.expert_index[:num_rows]
+    if _grouped_kernel(rows, up):
+        ends = torch.arange(1, num_experts + 1, device=rows.device, dtype=expert_index.dtype)
+        offsets = torch.searchsorted(expert_index, ends, out_int32=True)
+
+        def project(x, weight):
+            return torch._grouped_mm(x, weight if experts.is_transposed else weight.transpose(1, 2), offs=offsets)
+    else:
+        counts = routing.counts[:num_experts]
+        active = [e for e, n in enumerate(counts) if n]
+        sizes = [counts[e] for e in active]
+
+        def project(x, weight):
+            weights = weight.unbind(0)
+            outs = [x_e @ weights[e] if experts.is_transposed else F.linear(x_e, weights[e])
+                    for e, x_e in zip(active, x.split_with_sizes(sizes))]
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
+    h = project(rows, up)                                                                # (A, 2H) or (A, H)
+    if experts.has_bias:
+        h = h + (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias).index_select(0, expert_index)
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)              # (A, H)
+    y = project(h, experts.down_proj)                                                   # (A, D)
+    if experts.has_bias:
+        y = y + experts.down_proj_bias.index_select(0, expert_index)
+    if experts.has_post_expert_norm:
+        y = experts.post_expert_norm(y)
+    return y
+
+
+def _grouped_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where ``torch._grouped_mm`` has a fast kernel: CUDA, bfloat16, compute capability ≥ 9.0, 16-byte rows."""
+    return (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and all(d % 8 == 0 for d in weight.shape[1:]))
+
+
 def called_expert(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` on rows ``x`` (n, D) by calling the family's experts module with every row on ``e``, weight 1."""
     picks = torch.full((x.shape[0], 1), e, dtype=torch.long, device=x.device)
@@ -323,8 +383,9 @@ def _has_stacked_math(experts: nn.Module) -> bool:
 
 @torch.no_grad()
 def probe_math(experts: nn.Module, dim: int, num_experts: int) -> Optional[str]:
-    """``"stacked"`` or ``"call"``: the first per-expert math that reproduces the family's experts module on random
-    rows (2 per expert, two picks each, random weights); None where neither does."""
+    """``"stacked"`` or ``"call"``: the first of moefy's ways to run the experts (:func:`stacked_rows`, or
+    :func:`called_expert` per expert) that reproduces the family's experts module on random rows (2 per expert, two
+    picks each, random weights); None where neither does."""
     param = next((p for p in experts.parameters() if p.is_floating_point()), None)
     if param is None or param.device.type == "meta":
         return None
@@ -334,28 +395,40 @@ def probe_math(experts: nn.Module, dim: int, num_experts: int) -> Optional[str]:
     first = torch.arange(rows) % num_experts
     index = torch.stack([first, (first + 1 + torch.arange(rows) // num_experts) % num_experts], 1).to(param.device)
     weights = (torch.rand(rows, 2, generator=gen) + 0.5).to(param.device, param.dtype)
+    flat = index.reshape(-1)
+    column, order = flat.sort(stable=True)                      # the slots grouped by expert, as dispatch does
+    token = torch.div(order, 2, rounding_mode="floor")
+    groups = _Groups(column, tuple(torch.bincount(flat, minlength=num_experts).tolist()))
     was_training = experts.training
     experts.eval()
     try:
         want = experts(x, index, weights).float().reshape(rows, dim)
         tol = 1e-4 if param.dtype in (torch.float32, torch.float64) else 3e-2
-        for math, run in (("stacked", stacked_expert), ("call", called_expert)):
+        for math in ("stacked", "call"):
             if math == "stacked" and not _has_stacked_math(experts):
                 continue
             try:
-                got = torch.zeros_like(want)
-                for j in range(index.shape[1]):
-                    for e in range(num_experts):
-                        rows_e = (index[:, j] == e).nonzero().squeeze(1)
-                        got[rows_e] += weights[rows_e, j, None].float() * run(experts, e, x[rows_e]).float()
-            except Exception as err:  # noqa: BLE001 - that math does not apply to this class
+                if math == "stacked":
+                    out = stacked_rows(experts, x[token], groups)
+                else:
+                    out = torch.cat([called_expert(experts, e, x_e) for e, x_e in
+                                     enumerate(x[token].split_with_sizes(groups.counts))])
+                got = torch.zeros_like(want).index_add_(0, token, out.float() * weights.reshape(-1)[order, None])
+            except Exception as err:  # noqa: BLE001 - that way does not apply to this class
                 logger.debug("%s: %s math fails (%s)", type(experts).__name__, math, err)
                 continue
-            if torch.allclose(got, want, rtol=tol, atol=tol * max(1.0, float(want.abs().max()))):
+            if torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())):  # at the outputs' scale
                 return math
     finally:
         experts.train(was_training)
     return None
+
+
+class _Groups:
+    """What :func:`stacked_rows` reads of a record: ``expert_index`` (A,) and host ``counts`` (E,)."""
+
+    def __init__(self, expert_index: torch.Tensor, counts: Tuple[int, ...]):
+        self.expert_index, self.counts = expert_index, counts
 
 
 # -------------------------------------------------------------------------------------------- import
@@ -427,17 +500,14 @@ def import_family(model: nn.Module, **options) -> nn.Module:
             raise ValueError(f"model: {what} cannot be imported: {NOT_IMPORTED[layer.reader]} "
                              f"({layer.name}: {type(layer.block).__name__})")
     dim = _hidden_size(layers[0], config)
-    maths: Dict[type, Optional[str]] = {}
     plan = []
-    for layer in layers:  # check everything before changing anything
-        cls = type(layer.experts)
-        if cls not in maths:
-            maths[cls] = probe_math(layer.experts, dim, layer.num_experts)
-        if maths[cls] is None:
+    for layer in layers:  # check everything before changing anything; each module (a replaced forward, hooks)
+        math = probe_math(layer.experts, dim, layer.num_experts)
+        if math is None:
             raise ValueError(f"model: {what} cannot be imported: neither the stacked-weights math nor per-expert "
-                             f"calls reproduce {cls.__name__} ({layer.name}) on a probe")
+                             f"calls reproduce {type(layer.experts).__name__} ({layer.name}) on a probe")
         routing = RoutingConfig.from_options(None, **{"layer_id": layer.layer_id, **options})
-        plan.append((layer, maths[cls], _top_k(layer, config), routing))
+        plan.append((layer, math, _top_k(layer, config), routing))
     for layer, math, k, routing in plan:
         block = HFExpertsBlock(layer.experts, layer.router, layer.router_index, dim, layer.num_experts, k, math,
                                layer.reader, layer.null_columns, type(layer.block).__name__, layer.input_module,
