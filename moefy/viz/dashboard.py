@@ -18,8 +18,8 @@ from matplotlib.ticker import MaxNLocator
 from ..observe.log import LayerSeries, TrainingLog
 from ._common import column_colors, column_names, new_figure
 
-MAX_LABELLED = 40  # rows / columns of an affinity heatmap that each get a tick label
-MAX_LEGEND = 12  # router columns drawn as labelled lines with markers and a legend; beyond, one LineCollection
+MAX_LABELLED = 40  # rows / columns of a heatmap that each get a tick label
+MAX_LEGEND = 12  # lines a panel labels in a legend; beyond, none (and utilization draws one LineCollection)
 
 
 def _check_log(log) -> TrainingLog:
@@ -66,10 +66,15 @@ def _draw_utilization(ax, log: TrainingLog, series: LayerSeries) -> None:
         ax.legend(fontsize=7, ncol=2)
 
 
+def _floats(values) -> np.ndarray:
+    """A logged series with None (an epoch that did not log it) as NaN, so that the line skips it."""
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
 def _draw_lines(ax, log: TrainingLog, values, title: str, ylabel: str) -> bool:
     drawn = False
     for name, ys in values:
-        ys = np.array([np.nan if v is None else v for v in ys], dtype=float)
+        ys = _floats(ys)
         if np.isfinite(ys).any():
             ax.plot(log.epochs, ys, marker="o", ms=3, label=_plain(name))
             drawn = True
@@ -155,7 +160,7 @@ def _health_series(log: TrainingLog, values, title: str, ylabel: str, dashed=Non
             for get, style, label in ((values, "-", _plain(s.name)), (dashed, "--", None)):
                 if get is None:
                     continue
-                ys = np.array([np.nan if v is None else v for v in get(s)], dtype=float)
+                ys = _floats(get(s))
                 if np.isfinite(ys).any():
                     ax.plot(log.epochs, ys, marker="o", ms=3, ls=style, color=color, label=label)
         ax.set_xlabel("epoch")
@@ -172,7 +177,8 @@ def _health_panels(log: TrainingLog):
     """The line panels of the health dashboard: MaxVio, dead experts, load entropy."""
     if not any(s.has_health for s in log.layers.values()):
         raise ValueError(f"{log.path}: no routing health fields (max_vio, dead, ...) in the log")
-    max_vio = _health_series(log, lambda s: s.max_vio, "MaxVio (solid: epoch's load; dashed: mean over batches)", "max load / mean load - 1", dashed=lambda s: s.max_vio_batch)
+    max_vio = _health_series(log, lambda s: s.max_vio, "MaxVio (solid: epoch's load; dashed: mean over batches)",
+                             "max load / mean load - 1", dashed=lambda s: s.max_vio_batch)
     dead = _health_series(log, lambda s: [None if d is None else len(d) for d in s.dead],
                           "Dead experts (no token in the epoch)", "experts")
     entropy = _health_series(log, lambda s: s.load_entropy, "Load entropy (dotted: log E, uniform)", "nats")
@@ -182,6 +188,26 @@ def _health_panels(log: TrainingLog):
         for n in sorted({s.num_experts for s in log.layers.values() if s.has_health}):
             ax.axhline(math.log(n), color="k", lw=0.8, ls=":")
     return [max_vio, dead, entropy_with_bounds]
+
+
+def _one_panel(draw: Callable) -> Figure:
+    """A figure of one axes drawn by ``draw(ax)``."""
+    fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
+    draw(ax)
+    return fig
+
+
+def _heatmap_per_layer(log: TrainingLog, field: str, draw: Callable) -> Figure:
+    """One panel per layer whose ``field`` matrix was logged, drawn by ``draw(fig, ax, series)``; ValueError
+    when no layer logged one."""
+    _check_log(log)
+    layers = [s for s in log.layers.values() if getattr(s, field) is not None]
+    if not layers:
+        raise ValueError(f"{log.path}: no {field!r} matrix in the log")
+    fig, axes = new_figure(len(layers), panel_size=(4.4, 3.6), max_cols=3)
+    for ax, series in zip(axes, layers):
+        draw(fig, ax, series)
+    return fig
 
 
 def plot_utilization(log: TrainingLog) -> Figure:
@@ -198,9 +224,7 @@ def plot_utilization(log: TrainingLog) -> Figure:
 def plot_entropy(log: TrainingLog) -> Figure:
     """Mean router entropy per layer over epochs; dotted: log E', the entropy of a uniform router."""
     _check_log(log)
-    fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
-    _draw_entropy(ax, log)
-    return fig
+    return _one_panel(lambda ax: _draw_entropy(ax, log))
 
 
 def plot_routing_accuracy(log: TrainingLog) -> Figure:
@@ -218,14 +242,7 @@ def plot_routing_accuracy(log: TrainingLog) -> Figure:
 def plot_affinity(log: TrainingLog) -> Figure:
     """One heatmap per layer that logged an affinity matrix: row c = where tokens of class c went
     (fractions of the row, from the last epoch that logged it). Raises ValueError when there is none."""
-    _check_log(log)
-    layers = [s for s in log.layers.values() if s.affinity is not None]
-    if not layers:
-        raise ValueError(f"{log.path}: no 'affinity' matrix in the log")
-    fig, axes = new_figure(len(layers), panel_size=(4.4, 3.6), max_cols=3)
-    for ax, series in zip(axes, layers):
-        _draw_affinity(fig, ax, series)
-    return fig
+    return _heatmap_per_layer(log, "affinity", _draw_affinity)
 
 
 def plot_metrics(log: TrainingLog) -> Figure:
@@ -243,46 +260,26 @@ def plot_max_vio(log: TrainingLog) -> Figure:
     """MaxVio per layer over epochs: of the epoch's summed load (solid) and the mean of its batches' (dashed).
     Raises ValueError when the log has no health fields."""
     _check_log(log)
-    draw = _health_panels(log)[0]
-    fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
-    draw(ax)
-    return fig
+    return _one_panel(_health_panels(log)[0])
 
 
 def plot_dead_experts(log: TrainingLog) -> Figure:
     """Experts without a token per layer over epochs. Raises ValueError when the log has no health fields."""
     _check_log(log)
-    draw = _health_panels(log)[1]
-    fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
-    draw(ax)
-    return fig
+    return _one_panel(_health_panels(log)[1])
 
 
 def plot_coactivation(log: TrainingLog) -> Figure:
     """One heatmap per layer that logged a co-activation matrix (the last one): row i, column j = the fraction
     of expert i's tokens that expert j also processed (diagonal blank). Raises ValueError when there is none."""
-    _check_log(log)
-    layers = [s for s in log.layers.values() if s.coactivation is not None]
-    if not layers:
-        raise ValueError(f"{log.path}: no 'coactivation' matrix in the log")
-    fig, axes = new_figure(len(layers), panel_size=(4.4, 3.6), max_cols=3)
-    for ax, series in zip(axes, layers):
-        _draw_coactivation(fig, ax, series)
-    return fig
+    return _heatmap_per_layer(log, "coactivation", _draw_coactivation)
 
 
 def plot_transition(log: TrainingLog) -> Figure:
     """One heatmap per layer that logged top-1 transitions to the next layer (the last ones): row i, column j =
     the fraction of the tokens whose top-1 column was i in this layer that had j in the next. Raises ValueError
     when there is none."""
-    _check_log(log)
-    layers = [s for s in log.layers.values() if s.transition is not None]
-    if not layers:
-        raise ValueError(f"{log.path}: no 'transition' matrix in the log")
-    fig, axes = new_figure(len(layers), panel_size=(4.4, 3.6), max_cols=3)
-    for ax, series in zip(axes, layers):
-        _draw_transition(fig, ax, log, series)
-    return fig
+    return _heatmap_per_layer(log, "transition", lambda fig, ax, series: _draw_transition(fig, ax, log, series))
 
 
 def plot_health(log: TrainingLog) -> Figure:
