@@ -35,17 +35,13 @@ def _plain(text: str) -> str:
 
 
 def _columns(series: LayerSeries) -> List[str]:
-    return column_names(_num_experts(series), series.hole, series.null_columns)
-
-
-def _num_experts(series: LayerSeries) -> int:
-    return series.num_columns - len(series.null_columns) - int(series.hole)
+    return column_names(series.num_experts, series.hole, series.null_columns)
 
 
 def _draw_utilization(ax, log: TrainingLog, series: LayerSeries) -> None:
     util = np.asarray(series.utilization)
     names = _columns(series)
-    colors = column_colors(_num_experts(series), series.hole, series.null_columns)
+    colors = column_colors(series.num_experts, series.hole, series.null_columns)
     if len(names) <= MAX_LEGEND:
         for j, (name, color) in enumerate(zip(names, colors)):
             ax.plot(log.epochs, util[:, j], marker="o", ms=3, color=color, label=name,
