@@ -56,3 +56,21 @@ class SwiGLUMixture(MoEBlock):
 
     def expert_forward(self, expert, x):
         return expert(x)
+
+
+class ResidualMLPNet(nn.Module):
+    """Two residual MLPs between an embedding and a head; x (B, L, 8) -> (B, L, 4). ``moefy(net, ...,
+    target="blocks.*")`` turns the MLPs into mixtures."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.emb = nn.Linear(8, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+                                    for _ in range(2))
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        h = self.emb(x)  # (B, L, dim)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)

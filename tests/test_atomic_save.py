@@ -14,32 +14,16 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 import moefy
+from conftest import ResidualMLPNet
 from moefy.convert import writer
-
-
-class Net(nn.Module):
-    """x (B, L, 8) -> (B, L, 4) through two residual MLPs."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Linear(8, 16)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(2))
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        h = self.emb(x)  # (B, L, 16)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h)
 
 
 def _net(seed, k):
     """Same shapes, other weights and routing (k): a mix of two saves would load without a shape error."""
     torch.manual_seed(seed)
-    return moefy.moefy(Net(), 4, k=k, target="blocks.*", expert_noise=0.1)
+    return moefy.moefy(ResidualMLPNet(), 4, k=k, target="blocks.*", expert_noise=0.1)
 
 
 def _fingerprint(model):
@@ -179,7 +163,7 @@ def _old_net(folder):
 
 
 def test_a_fault_at_any_file_operation_leaves_the_old_checkpoint_or_a_loud_error(tmp_path, monkeypatch):
-    outcomes = _sweep(tmp_path, monkeypatch, _old_net, _net(1, k=2), lambda f: moefy.load(Net(), f))
+    outcomes = _sweep(tmp_path, monkeypatch, _old_net, _net(1, k=2), lambda f: moefy.load(ResidualMLPNet(), f))
     kinds = [o for _, o in outcomes]
     assert len(outcomes) >= 12 and {"old", "new"} <= set(kinds)
     assert kinds[0] == "old" and kinds[-1] == "new", outcomes  # every fault before the first rename: the old one
@@ -190,7 +174,7 @@ def test_a_fault_at_any_file_operation_leaves_the_old_checkpoint_or_a_loud_error
 def test_without_safetensors_moefy_pt_is_crash_safe_too(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    outcomes = _sweep(tmp_path, monkeypatch, _old_net, _net(1, k=2), lambda f: moefy.load(Net(), f))
+    outcomes = _sweep(tmp_path, monkeypatch, _old_net, _net(1, k=2), lambda f: moefy.load(ResidualMLPNet(), f))
     assert sorted(os.listdir(tmp_path / "clean")) == ["moefy.json", "moefy.pt"]
     assert {"old", "new"} <= {o for _, o in outcomes}
 
@@ -204,7 +188,7 @@ def test_a_folder_of_format_1_is_never_mixed_with_new_weights(tmp_path, monkeypa
         del meta["files"]
         (folder / "moefy.json").write_text(json.dumps({**meta, "format_version": 1}))
         return fingerprint
-    outcomes = _sweep(tmp_path, monkeypatch, old_v1, _net(1, k=2), lambda f: moefy.load(Net(), f))
+    outcomes = _sweep(tmp_path, monkeypatch, old_v1, _net(1, k=2), lambda f: moefy.load(ResidualMLPNet(), f))
     assert {"old", "loud", "new"} == {o for _, o in outcomes}
 
 
@@ -292,7 +276,7 @@ def test_a_sigkill_at_random_points_of_saves(tmp_path):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         try:
-            loaded = moefy.load(Net(), folder)
+            loaded = moefy.load(ResidualMLPNet(), folder)
         except (ValueError, FileNotFoundError) as err:
             assert str(folder) in str(err)
             outcomes.append("loud")
@@ -301,5 +285,5 @@ def test_a_sigkill_at_random_points_of_saves(tmp_path):
         assert which, "the folder loads as neither checkpoint: a mix"
         outcomes.append(which[0])
     moefy.save(models[1], folder)
-    assert _is(moefy.load(Net(), folder), prints[1])
+    assert _is(moefy.load(ResidualMLPNet(), folder), prints[1])
     assert sorted(os.listdir(folder)) == ["moefy.json", "moefy.safetensors"]

@@ -6,7 +6,6 @@ never give a bare KeyError / TypeError / RecursionError.
 Run as a script for the before / after table: ``.venv/bin/python tests/test_hostile_folder.py [name part ...]``
 (each case in its own process, stopped at 4 GB more or after 60 s).
 """
-import copy
 import hashlib
 import json
 import os
@@ -24,24 +23,9 @@ import torch
 from torch import nn
 
 import moefy
+from conftest import ResidualMLPNet
 
 SECONDS, MEGABYTES = 2.0, 200
-
-
-class Net(nn.Module):
-    """x (B, L, 8) -> (B, L, 4) through two residual MLPs."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Linear(8, 16)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(2))
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        h = self.emb(x)  # (B, L, 16)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h)
 
 
 def _llama():
@@ -142,7 +126,7 @@ def _remote_code(folder: Path) -> None:
         "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n")
 
 
-# name: (base, loader, mutation of a copy of the base folder, (file, field) the error must name)
+# name: (base model, mutation of a copy of its saved folder, (file, field) the error must name)
 CASES = {
     "num_experts=100000000": ("net", _conversion(num_experts=100_000_000), ("moefy.json", "num_experts")),
     "num_experts=1e8": ("net", _conversion(num_experts=1e8), ("moefy.json", "num_experts")),
@@ -182,9 +166,10 @@ CASES = {
 
 
 def make_folders(root: Path, only=None):
-    """Every case's folder under ``root`` (or the one named ``only``): ``{name: (loader, folder)}``."""
+    """Every case's folder under ``root`` (or the one named ``only``): ``{name: (base model, folder)}``."""
     torch.manual_seed(0)
-    bases = {"net": lambda: moefy.moefy(Net(), 4, k=2, target="blocks.*"), "llama": _llama, "mixtral": _mixtral}
+    bases = {"net": lambda: moefy.moefy(ResidualMLPNet(), 4, k=2, target="blocks.*"), "llama": _llama,
+             "mixtral": _mixtral}
     for kind, model in bases.items():
         moefy.save(model(), root / "base" / kind)
     folders = {}
@@ -220,7 +205,7 @@ def _peak() -> int:
 
 def _load(kind, folder):
     if kind == "net":
-        return moefy.load(Net(), folder)
+        return moefy.load(ResidualMLPNet(), folder)
     from moefy.hf import load
     return load(folder)
 
@@ -300,7 +285,7 @@ def test_each_hostile_folder_fails_fast_and_names_the_file_and_the_field(outcome
 # ------------------------------------------------------------------------------------------ in this process
 def _saved_net(folder: Path):
     torch.manual_seed(0)
-    model = moefy.moefy(Net(), 4, k=2, target="blocks.*")
+    model = moefy.moefy(ResidualMLPNet(), 4, k=2, target="blocks.*")
     moefy.save(model, folder)
     return model
 
@@ -321,7 +306,7 @@ def test_a_failed_load_leaves_the_base_model_as_it_was(tmp_path, monkeypatch):
     (load_state_dict raising): the caller's base keeps its modules, by identity, and its weights."""
     _saved_net(tmp_path / "truncated")
     _truncate(tmp_path / "truncated")
-    base = Net()
+    base = ResidualMLPNet()
     snapshot = _snapshot(base)
     with pytest.raises(ValueError, match="moefy.safetensors: size: truncated"):
         moefy.load(base, tmp_path / "truncated")
@@ -395,7 +380,7 @@ def test_fuzzed_moefy_json_gives_a_named_value_error_never_a_bare_one(tmp_path):
             json.dumps(data).replace('"<deep>"', "[" * 50_000 + "]" * 50_000).encode()
         (folder / "moefy.json").write_bytes(text)
         try:
-            moefy.load(Net(), folder)
+            moefy.load(ResidualMLPNet(), folder)
         except (ValueError, FileNotFoundError) as err:
             refused += 1
             if str(folder / "moefy.json") not in str(err) and str(folder) not in str(err) or "\n" in str(err):
@@ -415,4 +400,5 @@ if __name__ == "__main__":  # each case in its own process, stopped at 4 GB more
         kind, message, seconds, megabytes = results[name]
         prompt = " (prompted: Do you wish to run the custom code?)" if "Do you wish" in stdout else ""
         first = message.splitlines()[0][:160] if message else ""
-        print(f"| {name} | {seconds:.2f} s | {megabytes:.0f} MB | {kind}: {first}{prompt}{' CODE RAN' if ran else ''} |")
+        ran_note = " CODE RAN" if ran else ""
+        print(f"| {name} | {seconds:.2f} s | {megabytes:.0f} MB | {kind}: {first}{prompt}{ran_note} |")
