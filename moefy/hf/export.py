@@ -34,9 +34,9 @@ def _decoder_mixtures(model: nn.Module, family: MoEFamily) -> Dict[int, Tuple[st
     for path, m in model.named_modules():
         if not isinstance(m, MoEBlock) or any(path.startswith(p + ".") for p, _ in layers.values()):
             continue
-        found = re.fullmatch(r"(?:.*\.)?layers\.(\d+)\.mlp", path)
+        found = re.fullmatch(rf"(?:.*\.)?layers\.(\d+)\.{family.mlp}", path)
         if found is None:
-            raise ValueError(f"model: the mixture at {path!r} is not a decoder layer's MLP (layers.<i>.mlp); "
+            raise ValueError(f"model: the mixture at {path!r} is not a decoder layer's MLP (layers.<i>.{family.mlp}); "
                              f"{family.name} has mixtures only there")
         layers[int(found.group(1))] = (path, m)
     if not layers:
@@ -95,10 +95,11 @@ def _block_state(path: str, block: MoEBlock, family: MoEFamily) -> Dict[str, tor
     """The HF block's weights, named as in transformers' modules, from a moefy block."""
     p = path + "."
     gate_up, down = stack_experts(block.experts, f"{path}.experts")  # (E, 2H, D), (E, D, H)
-    state = {p + "gate.weight": block.router.gate.weight.detach(), p + "experts.gate_up_proj": gate_up,
+    router = p + family.router + "."
+    state = {router + "weight": block.router.gate.weight.detach(), p + "experts.gate_up_proj": gate_up,
              p + "experts.down_proj": down}
-    if family.model_type == "deepseek_v3":
-        state[p + "gate.e_score_correction_bias"] = block.router.score_correction_bias.detach()
+    if block.config.selection_bias:  # _check_block: only where the family has one
+        state[router + "e_score_correction_bias"] = block.router.score_correction_bias.detach()
     if family.shared is not None:
         parts = concat_swiglu(block.shared_experts or [], f"{path}.shared_experts", block.input_dim)
         for part, w in zip(("gate_proj", "up_proj", "down_proj"), parts):

@@ -15,12 +15,23 @@ Options = Dict[str, Any]
 
 
 def _softmax_top_k(cfg) -> Options:
-    """Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: softmax over all experts, top-k, renormalised if norm_topk_prob."""
+    """Qwen2-MoE, Qwen3-MoE, OLMoE, ...: softmax over all experts, top-k, renormalised if norm_topk_prob."""
     return {"k": cfg.num_experts_per_tok, "normalize": bool(getattr(cfg, "norm_topk_prob", True))}
 
 
+def _renormalised(cfg) -> Options:
+    """Mixtral, MiniMax, Granite-MoE (its softmax over the top-k logits is the same): softmax top-k, renormalised."""
+    return {**_softmax_top_k(cfg), "normalize": True}
+
+
+def _not_renormalised(cfg) -> Options:
+    """Jamba: softmax over all experts, top-k, the k probabilities as they are."""
+    return {**_softmax_top_k(cfg), "normalize": False}
+
+
 def _deepseek_v3(cfg) -> Options:
-    """DeepSeek-V3: sigmoid scores, selection bias, group-limited top-k, routed scaling factor."""
+    """DeepSeek-V3 (GLM-4-MoE, dots1, ...): sigmoid scores, selection bias, group-limited top-k, routed scaling
+    factor."""
     return {"k": cfg.num_experts_per_tok, "normalize": bool(cfg.norm_topk_prob), "score_func": "sigmoid",
             "selection_bias": True, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
             "routed_scaling_factor": float(cfg.routed_scaling_factor)}
@@ -40,6 +51,9 @@ class MoEFamily:
         num_experts: its config's field for the number of routed experts.
         expert_hidden: its config's field for an expert's hidden size.
         dense: the ``model_type`` of the dense architectures that export to it (one MoE per decoder MLP).
+        router: the block's router attribute (``gate`` or ``router``): its ``weight`` (E, D), and
+            ``e_score_correction_bias`` (E,) with ``selection_bias``.
+        mlp: the decoder layer's attribute that holds the block (``mlp``, Jamba's ``feed_forward``, ...).
     """
 
     model_type: str
@@ -50,6 +64,8 @@ class MoEFamily:
     num_experts: str
     expert_hidden: str
     dense: Tuple[str, ...] = ()
+    router: str = "gate"
+    mlp: str = "mlp"
 
     @property
     def shared_path(self) -> Optional[str]:
@@ -68,8 +84,8 @@ class MoEFamily:
 
 
 FAMILIES: Dict[str, MoEFamily] = {f.model_type: f for f in (
-    MoEFamily("mixtral", "Mixtral", "MixtralSparseMoeBlock", lambda c: {**_softmax_top_k(c), "normalize": True},
-              None, "num_local_experts", "intermediate_size", dense=("llama", "mistral")),
+    MoEFamily("mixtral", "Mixtral", "MixtralSparseMoeBlock", _renormalised, None, "num_local_experts",
+              "intermediate_size", dense=("llama", "mistral")),
     MoEFamily("qwen2_moe", "Qwen2Moe", "Qwen2MoeSparseMoeBlock", _softmax_top_k, "gated", "num_experts",
               "moe_intermediate_size", dense=("qwen2",)),
     MoEFamily("qwen3_moe", "Qwen3Moe", "Qwen3MoeSparseMoeBlock", _softmax_top_k, None, "num_experts",
@@ -78,6 +94,29 @@ FAMILIES: Dict[str, MoEFamily] = {f.model_type: f for f in (
               "intermediate_size"),
     MoEFamily("deepseek_v3", "DeepseekV3", "DeepseekV3MoE", _deepseek_v3, "plain", "n_routed_experts",
               "moe_intermediate_size"),
+    # the same routers, shared experts and SwiGLU experts as one of the five above (tests/test_hf_import_all.py)
+    MoEFamily("flex_olmo", "FlexOlmo", "FlexOlmoSparseMoeBlock", _softmax_top_k, None, "num_experts",
+              "intermediate_size"),
+    MoEFamily("minimax", "MiniMax", "MiniMaxSparseMoeBlock", _renormalised, None, "num_local_experts",
+              "intermediate_size"),
+    MoEFamily("granitemoe", "GraniteMoe", "GraniteMoeMoE", _renormalised, None, "num_local_experts",
+              "intermediate_size", router="router", mlp="block_sparse_moe"),
+    MoEFamily("jamba", "Jamba", "JambaSparseMoeBlock", _not_renormalised, None, "num_experts",
+              "intermediate_size", router="router", mlp="feed_forward"),
+    MoEFamily("qwen3_next", "Qwen3Next", "Qwen3NextSparseMoeBlock", _softmax_top_k, "gated", "num_experts",
+              "moe_intermediate_size"),
+    MoEFamily("qwen3_5_moe_text", "Qwen3_5Moe", "Qwen3_5MoeSparseMoeBlock", _softmax_top_k, "gated", "num_experts",
+              "moe_intermediate_size"),
+    *(MoEFamily(model_type, name, block, _deepseek_v3, shared, experts, "moe_intermediate_size")
+      for model_type, name, block, shared, experts in (
+          ("glm4_moe", "Glm4Moe", "Glm4MoeMoE", "plain", "n_routed_experts"),
+          ("glm4_moe_lite", "Glm4MoeLite", "Glm4MoeLiteMoE", "plain", "n_routed_experts"),
+          ("glm_moe_dsa", "GlmMoeDsa", "GlmMoeDsaMoE", "plain", "n_routed_experts"),
+          ("deepseek_v32", "DeepseekV32", "DeepseekV32MoE", "plain", "n_routed_experts"),
+          ("dots1", "Dots1", "Dots1MoE", "plain", "n_routed_experts"),
+          ("solar_open", "SolarOpen", "SolarOpenMoE", "plain", "n_routed_experts"),
+          ("kimi_linear", "KimiLinear", "KimiLinearMoE", "plain", "num_experts"),
+          ("mimo_v2_flash", "MiMoV2Flash", "MiMoV2FlashMoE", None, "n_routed_experts"))),
 )}
 DENSE = {dense: f for f in FAMILIES.values() for dense in f.dense}
 

@@ -51,11 +51,12 @@ def convert_block(hf_block: nn.Module, family: MoEFamily, config, routing: Routi
         raise ValueError(f"options: {routing.summary(num_experts)} adds router columns (hole / null experts) that "
                          f"the {type(hf_block).__name__} router has no weights for")
     block.to(device=down.device, dtype=down.dtype)
-    block.router.to(dtype=hf_block.gate.weight.dtype)  # DeepSeek-V3 keeps its router in float32 in a bf16 model
+    gate = getattr(hf_block, family.router)
+    block.router.to(dtype=gate.weight.dtype)  # DeepSeek-V3 keeps its router in float32 in a bf16 model
     with torch.no_grad():
-        block.router.gate.weight.copy_(hf_block.gate.weight)
+        block.router.gate.weight.copy_(gate.weight)
         if block.config.selection_bias:
-            block.router.score_correction_bias.copy_(hf_block.gate.e_score_correction_bias)
+            block.router.score_correction_bias.copy_(gate.e_score_correction_bias)
         unstack_experts(block.experts, gate_up, down)
         if shared is not None:
             mine = block.shared_experts[0]
