@@ -10,7 +10,6 @@ Time is bounded twice: collectives time out after COLLECTIVE_TIMEOUT s, and the 
 JOIN_TIMEOUT s.
 """
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,10 +18,10 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gloo_ranks import free_port, run_ranks
 from moefy.block import MoEBlock
 from moefy.parallel import (ShardedExperts, expert_parallel, full_state_dict, merge_state_dicts,
                             sharded_names)
@@ -223,23 +222,9 @@ def _worker(rank: int, world: int, port: int, cases: List[Case], out_dir: str, l
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(world: int, cases: List[Case], out_dir: str, load: Optional[str] = None) -> List[dict]:
     """Run ``_worker`` on ``world`` processes; fail (and kill them) if they are not done in JOIN_TIMEOUT s."""
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), cases, out_dir, load), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} ranks did not finish in {JOIN_TIMEOUT} s (a hung collective?)")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return run_ranks(_worker, (world, free_port(), cases, out_dir, load), world, out_dir, JOIN_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -430,7 +415,7 @@ def test_merge_state_dicts_refuses_diverged_replicas():
 
 @pytest.fixture
 def one_rank():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT))
     yield
     dist.destroy_process_group()

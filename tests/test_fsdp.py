@@ -24,17 +24,15 @@ parallelism sums the float32 routers' gradients in another order than one whole-
 """
 import functools
 import os
-import socket
-import time
 from datetime import timedelta
 from typing import Dict, List
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import moefy
+from gloo_ranks import free_port, run_ranks
 from moefy import moefy as make_moe
 from moefy.parallel import expert_parallel, full_state_dict, merge_state_dicts, sharded_names, sharded_params
 
@@ -192,23 +190,10 @@ def _worker(rank: int, port: int, out_dir: str):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> List[Dict]:
     out_dir = str(tmp_path_factory.mktemp("fsdp"))
-    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{WORLD} ranks did not finish in {JOIN_TIMEOUT} s (a hung collective?)")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, (free_port(), out_dir), WORLD, out_dir, JOIN_TIMEOUT)
 
 
 # ------------------------------------------------------------------------------------------- the reference
