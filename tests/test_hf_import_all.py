@@ -344,3 +344,28 @@ def test_bad_options_and_models_are_named():
         from_hf(model, keep_router="yes")
     with pytest.raises(TypeError, match="model must be a transformers model"):
         from_hf("gpt_oss")
+
+
+def coverage_table() -> str:
+    """The README's table: family → observe / import / export, and the reason for every gap."""
+    lines = ["| model_type | causal LM | observe | import (`from_hf`) | export |", "|---|---|---|---|---|"]
+    short = {"llama4": "input scaled by the router score, every expert on every token",
+             "jetmoe": "experts take sorted token lists; attention experts (MoA)",
+             "doge": "product-key embedding experts"}
+    for model_type, family in sorted(families().items()):
+        if model_type in REFUSED:
+            lines.append(f"| {model_type} | {family.causal_lm} | ✓ | ✗ {short[REFUSED[model_type]]} | – |")
+            continue
+        block = moefy.moe_blocks(from_hf(copy.deepcopy(tiny_model(model_type))))[0]
+        if isinstance(block, HFExpertsBlock):
+            how = "✓ its router" + (", per-expert calls" if block.math == "call" else "") + (
+                f", {block.config.null_columns[0]} null experts" if block.config.null_columns else "")
+        else:
+            how = "✓ RoutingConfig" + (" (sigmoid, bias, groups)" if block.config.selection_bias else "")
+        lines.append(f"| {model_type} | {family.causal_lm} | ✓ | {how} | {'✓¹' if 'inkling2' in model_type else '✓'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python tests/test_hf_import_all.py: the table
+    torch.set_num_threads(1)
+    print(coverage_table())
