@@ -121,7 +121,8 @@ def test_replay_shape_mismatch_names_the_argument():
         b(torch.randn(5, 4))
 
 
-def test_replay_every_block_in_call_order_and_errors():
+def two_recorded_calls():
+    """Two noisy mixtures in a row (k=1, then k=2) and a replay that recorded two forwards, of x1 then x2 (8, 4)."""
     torch.manual_seed(0)
     model = nn.Sequential(LinearMixture(4, 4, 3, k=1, noise="gumbel"), LinearMixture(4, 4, 3, k=2, noise="gumbel"))
     x1, x2 = torch.randn(8, 4), torch.randn(8, 4)
@@ -129,6 +130,11 @@ def test_replay_every_block_in_call_order_and_errors():
     with replay.record():
         model(x1)
         model(x2)
+    return model, x1, x2, replay
+
+
+def test_replay_every_block_in_call_order_and_errors():
+    model, x1, x2, replay = two_recorded_calls()
     assert [len(v) for v in replay.records.values()] == [2, 2]
     want = [(m.routing.indices.clone()) for m in model]
     with replay.replay():
@@ -271,17 +277,24 @@ def test_replay_applies_the_recorded_noise_to_the_current_router(noise):
     torch.testing.assert_close(got, draws, rtol=1e-4, atol=1e-4)  # the subtraction cancels digits
 
 
-@pytest.mark.parametrize("preserve_rng_state", [True, False])
-@pytest.mark.parametrize("mode", list(NOISE_MODES))
-def test_readme_checkpoint_recipe_equals_the_step_without_checkpointing(mode, preserve_rng_state):
-    """README "Router replay": record a reentrant-checkpointed forward, backward() inside replay(): the
-    gradients of the same step without checkpointing."""
+def step_without_checkpointing(mode):
+    """two_blocks of a NOISE_MODES entry, x (24, 6) that requires grad (its grad cleared), probe (24, 6), and the
+    gradients (``grads(model, x)``) of ``sum(model(x) * probe)`` drawing the noise from seed 3."""
     model = two_blocks(**NOISE_MODES[mode])
     x, probe = torch.randn(24, 6, requires_grad=True), torch.randn(24, 6)
     torch.manual_seed(3)
     (model(x) * probe).sum().backward()
     want = grads(model, x)
     x.grad = None
+    return model, x, probe, want
+
+
+@pytest.mark.parametrize("preserve_rng_state", [True, False])
+@pytest.mark.parametrize("mode", list(NOISE_MODES))
+def test_readme_checkpoint_recipe_equals_the_step_without_checkpointing(mode, preserve_rng_state):
+    """README "Router replay": record a reentrant-checkpointed forward, backward() inside replay(): the
+    gradients of the same step without checkpointing."""
+    model, x, probe, want = step_without_checkpointing(mode)
     replay = RouterReplay(model)
     torch.manual_seed(3)
     with replay.record():
@@ -297,12 +310,7 @@ def test_non_reentrant_checkpoint_needs_no_replay_and_a_replay_is_exact_or_refus
     """The non-reentrant checkpoint's default preserve_rng_state=True redraws the noise: the step's gradients
     without a replay. A replayed recomputation is either exact (where its graph is the recorded one's) or
     refused loudly (torch's CheckpointError where it differs), never used silently."""
-    model = two_blocks(**NOISE_MODES[mode])
-    x, probe = torch.randn(24, 6, requires_grad=True), torch.randn(24, 6)
-    torch.manual_seed(3)
-    (model(x) * probe).sum().backward()
-    want = grads(model, x)
-    x.grad = None
+    model, x, probe, want = step_without_checkpointing(mode)
     torch.manual_seed(3)
     y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
     torch.manual_seed(4)
@@ -360,13 +368,7 @@ def test_record_and_replay_drop_a_forward_that_raised():
 
 
 def test_leaving_replay_with_calls_unused_is_an_error_that_never_masks_another():
-    torch.manual_seed(0)
-    model = nn.Sequential(LinearMixture(4, 4, 3, k=1, noise="gumbel"), LinearMixture(4, 4, 3, k=2, noise="gumbel"))
-    x1, x2 = torch.randn(8, 4), torch.randn(8, 4)
-    replay = RouterReplay(model)
-    with replay.record():
-        model(x1)
-        model(x2)
+    model, x1, x2, replay = two_recorded_calls()
     with pytest.raises(RuntimeError, match=r"unused: block '0' \(layer \? / LinearMixture \(3 experts\)\) used 1 of "
                                            r"its 2 recorded call\(s\); block '1' .* used 1 of its 2"):
         with replay.replay():
