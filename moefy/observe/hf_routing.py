@@ -283,8 +283,9 @@ def _experts_args(args, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- readers
-def _experts_call(layer: HFMoELayer) -> list:
-    """The common case: the record is the experts module's (top_k_index, top_k_weights)."""
+def _on_experts_calls(layer: HFMoELayer, to_record: Callable[..., Routing]) -> list:
+    """The hooks of a reader that records each experts call: ``to_record(index, weights, logits)`` turns the
+    call's top_k_index (T, k) and top_k_weights (T, k), with the router logits (T, E'), into the record."""
     @torch.no_grad()
     def on_experts(module, args, kwargs):
         got = _experts_args(args, kwargs)
@@ -295,62 +296,57 @@ def _experts_call(layer: HFMoELayer) -> list:
         logits = layer._router_logits(index.shape[0])
         if logits is None:
             layer._missing_logits(index.shape[0])
-        layer._emit(token_choice_routing(index, weights, logits, layer.num_experts, layer._tokens_shape))
+        layer._emit(to_record(index, weights, logits))
 
     return [layer.router.register_forward_hook(layer._on_router_output),
             layer.experts.register_forward_pre_hook(on_experts, with_kwargs=True)]
+
+
+def _as_the_experts_got(layer: HFMoELayer, index: torch.Tensor, weights: torch.Tensor,
+                        logits: torch.Tensor) -> Routing:
+    """The record of the experts call as it is: index (T, k), weights (T, k), the real experts' logits (T, E)."""
+    return token_choice_routing(index, weights, logits[:, :layer.num_experts], layer.num_experts,
+                                layer._tokens_shape)
+
+
+def _experts_call(layer: HFMoELayer) -> list:
+    """The common case: the record is the experts module's (top_k_index, top_k_weights)."""
+    return _on_experts_calls(layer, lambda index, weights, logits: _as_the_experts_got(layer, index, weights, logits))
 
 
 def _longcat(layer: HFMoELayer) -> list:
     """LongCat-Flash: the router's picks, zero experts as copy null columns; checked against the experts call."""
-    @torch.no_grad()
-    def on_experts(module, args, kwargs):
-        _, index, weights = _experts_args(args, kwargs)
-        logits = layer._router_logits(index.shape[0])
-        if logits is None:
-            layer._missing_logits(index.shape[0])
+    def to_record(index, weights, logits):
         _, router_weights, router_index = layer._router_out
         zero = router_index >= layer.num_experts
         if torch.equal(torch.where(zero, index, router_index), index) and torch.equal(
                 router_weights.masked_fill(zero, 0.0), weights):
-            record = token_choice_routing(router_index, router_weights, logits, layer.num_experts,
-                                          layer._tokens_shape, layer.null_columns)
-        else:  # transformers changed how it hands zero experts over: record what the experts got
-            _warn_once(layer, "the router's picks do not match the experts call; recording the experts call")
-            record = token_choice_routing(index, weights, logits[:, :layer.num_experts], layer.num_experts,
-                                          layer._tokens_shape)
-        layer._emit(record)
+            return token_choice_routing(router_index, router_weights, logits, layer.num_experts,
+                                        layer._tokens_shape, layer.null_columns)
+        # transformers changed how it hands zero experts over: record what the experts got
+        _warn_once(layer, "the router's picks do not match the experts call; recording the experts call")
+        return _as_the_experts_got(layer, index, weights, logits)
 
-    return [layer.router.register_forward_hook(layer._on_router_output),
-            layer.experts.register_forward_pre_hook(on_experts, with_kwargs=True)]
+    return _on_experts_calls(layer, to_record)
 
 
 def _zaya(layer: HFMoELayer) -> list:
     """Zaya: the skip expert (column E) as a zero null column. The router masks its picks to expert 0 with
     weight 0 before the experts see them; the picks are redone from the router logits as the router does
     (softmax, + balancing biases, top-k) and must reproduce the experts call exactly."""
-    @torch.no_grad()
-    def on_experts(module, args, kwargs):
-        _, index, weights = _experts_args(args, kwargs)
-        logits = layer._router_logits(index.shape[0])
-        if logits is None:
-            layer._missing_logits(index.shape[0])
+    def to_record(index, weights, logits):
         probs = torch.softmax(logits, dim=-1)
         picks = torch.topk(probs.detach().float() + layer.router.balancing_biases, index.shape[1], dim=-1).indices
         picked = probs.gather(1, picks)
         skip = picks == layer.num_experts
         if torch.equal(picks.masked_fill(skip, 0), index) and torch.equal(picked.masked_fill(skip, 0).to(
                 weights.dtype), weights):
-            record = token_choice_routing(picks, picked, logits, layer.num_experts, layer._tokens_shape,
-                                          layer.null_columns)
-        else:
-            _warn_once(layer, "the redone router picks do not match the experts call; recording the experts call")
-            record = token_choice_routing(index, weights, logits[:, :layer.num_experts], layer.num_experts,
-                                          layer._tokens_shape)
-        layer._emit(record)
+            return token_choice_routing(picks, picked, logits, layer.num_experts, layer._tokens_shape,
+                                        layer.null_columns)
+        _warn_once(layer, "the redone router picks do not match the experts call; recording the experts call")
+        return _as_the_experts_got(layer, index, weights, logits)
 
-    return [layer.router.register_forward_hook(layer._on_router_output),
-            layer.experts.register_forward_pre_hook(on_experts, with_kwargs=True)]
+    return _on_experts_calls(layer, to_record)
 
 
 def _llama4(layer: HFMoELayer) -> list:
