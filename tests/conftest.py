@@ -74,3 +74,13 @@ class ResidualMLPNet(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.head(h)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    they gain nothing from more, and on a loaded machine the threads' spinning costs ~10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,15 +16,7 @@ from moefy.observe.hf_routing import HFMoELayer, hf_moe_layers, is_hf_experts, t
 from moefy.viz import plot_experts_load, plot_load_heatmap, plot_token_routing, plot_total_load  # noqa: E402
 
 FAMILIES = sorted(families())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine their spinning costs ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_of(model_type):
