@@ -81,7 +81,7 @@ def same_generation(a, b) -> bool:
 def check_record(block, r, want, tokens):
     """``r``: the block's record; ``want``: the observed record of the same layer of the unconverted model."""
     k = block.k
-    assert r.num_tokens == tokens and r.indices.shape == (tokens, k)
+    assert r.num_tokens == tokens and r.indices.shape == (tokens, k) and r.tokens_shape in ((2, 6), (tokens,))
     assert sum(r.counts[:block.num_experts]) + r.null_slots + int(r.dropped) == tokens * k
     assert r.count.tolist() == torch.bincount(r.indices.flatten(), minlength=block.num_columns).tolist()
     if isinstance(block, HFExpertsBlock):  # the family's picks, as it made them (from the layer's input, which
@@ -325,6 +325,10 @@ def test_save_pretrained_copies_and_the_recorder(tmp_path):
     with torch.no_grad():
         twin(input_ids=ids)
     assert moefy.moe_blocks(twin)[0].routing is not None and moefy.moe_blocks(model)[0].routing.num_tokens == 12
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    block = moefy.moe_blocks(model)[0]
+    assert block.routing.tokens_shape == (2, 6) and block.__dict__["_router_out"] is None  # no graph kept
+    model.eval()
     with moefy.RoutingRecorder(model) as rec, torch.no_grad():
         out = model(input_ids=ids, output_router_logits=True)
     assert list(rec.stats) == ["model.layers.1.mlp.experts"]

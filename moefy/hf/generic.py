@@ -147,9 +147,10 @@ class HFExpertsBlock(MoEBlock):
         self.math, self.reader, self.source, self.router_index = math, reader, source, router_index
         self.__dict__["_family_router"] = router  # not a child: it stays the family block's module
         self.__dict__["_hooks"] = [router.register_forward_hook(self._on_router_output)]
-        if input_module is not None:
+        if input_module is not None:  # the routed tokens' shape; the router's output (its graph) dropped after
             self._hooks.append(input_module.register_forward_pre_hook(self._on_block_input, with_kwargs=True))
-        self.__dict__.update(_router_out=None, _tokens_shape=None)
+            self._hooks.append(input_module.register_forward_hook(self._forget_router, always_call=True))
+        self.__dict__.update(_router_out=None, _tokens_shape=None, _forget_on_read=input_module is None)
 
     # ---------------------------------------------------------------------------- the family's router, read
     def _on_block_input(self, module, args, kwargs) -> None:
@@ -160,11 +161,15 @@ class HFExpertsBlock(MoEBlock):
     def _on_router_output(self, module, args, output) -> None:
         self.__dict__["_router_out"] = output
 
+    def _forget_router(self, *args) -> None:
+        self.__dict__["_router_out"] = None
+
     def _router_logits(self, tokens: int) -> Tuple[torch.Tensor, Any]:
-        """The (T, E') logits of the router's last output (with their graph) and that whole output, then
-        forgotten."""
+        """The (T, E') logits of the router's last output (with their graph) and that whole output (kept until the
+        family's block returns: a block may call its experts more than once per routing)."""
         out = self.__dict__["_router_out"]
-        self.__dict__["_router_out"] = None  # its graph is the forward's, not the block's
+        if self.__dict__.get("_forget_on_read", True):
+            self.__dict__["_router_out"] = None  # its graph is the forward's, not the block's
         full = out
         if isinstance(out, (tuple, list)):
             out = out[self.router_index] if len(out) > self.router_index else None
