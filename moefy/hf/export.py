@@ -2,7 +2,9 @@
 
 A moefied Llama / Mistral becomes a Mixtral checkpoint, a moefied Qwen2 / Qwen3 a Qwen2-MoE / Qwen3-MoE one (with
 the dense layers that were not moefied as ``mlp_only_layers``), and a model imported by :func:`moefy.hf.from_hf`
-goes back to its own architecture with the same weights. The folder is written by transformers' own
+goes back to its own architecture with the same weights: restacked from its moefy blocks where its routing was
+mapped onto RoutingConfig, as they are where it kept its family's routers (:mod:`moefy.hf.generic`: the weights
+never left the family's experts modules; a ``token_capacity_factor`` is refused, its experts compute every pick). The folder is written by transformers' own
 ``save_pretrained``, so ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it without moefy.
 
 What the target cannot express is refused, naming the option and the architecture: routing options that change

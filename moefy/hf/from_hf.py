@@ -1,5 +1,7 @@
-"""from_hf(): the MoE blocks of a transformers model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) as moefy
-blocks, in place, with the same weights and the same outputs.
+"""from_hf(): the MoE blocks of a transformers model as moefy blocks, in place, with the same weights and the same
+outputs: the families of :data:`~moefy.hf.families.FAMILIES` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, GLM-4-MoE,
+...) with their routing mapped onto RoutingConfig, every other family with an experts call through
+:mod:`moefy.hf.generic` (its own router kept).
 
 After it, every moefy tool reads the model: ``block.routing`` after a forward, :class:`~moefy.RoutingRecorder`,
 the load plots and heatmaps, the training log and ``moefy plot``, router replay; :func:`moefy.save` /
