@@ -277,8 +277,9 @@ def _describe(out) -> str:
 
 
 def _experts_args(args, kwargs):
-    names = EXPERTS_ARGS
-    values = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
+    """(hidden_states, top_k_index, top_k_weights) of an experts call, given by position or name; None if any
+    is not a tensor."""
+    values = list(args[:3]) + [kwargs.get(n) for n in EXPERTS_ARGS[len(args[:3]):]]
     return values if all(isinstance(v, torch.Tensor) for v in values) else None
 
 

@@ -383,7 +383,8 @@ def _open_regular(path: Path) -> BinaryIO:
 @dataclass
 class _Parsed:
     """What :func:`_parse` found: the log, its first entry, the number of lines before a torn tail, the byte
-    offset where that tail starts (``end``), the bytes read (``size``)."""
+    offset where that tail starts (``end``), the bytes read (``size``), whether they end with ``\n`` and, for a
+    torn tail, why it does not parse (``torn_reason``)."""
 
     log: TrainingLog
     first: Optional[dict]
