@@ -11,24 +11,8 @@ import torch
 from torch import nn
 
 import moefy
+from conftest import ResidualMLPNet
 from moefy.routing.bias_balance import update_selection_bias
-
-
-class Net(nn.Module):
-    """Two residual MLPs between an embedding and a head; x (B, L, 8) -> (B, L, 4)."""
-
-    def __init__(self, dim: int = 16):
-        super().__init__()
-        self.emb = nn.Linear(8, dim)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
-                                    for _ in range(2))
-        self.head = nn.Linear(dim, 4)
-
-    def forward(self, x):
-        h = self.emb(x)  # (B, L, D)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h)
 
 
 OPTIONS = {
@@ -78,12 +62,12 @@ def _same(a, b, *inputs):
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_round_trip_is_exact_after_training(tmp_path, name):
     torch.manual_seed(0)
-    model = moefy.moefy(Net(), 4, target="blocks.*", expert_noise=0.1, **OPTIONS[name])
+    model = moefy.moefy(ResidualMLPNet(), 4, target="blocks.*", expert_noise=0.1, **OPTIONS[name])
     _train(model)
     path = moefy.save(model, tmp_path)
     assert os.path.basename(path) == "moefy.safetensors"
     torch.manual_seed(123)  # a different dense init: every weight must come from the file
-    loaded = moefy.load(Net(), tmp_path)
+    loaded = moefy.load(ResidualMLPNet(), tmp_path)
     _same(model, loaded, torch.randn(3, 5, 8))
     saved = [b.config for b in moefy.moe_blocks(model)]
     assert [b.config for b in moefy.moe_blocks(loaded)] == saved
@@ -93,7 +77,7 @@ def test_round_trip_is_exact_after_training(tmp_path, name):
 
 
 def test_moefy_json_records_every_conversion(tmp_path):
-    model = moefy.moefy(Net(), 3, k=2, target="blocks.*", num_shared=1, aux_criterion=["switch"],
+    model = moefy.moefy(ResidualMLPNet(), 3, k=2, target="blocks.*", num_shared=1, aux_criterion=["switch"],
                         null_experts={"constant": 1})
     moefy.save(model, tmp_path)
     meta = json.loads((tmp_path / "moefy.json").read_text())
@@ -180,9 +164,9 @@ def test_root_mixture_and_tied_weights_round_trip(tmp_path):
 
 
 def test_dtypes_round_trip(tmp_path):
-    model = moefy.moefy(Net(), 3, k=2, target="blocks.*", expert_noise=0.1).double()  # the routers too
+    model = moefy.moefy(ResidualMLPNet(), 3, k=2, target="blocks.*", expert_noise=0.1).double()  # the routers too
     moefy.save(model, tmp_path)
-    loaded = moefy.load(Net().double(), tmp_path)  # rebuilt routers start float32
+    loaded = moefy.load(ResidualMLPNet().double(), tmp_path)  # rebuilt routers start float32
     assert loaded.blocks[0].router.gate.weight.dtype == torch.float64
     _same(model, loaded, torch.randn(2, 3, 8, dtype=torch.float64))
 
@@ -190,10 +174,10 @@ def test_dtypes_round_trip(tmp_path):
 def test_without_safetensors_falls_back_to_torch_save(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    model = moefy.moefy(Net(), 2, target="blocks.*", k=2)
+    model = moefy.moefy(ResidualMLPNet(), 2, target="blocks.*", k=2)
     path = moefy.save(model, tmp_path)
     assert os.path.basename(path) == "moefy.pt" and sorted(os.listdir(tmp_path)) == ["moefy.json", "moefy.pt"]
-    _same(model, moefy.load(Net(), tmp_path), torch.randn(2, 3, 8))
+    _same(model, moefy.load(ResidualMLPNet(), tmp_path), torch.randn(2, 3, 8))
 
 
 # -------------------------------------------------------------------------------------- import graph
@@ -213,15 +197,15 @@ def test_no_import_cycle_through_save_surgery_and_from_hf():
 
 # ----------------------------------------------------------------------------------------- bad input
 def test_given_state_dict_is_what_is_written(tmp_path):
-    model = moefy.moefy(Net(), 2, target="blocks.*")
+    model = moefy.moefy(ResidualMLPNet(), 2, target="blocks.*")
     state = {k: v * 2 for k, v in model.state_dict().items()}  # e.g. what Trainer gathered
     moefy.save(model, tmp_path, state_dict=state)
-    loaded = moefy.load(Net(), tmp_path)
+    loaded = moefy.load(ResidualMLPNet(), tmp_path)
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
-    model = moefy.moefy(Net(), 2, target="blocks.*")
+    model = moefy.moefy(ResidualMLPNet(), 2, target="blocks.*")
     with pytest.raises(ValueError, match="state_dict must be a dict with exactly model.state_dict"):
         moefy.save(model, tmp_path, state_dict={"w": torch.ones(1)})
     with pytest.raises(TypeError, match="model must be an nn.Module"):
@@ -231,9 +215,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         moefy.load(None, tmp_path)
     with pytest.raises(FileNotFoundError, match="folder .*missing.* does not exist"):
-        moefy.load(Net(), tmp_path / "missing")
+        moefy.load(ResidualMLPNet(), tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="has no moefy.json .*not written by moefy.save"):
-        moefy.load(Net(), tmp_path)
+        moefy.load(ResidualMLPNet(), tmp_path)
     moefy.save(model, tmp_path)
 
     class Other(nn.Module):  # no "blocks": the recorded path does not exist
@@ -244,17 +228,17 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         moefy.load(Other(), tmp_path)
     mismatch = "moefy.safetensors: shape mismatches ['emb.bias: saved (16,), model (12,)'"
     with pytest.raises(ValueError, match=re.escape(mismatch)):
-        moefy.load(Net(dim=12), tmp_path)  # same names, other sizes: checked before the conversions
+        moefy.load(ResidualMLPNet(dim=12), tmp_path)  # same names, other sizes: checked before the conversions
     with pytest.raises(ValueError, match=r"missing keys \[\].*unexpected keys \['extra'\]"):
-        state = moefy.moefy(Net(), 2, target="blocks.*").state_dict()
+        state = moefy.moefy(ResidualMLPNet(), 2, target="blocks.*").state_dict()
         torch.save({**state, "extra": torch.zeros(1)}, tmp_path / "moefy.pt")
         meta = json.loads((tmp_path / "moefy.json").read_text())  # format 1 (no commit record) still loads
         del meta["files"]
         (tmp_path / "moefy.json").write_text(json.dumps({**meta, "format_version": 1, "weights": "moefy.pt"}))
-        moefy.load(Net(), tmp_path)
+        moefy.load(ResidualMLPNet(), tmp_path)
     (tmp_path / "moefy.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):
-        moefy.load(Net(), tmp_path)
+        moefy.load(ResidualMLPNet(), tmp_path)
 
 
 # ------------------------------------------------------------------------------------ Hugging Face
