@@ -265,6 +265,26 @@ def test_gradients_equal_transformers(model_type):
         torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("model_type", ["gpt_oss", "mixtral", "nemotron_h"])
+def test_the_grouped_mm_path_gives_the_same_logits_and_gradients(model_type, monkeypatch):
+    """The path CUDA bf16 takes (one ``torch._grouped_mm`` per projection, offsets found on the device), run on CPU
+    in float32: the same logits and expert gradients as the per-expert loop (transposed, biased, ungated layouts)."""
+    import moefy.hf.generic as generic
+    hf = original(model_type)
+    ids = tiny_input_ids()
+    runs = []
+    for grouped in (False, True):
+        monkeypatch.setattr(generic, "_grouped_kernel", lambda x, w, grouped=grouped: grouped)
+        model = from_hf(copy.deepcopy(hf), keep_router=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        runs.append((out.logits.detach(), [b.hf_experts.down_proj.grad for b in moefy.moe_blocks(model)]))
+    (loop, loop_grads), (grouped, grouped_grads) = runs
+    torch.testing.assert_close(grouped, loop, rtol=0, atol=1e-6)
+    for a, b in zip(grouped_grads, loop_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_experts_moefy_cannot_reproduce_are_refused_and_nothing_changes():
     model = copy.deepcopy(original("mixtral"))
     experts = model.model.layers[1].mlp.experts
