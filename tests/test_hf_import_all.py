@@ -32,13 +32,7 @@ REFUSED = {"llama4_text": "llama4", "jetmoe": "jetmoe", "doge": "doge"}
 IMPORTED = [t for t in ALL if t not in REFUSED]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine their spinning costs ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 def original(model_type):
