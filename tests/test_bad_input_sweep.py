@@ -911,6 +911,8 @@ case("include_aux_loss", lambda t: moefy.hf.include_aux_loss(nn.Linear(2, 2)), V
 case("load", lambda t: moefy.hf.load(3), TypeError, r"folder must be a path")
 case("load", lambda t: moefy.hf.load(t), FileNotFoundError, r"has no config.json: it was not saved from a transformers")
 case("HFMoEBlock", lambda t: moefy.hf.HFMoEBlock(8, 4, 0, "silu"), ValueError, r"num_experts must be")
+case("HFExpertsBlock", lambda t: moefy.hf.HFExpertsBlock(nn.Linear(8, 8), nn.Linear(8, 4), 0, 8, 4, 2, "fused"),
+     ValueError, r"math must be")
 case("HFMoEBlock", lambda t: moefy.hf.HFMoEBlock(8, 4, 2, "silu", shared_hidden=-1), ValueError,
      r"shared_hidden must be")
 case("SwiGLU", lambda t: moefy.hf.SwiGLU(0, 4), ValueError, r"dim must be")
