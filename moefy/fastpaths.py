@@ -5,6 +5,7 @@ Everything else in moefy calls these instead of deciding about speed itself.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -49,6 +50,13 @@ def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
     return torch.bincount(ids, minlength=size)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` is finite, where the host can tell for free: on CPU one sum read back
+    (no device to wait for; a sum that overflows reads as not finite). Always False on an accelerator, where
+    the read would synchronise: callers then take their per-row path, which is right for any input."""
+    return x.is_cpu and math.isfinite((x.detach() if x.requires_grad else x).sum().item())
+
+
 def add_rows(y: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``y.index_add_(0, index, rows)``; with index_put_ for a few rows on CPU (see :data:`SMALL_COMBINE`)."""
     if rows.numel() <= SMALL_COMBINE and not rows.is_cuda:
@@ -65,6 +73,12 @@ def set_plain_attribute(module: nn.Module, name: str, value) -> None:
 def transposed_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``W @ x.T`` beats ``x @ W.T`` for rows ``x`` (n, in): 2-16 rows of a large weight on CPU."""
     return 2 <= x.shape[0] <= FEW_ROWS and not x.is_cuda and weight.numel() >= BIG_WEIGHT
+
+
+def few_rows_each(num_rows: int, num_experts: int) -> bool:
+    """Whether ``num_rows`` rows over ``num_experts`` experts are few enough per expert (on average at most
+    :data:`FEW_ROWS`) that each expert's matmuls read its weights rather than compute (decoding)."""
+    return num_rows <= FEW_ROWS * num_experts
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..routing.record import Routing
 from ..wrappers import HOOK_DICTS, global_hooks, own_hooks
@@ -103,7 +104,11 @@ class FusedExperts:
     parametrization changes it), no hooks and no replaced ``forward`` on any of them. Where that fails, the call
     runs looped, one ``run_expert`` call per expert, so the wrappers run and train, and one warning says why.
     The check is a few C loops over the experts' modules, nothing per row: 0.2-1 % of a CPU forward of 64
-    SwiGLU experts (about 50 µs on 2 busy cores).
+    SwiGLU experts (about 50 µs on 2 busy cores). It reads every module's dicts, and in a model those are out of
+    cache: a few thousand cache misses, about 60 µs per layer when decoding one token. So when only a few experts
+    received rows (decoding), it checks those experts only (an idle expert's wrapper takes effect when it runs),
+    and it reads the hook dicts only after a hook was registered somewhere since the last check that found none
+    (torch numbers every registration: ``RemovableHandle.next_id``).
     """
 
     def __init__(self, experts: Sequence[nn.Module], layout: Layout):
@@ -116,7 +121,7 @@ class FusedExperts:
         """Keep what the fused pass relies on, as lists that :meth:`fusable` compares in C loops: the modules and
         their classes (a parametrization changes one), the ``_modules`` dict of the expert list and of every
         container with a copy (a replaced child), every hook dict and every instance ``__dict__`` (a replaced
-        ``forward``)."""
+        ``forward``); and the same per expert, for a call that runs a few."""
         self._modules = expert_modules(self.experts)
         self._types = list(map(type, self._modules))
         holders = [m for m in self._modules if m._modules] + ([self.experts] if isinstance(self.experts, nn.Module)
@@ -125,47 +130,71 @@ class FusedExperts:
         self._children_then = [dict(d) for d in self._children]
         self._attrs = [m.__dict__ for m in self._modules]
         self._hooks = [d[name] for d in self._attrs for name in HOOK_DICTS if name in d]
+        listed = self.experts._modules if isinstance(self.experts, nn.Module) else None
+        self._per_expert = [_ExpertSnapshot(listed, key, expert) for key, expert in
+                            zip(listed or range(len(self.experts)), self.experts)]
+        self._no_hooks_at = None  # RemovableHandle.next_id when the hook dicts were last found empty
         self._warned = False
 
     def __getstate__(self) -> dict:
         """A copy (``copy.deepcopy`` / ``pickle`` of the block) vets its own experts again on its first call: the
         dicts kept here would be the originals' or stale copies."""
-        snapshot = ("_types", "_children", "_children_then", "_attrs", "_hooks")
+        snapshot = ("_types", "_children", "_children_then", "_attrs", "_hooks", "_per_expert")
         return {**{k: v for k, v in self.__dict__.items() if k not in snapshot}, "_modules": None}
 
     def __call__(self, rows: torch.Tensor, token_index: torch.Tensor, routing: Routing,
                  run_expert: RunExpert) -> torch.Tensor:
         if rows.shape[0] == 0:
             return run_slices(rows, token_index, (), run_expert, [0], self.experts)
-        if not self.fusable(rows.device.type):
-            return self._looped(rows, token_index, routing, run_expert)
         # grouped mm finds each expert's rows on the device: no host counts, so no synchronisation, and idle
         # experts get zero gradients through the stacked weights
         grouped = runs_grouped(self.experts, self.layout, rows)
         counts = None if grouped else routing.counts[:routing.num_experts]
-        expert_index = routing.expert_index[:rows.shape[0]]
-        out = fused_experts_forward(self.experts, self.layout, rows, counts, expert_index)
-        if counts is not None and 0 in counts:
+        few = counts is not None and 4 * (len(counts) - counts.count(0)) <= len(counts)  # decoding: check those
+        if not self.fusable(rows.device.type, [e for e, n in enumerate(counts) if n] if few else None):
+            return self._looped(rows, token_index, routing, run_expert)
+        out = fused_experts_forward(self.experts, self.layout, rows, counts, routing.expert_index)
+        if counts is not None and torch.is_grad_enabled() and 0 in counts:
             out = zero_grad_path(out, self.experts, [e for e, n in enumerate(counts) if n == 0])
         return out
 
-    def fusable(self, device_type: str = "cpu") -> bool:
+    def fusable(self, device_type: str = "cpu", experts: Optional[Sequence[int]] = None) -> bool:
         """Whether the fused pass computes what calling the experts would (see the class docstring); logs one
-        warning when it starts not to."""
+        warning when it starts not to. ``experts``: the ids of the experts about to run, to check those only
+        (None: all)."""
         if self._modules is None:  # a copy: same layout, its own modules
             self._vet()
-        if not all(map(eq, self._children, self._children_then)) or list(map(type, self._modules)) != self._types:
+        state = self._state() if experts is None else _state_of(self._per_expert[e] for e in experts)
+        if state == "replaced":
             with torch.autocast(device_type, enabled=False):  # replaced or re-classed: vet again (in full precision)
                 self.layout = fused_layout(list(self.experts))
             self._vet()
-        if self.layout is not None and not (any(self._hooks) or global_hooks()
-                                            or any(map(contains, self._attrs, repeat("forward")))):
+            state = self._state()
+        if self.layout is not None and state == "vetted" and not global_hooks() and not self._hooked():
             return True
         if not self._warned:
             self._warned = True
             name = next((e.__dict__["mixture_id"] for e in self.experts if "mixture_id" in e.__dict__), "a mixture")
             logger.warning("%s, fused=True: %s; it runs its experts one module call each (looped) until that "
                            "changes, so the wrapper takes effect", name, self._why_not())
+        return False
+
+    def _state(self) -> str:
+        """``"replaced"`` (a module replaced or of another class), ``"forward"`` (a ``forward`` replaced on an
+        instance) or ``"vetted"``, over all experts."""
+        if not all(map(eq, self._children, self._children_then)) or list(map(type, self._modules)) != self._types:
+            return "replaced"
+        return "forward" if any(map(contains, self._attrs, repeat("forward"))) else "vetted"
+
+    def _hooked(self) -> bool:
+        """Whether any expert module has a hook of its own. Every registration makes a ``RemovableHandle``, which
+        numbers them globally: while that number is the one of the last check that found none, none was added."""
+        registered = RemovableHandle.next_id
+        if registered == self._no_hooks_at:
+            return False
+        if any(self._hooks):
+            return True
+        self._no_hooks_at = registered
         return False
 
     def _why_not(self) -> str:
@@ -180,6 +209,33 @@ class FusedExperts:
                     return (f"experts[{e}]{name} is now a {cls.__module__}.{cls.__qualname__} (a PEFT / LoRA layer, "
                             f"a parametrization, another module), which the fused pass cannot read")
         return "the experts are no longer identical plain Linear / Sequential / SwiGLU modules"
+
+
+class _ExpertSnapshot:
+    """One expert as vetted, for :meth:`FusedExperts.fusable` on a few experts: where the expert list holds it,
+    its ``_modules`` and a copy, its modules with their classes and instance dicts (few objects: each read is a
+    cache miss in a decoding step)."""
+
+    __slots__ = ("listed", "key", "expert", "children", "children_then", "modules", "types", "attrs")
+
+    def __init__(self, listed: Optional[dict], key, expert: nn.Module):
+        self.listed, self.key, self.expert = listed, key, expert
+        self.children, self.children_then = expert._modules, dict(expert._modules)
+        self.modules = (expert, *expert._modules.values())
+        self.types = tuple(map(type, self.modules))
+        self.attrs = tuple(m.__dict__ for m in self.modules)
+
+    def state(self) -> str:
+        if (self.listed is not None and self.listed.get(self.key) is not self.expert) or \
+                self.children != self.children_then or tuple(map(type, self.modules)) != self.types:
+            return "replaced"
+        return "forward" if any(map(contains, self.attrs, repeat("forward"))) else "vetted"
+
+
+def _state_of(snapshots: Iterable[_ExpertSnapshot]) -> str:
+    """The first of ``"replaced"`` / ``"forward"`` among the experts' states, else ``"vetted"``."""
+    states = {s.state() for s in snapshots}
+    return "replaced" if "replaced" in states else "forward" if "forward" in states else "vetted"
 
 
 def expert_modules(experts: Sequence[nn.Module]) -> List[nn.Module]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fastpaths import FEW_ROWS, linear, transposed_pays
+from ..fastpaths import FEW_ROWS, few_rows_each, linear, transposed_pays
 from ..modes import evaluating
 from ..wrappers import autocast_on, own_hooks
 
@@ -63,6 +63,8 @@ def _swiglu_layout(experts: Sequence[nn.Module]) -> Optional[Layout]:
         if not all(_same_place(getattr(expert, n), p) for n, p in zip(SWIGLU[1:4], parts)):
             return None
     gate, up, down = parts
+    if gate.weight.is_meta:  # no numbers to probe with (moefy.load's dry run): the structure decides
+        return (SWIGLU,)
     x = torch.randn(3, gate.in_features, generator=torch.Generator().manual_seed(0)).to(gate.weight)
     with evaluating(first):
         try:  # its forward must be the SwiGLU formula (dropout, scaling, ... would make it something else)
@@ -114,11 +116,13 @@ BACKENDS = ("auto", "grouped", "loop")
 def runs_grouped(experts: Sequence[nn.Module], layout: Layout, x: torch.Tensor) -> bool:
     """Whether the ``"auto"`` backend runs every Linear of ``experts`` on ``x`` (A, D) as one grouped mm, which
     needs no host-side counts."""
+    if not _auto_groups(x):
+        return False
     first = experts[0]
     if layout == (SWIGLU,):
-        return _auto_groups(x) and all(_grouped_mm_ok(x, getattr(first, n)) for n in SWIGLU[1:4])
+        return all(_grouped_mm_ok(x, getattr(first, n)) for n in SWIGLU[1:4])
     layers = list(first) if type(first) is nn.Sequential else [first]
-    return _auto_groups(x) and all(_grouped_mm_ok(x, layers[i]) for kind, i in layout if kind == "linear")
+    return all(_grouped_mm_ok(x, layers[i]) for kind, i in layout if kind == "linear")
 
 
 def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch.Tensor,
@@ -132,7 +136,8 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
         x: (A, D) rows grouped by expert, ``counts[e]`` rows for expert e, in expert order.
         counts: E host ints, ``sum(counts) == A``; may be None where every layer runs grouped
             (:func:`runs_grouped`), which finds the expert boundaries on the device.
-        expert_index: (A,) long, the expert of each row (non-decreasing).
+        expert_index: (A,) long, the expert of each row (non-decreasing); a longer list is cut to A where
+            read (only the grouped backend reads it).
         backend: ``"auto"``, ``"grouped"`` (``torch._grouped_mm``; float32 / half dtypes, feature sizes
             that keep 16-byte alignment) or ``"loop"``.
     Returns:
@@ -146,6 +151,9 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
         raise ValueError("counts=None needs the grouped backend (see runs_grouped)")
     active = range(len(modules)) if may_group else [e for e, n in enumerate(counts) if n]  # the loop skips idle ones
     sizes = None if counts is None else [counts[e] for e in active]
+    if layout == (SWIGLU,) and not may_group and few_rows_each(x.shape[0], len(active)) \
+            and not torch.is_grad_enabled() and not autocast_on(x.device.type):  # decoding
+        return _swiglu_transposed(x, [modules[e] for e in active], sizes)
     offsets = None
 
     def run(x: torch.Tensor, linears: List[nn.Linear]) -> torch.Tensor:
@@ -158,8 +166,8 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
         if grouped_ok:
             if offsets is None:  # end row of each expert, found on the device: no host-to-device copy
                 ends = torch.arange(1, len(modules) + 1, device=x.device, dtype=expert_index.dtype)
-                offsets = torch.searchsorted(expert_index, ends, out_int32=True)
-            return _grouped_linear(x, linears, offsets, expert_index)
+                offsets = torch.searchsorted(expert_index[:x.shape[0]], ends, out_int32=True)
+            return _grouped_linear(x, linears, offsets, expert_index[:x.shape[0]])
         if sizes is None:
             raise ValueError(f"counts=None needs every Linear to run grouped; this one cannot ({linears[0]})")
         return _looped_linear(x, linears, sizes)
@@ -172,6 +180,32 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
     for kind, i in layout:
         x = layers[0][i](x) if kind == "act" else run(x, [expert_layers[i] for expert_layers in layers])
     return x
+
+
+def _swiglu_transposed(x: torch.Tensor, experts: Sequence[nn.Module], sizes: Sequence[int]) -> torch.Tensor:
+    """SwiGLU experts on a few rows each, without grad: expert e's rows x_e (n_e, D) as
+    ``W_down (act(W_gate x_e^T) * (W_up x_e^T))``, (D_out, n_e), each product written into expert e's columns of
+    one buffer.
+
+    Transposed, each product reads its weight where it lies instead of repacking it (``F.linear`` on 2-4 rows of a
+    weight that is not in cache: half the time, ``benchmarks/FASTPATHS.md``); the activation runs once on all
+    columns and writes them column-major, the layout in which the down products read them fast (row-major,
+    ``W @ h`` on 2-8 columns takes 3x as long). Returns (A, D_out), a transposed view."""
+    # the experts are vetted plain modules (no hooks, no replaced forward): their weights and the activation's
+    # forward are read from the modules' dicts, nn.Module.__getattr__ and __call__ cost µs each per expert
+    _, gate, up, down, act = SWIGLU
+    parts = [e._modules for e in experts]
+    hidden, num_rows = parts[0][gate].out_features, x.shape[0]
+    gates, ups = x.new_empty(hidden, num_rows), x.new_empty(hidden, num_rows)  # (H, A) each
+    for p, x_e, gate_e, up_e in zip(parts, x.t().split_with_sizes(sizes, 1), gates.split_with_sizes(sizes, 1),
+                                    ups.split_with_sizes(sizes, 1)):          # x_e: (D, n_e), column-major
+        torch.mm(p[gate]._parameters["weight"], x_e, out=gate_e)
+        torch.mm(p[up]._parameters["weight"], x_e, out=up_e)
+    h = torch.mul(parts[0][act].forward(gates), ups, out=x.new_empty(num_rows, hidden).t())  # (H, A) col-major
+    y = x.new_empty(parts[0][down].out_features, num_rows)                     # (D_out, A)
+    for p, h_e, y_e in zip(parts, h.split_with_sizes(sizes, 1), y.split_with_sizes(sizes, 1)):
+        torch.mm(p[down]._parameters["weight"], h_e, out=y_e)
+    return y.t()
 
 
 def _auto_groups(x: torch.Tensor) -> bool:
@@ -205,7 +239,7 @@ def _looped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequenc
         return linear(x, linears[0].weight, linears[0].bias)
     grad = torch.is_grad_enabled()
     # autocast casts F.linear, not the out= matmuls; a few rows per expert (eval): cat of tiny products is cheaper
-    if (grad or x.shape[0] > FEW_ROWS * len(linears)) and not autocast_on(x.device.type):
+    if (grad or not few_rows_each(x.shape[0], len(linears))) and not autocast_on(x.device.type):
         weights = [l.weight for l in linears]
         biases = [l.bias for l in linears] if linears[0].bias is not None else []
         if grad and (x.requires_grad or any(p.requires_grad for p in weights + biases)):
