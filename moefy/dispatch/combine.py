@@ -35,10 +35,12 @@ def dispatch(x: torch.Tensor, routing: Routing, experts, run_expert: RunExpert,
     if routing.host_counts is None and not _runs_without_counts(experts, x):
         routing.counts  # the execution reads them anyway; read first, the lists hold only what they count
     assigned = routing.num_assigned                                   # A: the hole's tail is never run
-    token_index = routing.token_index[:assigned]                      # (A,)
+    token_index, weight = routing.token_index, routing.weight
+    if token_index.shape[0] != assigned:  # (slicing costs an op: µs per forward when decoding)
+        token_index, weight = token_index[:assigned], weight[:assigned]  # (A,) each
     rows = x.index_select(0, token_index)                             # (A, *F), grouped by expert
     out = experts(rows, token_index, routing, run_expert)             # (A, *F_out)
-    y = combine(out, token_index, routing.weight[:assigned], x.shape[0], aggregation)
+    y = combine(out, token_index, weight, x.shape[0], aggregation)
     if routing.finite is None:
         return y
     finite = routing.finite if routing.kept is None else ~routing.nonfinite_inputs()  # (T,) bool

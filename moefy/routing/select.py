@@ -34,7 +34,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from ..config import RoutingConfig
-from ..fastpaths import count_ids, top_k
+from ..fastpaths import NO_DROPS, all_finite, count_ids, top_k
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ def nonfinite_as_nan(scores: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional
     softmax a -inf one a finite 0, yet the token's input (or the gate) is not finite. (A score that is not
     finite itself, the strategies see directly.)"""
     logits, noisy, std, probs = scores
+    if all_finite(noisy):  # nothing to mark (told without a per-row pass where that is free: CPU)
+        return logits, noisy, std, probs
     return logits, noisy, std, torch.where(noisy.isfinite().all(dim=-1, keepdim=True), probs, float("nan"))
 
 
@@ -87,10 +89,16 @@ def finite_rows(probs: torch.Tensor) -> torch.Tensor:
     return probs.detach().isfinite().all(dim=-1)
 
 
-def ranking_scores(probs: torch.Tensor, finite: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """``probs`` (T, E') detached, with the rows of non-finite tokens (``~finite`` (T,)) set to ``fill``:
-    what a strategy ranks, so a NaN (which ``topk`` and ``sort`` rank highest) never wins a place."""
-    return torch.where(finite[:, None], probs.detach(), fill)
+def finite_rows_or_none(probs: torch.Tensor) -> Optional[torch.Tensor]:
+    """:func:`finite_rows`, or None where every score is finite and that is known for free (CPU,
+    :func:`~moefy.fastpaths.all_finite`): the per-row masking then has nothing to do."""
+    return None if all_finite(probs) else finite_rows(probs)
+
+
+def ranking_scores(probs: torch.Tensor, finite: Optional[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+    """``probs`` (T, E') detached, with the rows of non-finite tokens (``~finite`` (T,); None: none) set to
+    ``fill``: what a strategy ranks, so a NaN (which ``topk`` and ``sort`` rank highest) never wins a place."""
+    return probs.detach() if finite is None else torch.where(finite[:, None], probs.detach(), fill)
 
 
 def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
@@ -100,7 +108,14 @@ def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
     then flows into the weights. Weights: :func:`combine_weights` of the picked ``probs``. With
     ``config.token_capacity_factor`` each real expert then keeps at most C of its assignments
     (:func:`cap_columns`); the weights are not renormalised after that."""
-    finite = finite_rows(probs)                                              # (T,)
+    if subset is None and bias is None:  # plain top-k: nothing to mask. Scores are in [0, 1] or NaN
+        # (nonfinite_as_nan) and top-k picks a NaN first, so a non-finite token's weights are NaN and from_picks
+        # routes it nowhere (its indices are placeholders), with no per-row pass when every score is finite
+        vals, idx = top_k(probs, config.k)                                     # (T, k) each
+        weights = combine_weights(vals, config)                                # (T, k)
+        return with_capacity(from_picks(idx, weights, probs.shape[1], num_experts, config.zero_columns), probs,
+                             config, num_experts)
+    finite = finite_rows_or_none(probs)                                      # (T,) or None: all finite
     choice = ranking_scores(probs, finite)                                   # (T, E'), non-finite rows 0
     if subset is not None:  # the sampled columns, best first; weight p · z: value p, gradient of p plus p times z's
         _, idx = top_k(choice.masked_fill(subset.detach() == 0, -1.0), config.k)
@@ -116,10 +131,10 @@ def token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
     return with_capacity(picked, probs, config, num_experts)
 
 
-def nonfinite_weights(weights: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-    """Token-choice ``weights`` (T, k) with the rows of non-finite tokens (``~finite`` (T,)) NaN: how
-    :func:`from_picks` (and a replay of them) knows the tokens to route nowhere."""
-    return torch.where(finite[:, None], weights, float("nan"))
+def nonfinite_weights(weights: torch.Tensor, finite: Optional[torch.Tensor]) -> torch.Tensor:
+    """Token-choice ``weights`` (T, k) with the rows of non-finite tokens (``~finite`` (T,); None: none) NaN:
+    how :func:`from_picks` (and a replay of them) knows the tokens to route nowhere."""
+    return weights if finite is None else torch.where(finite[:, None], weights, float("nan"))
 
 
 def group_limited_token_choice(probs: torch.Tensor, config: RoutingConfig, num_experts: int,
@@ -133,7 +148,7 @@ def group_limited_token_choice(probs: torch.Tensor, config: RoutingConfig, num_e
         raise ValueError("group-limited routing (n_group > 1) cannot take a sampler's subset (noise='simple')")
     num_tokens, num_columns = probs.shape                                  # no hole: E' = E
     groups, size = config.n_group, num_columns // config.n_group
-    finite = finite_rows(probs)                                            # (T,)
+    finite = finite_rows_or_none(probs)                                    # (T,) or None: all finite
     choice = ranking_scores(probs, finite)                                 # (T, E), non-finite rows 0
     choice = choice if bias is None else choice + bias.to(probs.dtype)
     group_scores = choice.view(num_tokens, groups, size).topk(min(2, size), dim=-1).values.sum(-1)  # (T, G)
@@ -172,13 +187,19 @@ def from_picks(indices: torch.Tensor, weights: torch.Tensor, num_columns: int, n
     sent to the last ``hole`` columns (True: one, the hole; an int: the zero null experts plus the hole,
     ``config.zero_columns``) are the dropped ones, and so are all k slots of a token whose ``weights`` row is
     not finite (a non-finite token, routed nowhere: sorted behind every column and counted in no column)."""
+    zeros = int(hole)
+    if all_finite(weights):  # every slot counts (known for free on CPU): no "nowhere" column to sort behind
+        token_index, column, weight = group_by_column(indices, weights)     # (T*k,) each
+        count = count_ids(column, num_columns)                               # (E',)
+        dropped = count[num_columns - zeros:].sum() if zeros else NO_DROPS
+        return Selection("token_choice", indices, weights, token_index, column, weight, count, dropped,
+                         host_counts(count, num_columns))
     finite = weights.detach().isfinite().all(dim=-1)                         # (T,)
     column = torch.where(finite[:, None], indices, num_columns)              # (T, k), num_columns: nowhere
     token_index, column, weight = group_by_column(column, weights)          # (T*k,) each
     count = count_ids(column, num_columns + 1)                               # (E' + 1,): the last, nowhere
     host = host_counts(count, num_columns)                                   # on a GPU: read back when needed
     nowhere, count = count[num_columns], count[:num_columns]                 # 0-dim, (E',)
-    zeros = int(hole)
     dropped = nowhere + count[num_columns - zeros:].sum() if zeros else nowhere
     return listed(Selection("token_choice", indices, weights, token_index, column.clamp(max=num_columns - 1),
                             weight, count, dropped, host, finite=finite))
