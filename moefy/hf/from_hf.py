@@ -94,8 +94,10 @@ def from_hf(model: nn.Module, keep_router: Optional[bool] = None, **options) -> 
             True: keep the family's router (the general path) for every family; False: the mapping or an error.
         **options: RoutingConfig fields that replace the family's in every block, for training with moefy:
             ``aux_criterion={"switch": 0.01}``, ``bias_update_rate=1e-3`` (DeepSeek-V3's aux-loss-free
-            balancing), ``fused``, ... . An option that changes the outputs (``hole``, ``noise``, ...) makes a
-            block that :func:`moefy.hf.export` refuses.
+            balancing), ``fused`` (True unless given: the family's experts are identical SwiGLUs, run as one
+            pass per layer, as transformers runs them; False: one module call per expert), ... . An option
+            that changes the outputs (``hole``, ``noise``, ...) makes a block that :func:`moefy.hf.export`
+            refuses.
     Returns:
         ``model``, its blocks replaced (each with ``layer_id`` = its decoder layer index); same logits.
         ``output_router_logits=True`` then raises (the HF routers are gone): use ``moefy.aux_loss(model)``.
@@ -117,7 +119,7 @@ def from_hf(model: nn.Module, keep_router: Optional[bool] = None, **options) -> 
                          f"converted by from_hf?)")
     base = family.routing_config(model.config)
     for i, (path, hf_block) in enumerate(found):
-        routing = RoutingConfig.from_options(base, **{"layer_id": _layer_index(path, i), **options})
+        routing = RoutingConfig.from_options(base, **{"layer_id": _layer_index(path, i), "fused": True, **options})
         _set_submodule(model, path, convert_block(hf_block, family, model.config, routing))
     _guard_router_logits(model)
     keep_save_pretrained(model)
