@@ -2,7 +2,7 @@
 experts implementation, on the same weights.
 
     python benchmarks/hf_experts.py                      # Qwen3-MoE-like: hidden 256, 32 experts, top-4, 2 layers
-    python benchmarks/hf_experts.py --cases decode-1 --repeats 40 --threads 2
+    python benchmarks/hf_experts.py --cases decode-1 decode-16 --repeats 400
 
 Variants, each a whole ``Qwen3MoeForCausalLM`` with the same weights:
 
@@ -124,9 +124,9 @@ def time_case(case: str, models, args):
     fns, after = step_fns(case, models, args)
     variants = list(fns)
     decode = case != "train"
-    repeats, inner = (args.repeats * 20, 5) if decode else (args.repeats, 1)
+    repeats, warmup, inner = (args.repeats, 20, 5) if decode else (args.train_repeats, 1, 1)
     times = {v: [] for v in variants}
-    for r in range(args.warmup + repeats):
+    for r in range(warmup + repeats):
         order = variants[r % len(variants):] + variants[: r % len(variants)]
         for v in order:
             elapsed = 0.0
@@ -135,7 +135,7 @@ def time_case(case: str, models, args):
                 fns[v]()
                 elapsed += time.perf_counter() - start
                 after(v)
-            if r >= args.warmup:
+            if r >= warmup:
                 times[v].append(elapsed / inner)
     return times
 
@@ -149,8 +149,9 @@ def describe(case: str, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (x20 for decode)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=200, help="decode: timed rounds of 5 steps per variant")
+    parser.add_argument("--train-repeats", type=int, default=5, help="train: timed rounds of one step per variant "
+                        "(batched_mm's training step takes ~10 s on 2 cores)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--expert-hidden", type=int, default=128, help="moe_intermediate_size")

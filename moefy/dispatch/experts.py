@@ -164,7 +164,17 @@ class FusedExperts:
         (None: all)."""
         if self._modules is None:  # a copy: same layout, its own modules
             self._vet()
-        state = self._state() if experts is None else _state_of(self._per_expert[e] for e in experts)
+        if experts is None:
+            state = self._state()
+        else:  # "replaced" wins over "forward", which wins over "vetted"
+            state = "vetted"
+            for e in experts:
+                found = self._per_expert[e].state()
+                if found == "replaced":
+                    state = found
+                    break
+                if found == "forward":
+                    state = found
         if state == "replaced":
             with torch.autocast(device_type, enabled=False):  # replaced or re-classed: vet again (in full precision)
                 self.layout = fused_layout(list(self.experts))
@@ -230,12 +240,6 @@ class _ExpertSnapshot:
                 self.children != self.children_then or tuple(map(type, self.modules)) != self.types:
             return "replaced"
         return "forward" if any(map(contains, self.attrs, repeat("forward"))) else "vetted"
-
-
-def _state_of(snapshots: Iterable[_ExpertSnapshot]) -> str:
-    """The first of ``"replaced"`` / ``"forward"`` among the experts' states, else ``"vetted"``."""
-    states = {s.state() for s in snapshots}
-    return "replaced" if "replaced" in states else "forward" if "forward" in states else "vetted"
 
 
 def expert_modules(experts: Sequence[nn.Module]) -> List[nn.Module]:

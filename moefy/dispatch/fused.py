@@ -151,11 +151,12 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
         raise ValueError("counts=None needs the grouped backend (see runs_grouped)")
     active = range(len(modules)) if may_group else [e for e, n in enumerate(counts) if n]  # the loop skips idle ones
     sizes = None if counts is None else [counts[e] for e in active]
-    if layout == (SWIGLU,) and not may_group and few_rows_each(x.shape[0], len(active)) \
-            and not torch.is_grad_enabled() and not autocast_on(x.device.type):  # decoding
+    if layout == (SWIGLU,) and not may_group and not torch.is_grad_enabled() \
+            and few_rows_each(x.shape[0], len(active)) and not autocast_on(x.device.type):  # decoding
+        running = [modules[e] for e in active]
         if x.shape[0] == len(active) <= 6:  # one row each (one token's k experts): fewest ops as matrix-vector
-            return _swiglu_one_row_each(x, [modules[e] for e in active])
-        return _swiglu_transposed(x, [modules[e] for e in active], sizes)
+            return _swiglu_one_row_each(x, running)
+        return _swiglu_transposed(x, running, sizes)
     offsets = None
 
     def run(x: torch.Tensor, linears: List[nn.Linear]) -> torch.Tensor:
@@ -211,16 +212,18 @@ def _swiglu_transposed(x: torch.Tensor, experts: Sequence[nn.Module], sizes: Seq
 
 
 def _swiglu_one_row_each(x: torch.Tensor, experts: Sequence[nn.Module]) -> torch.Tensor:
-    """SwiGLU experts on one row each (row i: expert i), without grad: five matrix-vector ops per expert, which
-    for a handful of experts is fewer ops than :func:`_swiglu_transposed`'s buffers (a decoding step runs ~8 µs
-    per op on CPU). Returns (A, D_out)."""
+    """SwiGLU experts on one row each (row i: expert i), without grad, as matrix-vector products: for a handful
+    of experts fewer ops than :func:`_swiglu_transposed`'s buffers (a decoding step costs ~8 µs per op on CPU).
+    Returns (A, D_out)."""
     _, gate, up, down, act = SWIGLU
-    parts = [e._modules for e in experts]                                     # vetted plain modules, as there
-    act_fn = parts[0][act].forward
-    return torch.stack([torch.mv(p[down]._parameters["weight"],
-                                 act_fn(torch.mv(p[gate]._parameters["weight"], x_e)).mul_(
-                                     torch.mv(p[up]._parameters["weight"], x_e)))
-                        for p, x_e in zip(parts, x.unbind(0))])
+    parts, gates, ups = [], [], []
+    for expert, row in zip(experts, x.unbind(0)):                             # vetted plain modules, as there
+        p = expert._modules
+        parts.append(p)
+        gates.append(torch.mv(p[gate]._parameters["weight"], row))            # (H,)
+        ups.append(torch.mv(p[up]._parameters["weight"], row))
+    h = parts[0][act].forward(torch.stack(gates)).mul_(torch.stack(ups))      # (A, H)
+    return torch.stack([torch.mv(p[down]._parameters["weight"], h_i) for p, h_i in zip(parts, h.unbind(0))])
 
 
 def _auto_groups(x: torch.Tensor) -> bool:
