@@ -74,5 +74,7 @@ def combine(out: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor, 
     if aggregation == "mean":
         per_token = count_ids(token_index, num_tokens).clamp_(min=1)
         weight = weight / per_token.index_select(0, token_index).to(out.dtype)
+    if num_tokens == 1 and out.dim() == 2:  # one token (decoding): one product, 2 ops instead of 4 (µs each)
+        return (weight @ out).unsqueeze(0)
     out = out * weight.reshape((-1,) + (1,) * (out.dim() - 1))
     return add_rows(out.new_zeros((num_tokens, *out.shape[1:])), token_index, out)
