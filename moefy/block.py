@@ -21,7 +21,7 @@ from .dispatch.fused import fused_layout
 from .dispatch.null import ConstantExperts, add_null
 from .dispatch.rows import as_rows, kept_rows, with_side_inputs
 from .dispatch.shared import RunShared, add_shared
-from .fastpaths import set_plain_attribute
+from .fastpaths import compiling as _compiling, set_plain_attribute
 from .routing.aux_gradient import DeferredAuxLosses
 from .routing.bias_balance import BiasBalance
 from .routing.losses import AUX_LOSSES, GlobalBalance
@@ -29,11 +29,6 @@ from .routing.record import Routing
 from .routing.route import route as make_routing
 from .routing.router import Router
 from .routing.views import LastRoutingViews
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling is not None and is_compiling())
 
 
 class MoEBlock(LastRoutingViews, nn.Module, ABC):

@@ -53,8 +53,17 @@ def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
 def all_finite(x: torch.Tensor) -> bool:
     """Whether every element of ``x`` is finite, where the host can tell for free: on CPU one sum read back
     (no device to wait for; a sum that overflows reads as not finite). Always False on an accelerator, where
-    the read would synchronise: callers then take their per-row path, which is right for any input."""
-    return x.is_cpu and math.isfinite((x.detach() if x.requires_grad else x).sum().item())
+    the read would synchronise, and under ``torch.compile``, where it would break the graph: callers then take
+    their per-row path, which is right for any input."""
+    if not x.is_cpu or compiling():
+        return False
+    return math.isfinite((x.detach() if x.requires_grad else x).sum().item())
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing this call."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling is not None and is_compiling())
 
 
 def add_rows(y: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
