@@ -148,7 +148,7 @@ class FusedExperts:
             return run_slices(rows, token_index, (), run_expert, [0], self.experts)
         # grouped mm finds each expert's rows on the device: no host counts, so no synchronisation, and idle
         # experts get zero gradients through the stacked weights
-        grouped = rows.is_cuda and runs_grouped(self.experts, self.layout, rows)  # (a call less per forward on CPU)
+        grouped = runs_grouped(self.experts, self.layout, rows)
         counts = None if grouped else routing.counts[:routing.num_experts]
         few = counts is not None and 4 * (len(counts) - counts.count(0)) <= len(counts)  # decoding: check those
         if not self.fusable(rows.device.type, [e for e, n in enumerate(counts) if n] if few else None):
@@ -170,10 +170,11 @@ class FusedExperts:
             state = "vetted"
             for e in experts:
                 found = self._per_expert[e].state()
-                if found != "vetted":
+                if found == "replaced":
                     state = found
-                    if found == "replaced":
-                        break
+                    break
+                if found == "forward":
+                    state = found
         if state == "replaced":
             with torch.autocast(device_type, enabled=False):  # replaced or re-classed: vet again (in full precision)
                 self.layout = fused_layout(list(self.experts))

@@ -145,7 +145,7 @@ def fused_experts_forward(experts: Sequence[nn.Module], layout: Layout, x: torch
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    may_group = backend == "grouped" or (backend == "auto" and x.is_cuda and _auto_groups(x))
+    may_group = backend == "grouped" or (backend == "auto" and _auto_groups(x))
     modules = list(experts)
     if counts is None and not may_group:
         raise ValueError("counts=None needs the grouped backend (see runs_grouped)")
