@@ -15,9 +15,13 @@ Variants, each a whole ``Qwen3MoeForCausalLM`` with the same weights:
 Cases:
 
 - ``train``: ``model(input_ids, labels=input_ids).loss.backward()`` on B×L tokens (train mode);
-- ``decode-B``: one greedy decoding step of B sequences, eval, no grad: one new token per sequence through the
-  whole model with a KV cache (``DynamicCache``) holding a prefill of ``--prefill`` tokens; the cache is cropped
-  back to the prefill outside the timed region, so every step sees the same cache length.
+- ``decode-B``: one decoding step of B sequences, eval, no grad: one new token per sequence through the whole
+  model (``model(input_ids=(B, 1), past_key_values=cache)``, as ``generate`` calls it) with a KV cache
+  (``DynamicCache``) holding a prefill of ``--prefill`` tokens; the cache is cropped back to the prefill outside the
+  timed region, so every step sees the same cache length.
+
+The machine is shared: a run whose ``±`` column reads more than ~10 % was disturbed (2 threads wait on each other
+when another process holds a core); rerun it when the load average is low.
 
 Times are medians over interleaved rounds (every variant once per round, in a rotating order), so load from other
 processes hits all variants alike; ratios divide by the median of transformers' fastest implementation in the
