@@ -31,6 +31,8 @@ experts (``w·x``, added by its own block) as ``"copy"`` columns, Zaya's skip ex
 """
 from __future__ import annotations
 
+import math
+
 import functools
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -43,7 +45,7 @@ from ..block import MoEBlock, moe_blocks
 from ..config import RoutingConfig
 from ..dispatch.rows import kept_rows
 from ..fastpaths import set_plain_attribute
-from ..observe.hf_routing import HFMoELayer, hf_moe_layers
+from ..observe.hf_routing import HFMoELayer, _describe, hf_moe_layers
 from ..routing.record import Routing
 from ..routing.router import Router
 from ..routing.select import from_picks, with_capacity
@@ -199,7 +201,7 @@ class HFExpertsBlock(MoEBlock):
         logits, router_out = self._router_logits(tokens)                       # (T, E'), the family's
         index, weights = self._family_picks(index, weights, logits, router_out)
         shape = self.__dict__["_tokens_shape"]
-        shape = shape if shape is not None and _prod(shape) == tokens else (tokens,)
+        shape = shape if shape is not None and math.prod(shape) == tokens else (tokens,)
         kept = None
         if token_mask is not None:
             kept = kept_rows(token_mask, tuple(hidden_states.shape[:-1]))
@@ -552,17 +554,3 @@ def _save_pretrained(model: nn.Module, save_directory, *args, state_dict=None, *
     return type(model).save_pretrained(model, save_directory, *args, state_dict=family_state_dict(model, state_dict),
                                        **kwargs)
 
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor{tuple(value.shape)}"
-    if isinstance(value, (tuple, list)):
-        return "(" + ", ".join(_describe(v) for v in value) + ")"
-    return type(value).__name__
-
-
-def _prod(shape: Sequence[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
