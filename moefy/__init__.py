@@ -32,14 +32,14 @@ _register_import_paths(__name__)
 __all__ = [
     "MoEBlock", "RoutingConfig", "Routing", "aux_loss", "moe_blocks",
     "moefy", "moefy_chain", "merge", "unmoefy", "load_dense_state_dict", "ModuleMixture", "AttentionMixture",
-    "save", "load", "hf",
+    "save", "load", "hf", "compress",
     "RoutingRecorder", "TrainingLogWriter", "read_log", "LogFormatError", "viz",
     "expert_parallel", "sharded_names", "merge_state_dicts", "full_state_dict",
     "MoE", "mutual_distillation_loss", "mode_loss", "block_distillation_loss",
 ]
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("viz", "compat", "hf")  # viz loads matplotlib, hf transformers: ``import moefy`` needs neither
+_LAZY_SUBMODULES = ("viz", "compat", "hf", "compress")  # viz loads matplotlib, hf transformers: ``import moefy`` needs neither
 _OLD_NAMES = ("Router", "cv_squared", "AUX_LOSSES", "data", "metrics")  # moefy 0.1's, = moefy.compat.TOP_LEVEL
 
 

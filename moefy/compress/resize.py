@@ -1,0 +1,164 @@
+"""A block with fewer experts, in place: :func:`resize_block`; the per-layer budgets ``keep`` of
+:func:`~moefy.compress.prune_experts` / :func:`~moefy.compress.merge_experts`: :func:`keep_counts`.
+
+A resized block is an ordinary moefy block of E₂ < E experts: its expert list, its router's rows (gate, learned
+noise std, selection bias) and its balancing counts are those of the kept (or merged) experts, in the order given;
+null-expert and hole columns stay after them. The router computes its scores over the remaining columns, so a
+softmax renormalises over the kept experts, as the block's router does for any set of experts.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Dict, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..block import MoEBlock
+from ..dispatch.experts import FusedExperts, LoopedExperts
+from ..dispatch.fused import fused_layout
+from ..wrappers import plain_linear
+
+__all__ = ["keep_counts", "resize_block", "check_resizable", "sync_hf_config"]
+
+
+def check_resizable(name: str, block: MoEBlock) -> None:
+    """ValueError naming ``name`` where moefy cannot change ``block``'s experts: a family-routed block (its router
+    is the family's module), experts sharded over ranks, a wrapped router gate (PEFT), a replay in progress."""
+    from ..hf.generic import HFExpertsBlock  # moefy.hf imports transformers lazily; this module does not
+    where = name or "model"
+    if isinstance(block, HFExpertsBlock):
+        raise ValueError(f"{where}: a family-routed block ({block.source} keeps its own router "
+                         f"{block.router.source}); prune / merge need a router moefy holds: families mapped onto a "
+                         f"RoutingConfig (moefy.hf.from_hf of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) or "
+                         f"moefy() mixtures")
+    if block.parallel is not None:
+        raise ValueError(f"{where}: its experts are sharded over ranks (expert_parallel); compress the full "
+                         f"model (moefy.full_state_dict) on one process")
+    if not plain_linear(block.router.gate):
+        raise ValueError(f"{where}.router.gate is a {type(block.router.gate).__name__} (a PEFT adapter, hooks or a "
+                         f"parametrization): its rows cannot be selected; merge or remove it first "
+                         f"(peft_model.merge_and_unload())")
+    if block.router_replay is not None:
+        raise ValueError(f"{where}: a RouterReplay is recording or replaying it; compress outside replay()")
+
+
+def keep_counts(blocks: Mapping[str, MoEBlock], keep) -> Dict[str, int]:
+    """``{block name: experts to keep}`` from ``keep``: an int for every block, a fraction in (0, 1] of each
+    block's E (rounded, at least 1), or ``{block name: int}`` / a sequence of ints, one per block in order.
+    Every count must be in [k, E] (a block cannot keep fewer experts than it picks per token) and, with
+    ``n_group`` expert groups, a multiple of n_group."""
+    names = list(blocks)
+    if isinstance(keep, Mapping):
+        missing, extra = sorted(set(names) - set(keep)), sorted(set(keep) - set(names))
+        if missing or extra:
+            raise ValueError(f"keep: a dict needs one count per MoE block; missing {missing[:4]}, not blocks "
+                             f"{extra[:4]}; the blocks are {names[:4]}{' ...' if len(names) > 4 else ''}")
+        counts = {n: keep[n] for n in names}
+    elif isinstance(keep, (list, tuple)):
+        if len(keep) != len(names):
+            raise ValueError(f"keep: {len(keep)} counts for {len(names)} MoE blocks; give one per block")
+        counts = dict(zip(names, keep))
+    elif isinstance(keep, Integral) and not isinstance(keep, bool):
+        counts = {n: int(keep) for n in names}
+    elif isinstance(keep, Real) and not isinstance(keep, bool):
+        if not 0 < keep <= 1 or math.isnan(keep):
+            raise ValueError(f"keep={keep!r}: a fraction of each block's experts must be in (0, 1]; an int keeps "
+                             f"that many")
+        counts = {n: max(1, round(float(keep) * b.num_experts)) for n, b in blocks.items()}
+    else:
+        raise TypeError(f"keep must be an int, a fraction in (0, 1], a dict {{block name: int}} or a list of ints, "
+                        f"got {type(keep).__name__}")
+    for name, n in counts.items():
+        block = blocks[name]
+        if isinstance(n, bool) or not isinstance(n, Integral):
+            raise TypeError(f"keep[{name!r}] must be an int, got {type(n).__name__}")
+        low = 1 if block.config.expert_choice else math.ceil(block.k)
+        if not low <= n <= block.num_experts:
+            raise ValueError(f"keep={int(n)} for {name or 'model'}: must be in [{low}, {block.num_experts}] (its k="
+                             f"{block.k} experts per token, E={block.num_experts} experts); a block cannot keep "
+                             f"fewer experts than it picks per token")
+        groups = block.config.n_group
+        if groups > 1 and n % groups:
+            raise ValueError(f"keep={int(n)} for {name or 'model'}: its router picks in n_group={groups} groups of "
+                             f"experts; keep a multiple of {groups} (the same number in every group)")
+        granularity = getattr(block, "granularity", 1)
+        if granularity > 1 and n % granularity:
+            raise ValueError(f"keep={int(n)} for {name or 'model'}: its experts are slices of "
+                             f"granularity={granularity} (moefy.save records it); keep a multiple of {granularity}")
+        counts[name] = int(n)
+    return counts
+
+
+@torch.no_grad()
+def resize_block(block: MoEBlock, ids: Sequence[int], experts: Optional[Sequence[nn.Module]] = None,
+                 router_rows: Optional[torch.Tensor] = None) -> None:
+    """Keep experts ``ids`` of ``block`` (in that order), in place.
+
+    Args:
+        block: a MoEBlock that :func:`check_resizable` accepts.
+        ids: E₂ distinct expert indices in [0, E): whose router rows (and balancing counts) the new experts take.
+        experts: the E₂ new expert modules (merged ones); default: ``block.experts[i]`` for i in ``ids``.
+        router_rows: (E₂, D) gate rows for the new experts; default: the rows of ``ids``.
+    """
+    E, E2 = block.num_experts, len(ids)
+    if len(set(ids)) != E2 or not all(0 <= i < E for i in ids):
+        raise ValueError(f"ids must be distinct expert indices in [0, {E}), got {list(ids)}")
+    new_experts = list(experts) if experts is not None else [block.experts[i] for i in ids]
+    if len(new_experts) != E2:
+        raise ValueError(f"experts: {len(new_experts)} modules for {E2} ids")
+    columns = block.config.check_columns(E2)                 # validates k, groups before anything changes
+    rows = torch.tensor(list(ids) + list(range(E, block.num_columns)), dtype=torch.long)  # (E₂',) kept columns
+    router = block.router
+    gate = router.gate
+    weight = gate.weight.index_select(0, rows.to(gate.weight.device))
+    if router_rows is not None:
+        weight[:E2] = router_rows.to(weight)
+    _set_param(gate, "weight", weight)
+    if gate.bias is not None:
+        _set_param(gate, "bias", gate.bias.index_select(0, rows.to(gate.bias.device)))
+    gate.out_features = columns
+    if router.noise_std is not None:
+        _set_param(router.noise_std, "weight", router.noise_std.weight.index_select(0, rows.to(weight.device)))
+    if router.score_correction_bias is not None:
+        router.score_correction_bias = router.score_correction_bias.index_select(0, rows.to(weight.device))
+    if block.global_balance is not None:
+        counts = block.global_balance.counts
+        block.global_balance.counts = counts.index_select(0, rows.to(counts.device))
+    if block.bias_balance is not None:
+        counts = block.bias_balance.counts
+        block.bias_balance.counts = counts.index_select(0, rows[:E2].to(counts.device))
+
+    block.experts = nn.ModuleList(new_experts)
+    block.num_experts, block.num_columns = E2, columns
+    block._fused_layout = fused_layout(block.experts) if block.config.fused else None
+    if block.config.fused and block._fused_layout is None:
+        raise ValueError("fused=True: the resized experts are no longer identical Linear / MLP experts")
+    block._looped = LoopedExperts(block.experts)
+    block._fused = FusedExperts(block.experts, block._fused_layout) if block._fused_layout else None
+    for i, expert in enumerate(block.experts):
+        expert.expert_id = i
+        expert.mixture_id = block.moe_name
+    block.routing, block.aux_losses = None, {}
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+def sync_hf_config(model: nn.Module, blocks: Mapping[str, MoEBlock]) -> None:
+    """Set a transformers model's expert count (``config.num_experts``, ``num_local_experts``, ... as its family
+    names it) to its blocks' E when every block has the same E, so ``save_pretrained`` / :func:`moefy.hf.export`
+    write the smaller architecture. A model of another kind, or blocks of different sizes, are left as they are
+    (export then refuses them by name)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        return
+    from ..hf.families import FAMILIES
+    family = FAMILIES.get(model_type)
+    sizes = {b.num_experts for b in blocks.values()}
+    if family is not None and len(sizes) == 1 and hasattr(config, family.num_experts):
+        setattr(config, family.num_experts, sizes.pop())
