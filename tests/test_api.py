@@ -16,7 +16,7 @@ README = Path(__file__).parent.parent / "README.md"
 CURATED = [
     "MoEBlock", "RoutingConfig", "Routing", "aux_loss", "moe_blocks",
     "moefy", "moefy_chain", "merge", "unmoefy", "load_dense_state_dict", "ModuleMixture", "AttentionMixture",
-    "save", "load", "hf",
+    "save", "load", "hf", "compress",
     "RoutingRecorder", "TrainingLogWriter", "read_log", "LogFormatError", "viz",
     "expert_parallel", "sharded_names", "merge_state_dicts", "full_state_dict",
     "MoE", "mutual_distillation_loss", "mode_loss", "block_distillation_loss",
@@ -58,11 +58,11 @@ def test_all_is_exactly_the_curated_list():
 def test_every_curated_name_resolves_to_its_home():
     for name in CURATED:
         value = getattr(moefy, name)
-        if name in ("viz", "hf"):
+        if name in ("viz", "hf", "compress"):
             assert value is sys.modules[f"moefy.{name}"] and value.__name__ == f"moefy.{name}"
         else:
             assert value is _home(HOMES[name], name), name
-    assert set(HOMES) | {"viz", "hf"} == set(CURATED)
+    assert set(HOMES) | {"viz", "hf", "compress"} == set(CURATED)
 
 
 def test_star_import_gives_the_curated_names():
@@ -176,6 +176,6 @@ def test_readme_api_section_lists_every_curated_name_and_the_subpackages():
     api = text.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^- `(\w+)", api, flags=re.M)  # one line per name, in moefy.__all__'s order
     assert listed == CURATED, listed
-    for sub in ("routing", "dispatch", "convert", "hf", "observe", "parallel", "recipes", "viz", "compat"):
+    for sub in ("routing", "dispatch", "convert", "hf", "compress", "observe", "parallel", "recipes", "viz", "compat"):
         assert f"`moefy.{sub}`" in api, sub
     assert text.index("## Routing options") < text.index("\n## API\n") < text.index("## moefy(): upcycle")

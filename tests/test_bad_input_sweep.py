@@ -19,6 +19,7 @@ from torch import nn
 import moefy
 import moefy.hf
 import moefy.viz
+from moefy import compress
 from conftest import LinearMixture
 from moefy import compat, convert, data
 from moefy.convert import hf as upcycle_hf
@@ -920,6 +921,43 @@ case("SwiGLU", lambda t: moefy.hf.SwiGLU(8, 2.5), ValueError, r"hidden must be")
 case("SwiGLU", lambda t: moefy.hf.SwiGLU(8, 4, act="swish2"), ValueError, r"act must be the name of a transformers activation")
 
 
+def _tiny_moe():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), moefy.moefy(nn.Linear(4, 4), num_experts=4, k=2))
+
+
+_BATCHES = [torch.randn(3, 4)]
+case("expert_scores", lambda t: compress.expert_scores(_tiny_moe(), _BATCHES, "rea"), ValueError,
+     r"method must be one of \('frequency', 'soft', 'reap', 'ean'\)")
+case("expert_scores", lambda t: compress.expert_scores(nn.Linear(4, 4), _BATCHES), ValueError, r"has no MoE block")
+case("expert_scores", lambda t: compress.expert_scores(_tiny_moe(), torch.randn(3, 4)), TypeError,
+     r"data must be an iterable of model inputs")
+case("expert_scores", lambda t: compress.expert_scores(_tiny_moe(), []), ValueError, r"no batch to calibrate on")
+case("calibrate", lambda t: compress.calibrate("model", _BATCHES), TypeError, r"model must be an nn.Module")
+case("prune_experts", lambda t: compress.prune_experts(_tiny_moe(), 5, {"1": torch.ones(4)}), ValueError,
+     r"keep=5 for 1: must be in \[2, 4\]")
+case("prune_experts", lambda t: compress.prune_experts(_tiny_moe(), 1.5, {"1": torch.ones(4)}), ValueError,
+     r"keep=1.5: a fraction of each block's experts must be in \(0, 1\]")
+case("prune_experts", lambda t: compress.prune_experts(_tiny_moe(), "half", {"1": torch.ones(4)}), TypeError,
+     r"keep must be an int, a fraction")
+case("prune_experts", lambda t: compress.prune_experts(_tiny_moe(), 3, {"0": torch.ones(4)}), ValueError,
+     r"scores do not match the model: no scores for blocks \['1'\]")
+case("prune_experts", lambda t: compress.prune_experts(_tiny_moe(), 3, {"1": torch.ones(5)}), ValueError,
+     r"scores\['1'\] has shape \(5,\)")
+case("prune_experts", lambda t: compress.prune_experts(_tiny_moe(), 3, [torch.ones(4)]), TypeError,
+     r"scores must be a dict")
+case("merge_experts", lambda t: compress.merge_experts(_tiny_moe(), 3, {"1": torch.ones(4)}, _BATCHES, "sum"),
+     ValueError, r"method must be one of \('frequency_weighted', 'average'\)")
+case("cluster_experts", lambda t: compress.cluster_experts(torch.ones(4, 2), 5), ValueError,
+     r"keep must be an int in \[1, 4\]")
+case("cluster_experts", lambda t: compress.cluster_experts(torch.ones(4), 2), ValueError,
+     r"features must be a finite \(E, F\) tensor")
+case("cluster_experts", lambda t: compress.cluster_experts(torch.ones(4, 2, dtype=torch.long), 2), TypeError,
+     r"features must be a floating-point torch.Tensor")
+case("cluster_experts", lambda t: compress.cluster_experts(torch.ones(6, 2), 3, n_group=2), ValueError,
+     r"n_group=2 must divide the number of experts \(6\) and keep \(3\)")
+
+
 # ---------------------------------------------------------------------------------------- tests
 class _Hang(Exception):
     pass
@@ -943,7 +981,7 @@ def test_bad_input(target, call, error, match, tmp_path):
     assert type(info.value) is error or (error is ValueError and type(info.value) is LogFormatError)
     frame = Path(str(info.traceback[-1].path))
     assert frame.parent.name in ("moefy", "viz", "routing", "dispatch", "convert", "observe", "parallel", "recipes",
-                                 "hf") \
+                                 "hf", "compress") \
         and "moefy" in frame.parts, (frame, info.value)
 
 
@@ -961,6 +999,7 @@ NOT_SWEPT = {
     "TrainingLog", "LogFormatError", "LogLimitError", "minilm_path", "load_bert", "exchange", "gather_routing", "ShardedExperts",
     "ExpertParallelExperts", "MLPExpert", "safe_name", "compose", "new_figure", "column_names", "expert_colors",
     "layer_loads", "viz", "ROUTE_ALIASES", "Replayed", "RouteChoice", "FAMILIES", "MoEFamily", "FFNParts", "hf",
+    "compress", "ExpertStats", "SCORE_METHODS", "MERGE_METHODS",
 }
 
 
@@ -978,7 +1017,8 @@ def test_every_public_name_is_swept():
     public = (_public(moefy) | _public(compat) | _public(moefy.viz) | _public(metrics) | _public(data)
               | _public(stats) | _public(moelog) | _public(losses) | _public(bias_balance) | _public(noise) | _public(replay) | _public(distill)
               | set().union(*map(_public, CONVERT_MODULES)) | _public(upcycle_hf)
-              | set().union(*map(_public, PARALLEL_MODULES)) | _public(reliability) | _public(moefy.hf))
+              | set().union(*map(_public, PARALLEL_MODULES)) | _public(reliability) | _public(moefy.hf)
+              | _public(compress))
     missing = sorted(public - targets - NOT_SWEPT)
     assert not missing, f"public names without a bad-input case: {missing}"
     assert len(CASES) >= 300, len(CASES)

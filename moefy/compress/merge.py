@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..checks import check_choice
+from ..checks import check_choice, check_int, check_tensor
 from .calibrate import calibrate, named_blocks
 from .prune import check_scores
 from .resize import check_resizable, keep_counts, resize_block, sync_hf_config
@@ -34,7 +34,15 @@ def cluster_experts(features: torch.Tensor, keep: int, n_group: int = 1) -> List
     groups, ``keep / n_group`` inside each of ``n_group`` contiguous groups of E / n_group experts. Returns the
     groups (lists of expert indices, each sorted), ordered by their first index. Deterministic: of equal
     distances the first pair (row-major) merges."""
+    check_tensor(features, "features", floating=True)
+    if features.dim() != 2 or features.shape[0] == 0 or not torch.isfinite(features).all():
+        raise ValueError(f"features must be a finite (E, F) tensor, one row per expert, got shape "
+                         f"{tuple(features.shape)}")
     E = features.shape[0]
+    check_int(n_group, "n_group", min=1)
+    check_int(keep, "keep", min=1, max=E)
+    if E % n_group or keep % n_group:
+        raise ValueError(f"n_group={n_group} must divide the number of experts ({E}) and keep ({keep})")
     size, per_group = E // n_group, keep // n_group
     groups: List[List[int]] = []
     for g in range(n_group):
