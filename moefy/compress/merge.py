@@ -7,13 +7,13 @@
    so the groups do not depend on one batch's routing decisions);
 3. merge: each group becomes one expert whose every floating parameter (and buffer) is the weighted average of
    the group's: weights proportional to the experts' frequencies (``"frequency_weighted"``, M-SMoE / HC-SMoE;
-   uniform when no token reached the group) or uniform (``"average"``). The merged expert takes the router row of
-   the group's highest-scoring (dominant) expert, as MC-SMoE's dominant experts and REAM's centroids do: the
-   router is not re-fitted. A group of one is that expert, untouched.
+   uniform when no token reached the group) or uniform (``"average"``). The merged expert is the group's
+   highest-scoring (dominant) expert with the averaged weights written into its parameters, and it keeps that
+   expert's router row, as MC-SMoE's dominant experts and REAM's centroids do: the router is not re-fitted. A
+   group of one is that expert, untouched.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, Iterable, List, Mapping, Sequence
 
 import torch
@@ -24,7 +24,7 @@ from .calibrate import calibrate, named_blocks
 from .prune import check_scores
 from .resize import check_resizable, keep_counts, resize_block, sync_hf_config
 
-__all__ = ["MERGE_METHODS", "merge_experts", "cluster_experts", "average_modules"]
+__all__ = ["MERGE_METHODS", "merge_experts", "cluster_experts", "average_state"]
 
 MERGE_METHODS = ("frequency_weighted", "average")
 
@@ -71,17 +71,19 @@ def _average_linkage(features: torch.Tensor, n_clusters: int) -> List[List[int]]
 
 
 @torch.no_grad()
-def average_modules(modules: Sequence[nn.Module], weights: Sequence[float], like: int = 0) -> nn.Module:
-    """A copy of ``modules[like]`` whose floating parameters and buffers are ``Σ_i weights[i] · modules[i]``'s.
-    The modules must have the same parameter and buffer names and shapes (ValueError otherwise)."""
-    merged = copy.deepcopy(modules[like])
+def average_state(modules: Sequence[nn.Module], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """``Σ_i weights[i] · modules[i].state_dict()`` for the floating entries (computed in float64, stored in each
+    entry's dtype), the first module's value for the others. The modules must have the same state-dict names and
+    shapes (ValueError otherwise)."""
     states = [m.state_dict() for m in modules]
-    for name, tensor in merged.state_dict().items():
-        if any(name not in s or s[name].shape != tensor.shape for s in states):
+    merged = {}
+    for name, tensor in states[0].items():
+        if any(name not in s or s[name].shape != tensor.shape for s in states) or any(len(s) != len(states[0])
+                                                                                       for s in states):
             raise ValueError(f"experts to merge must have the same parameters: {name!r} is missing or has another "
                              f"shape in one of them")
-        if tensor.is_floating_point():
-            tensor.copy_(sum(float(w) * s[name].to(torch.float64) for w, s in zip(weights, states)).to(tensor.dtype))
+        merged[name] = tensor.clone() if not tensor.is_floating_point() else \
+            sum(float(w) * s[name].to(torch.float64) for w, s in zip(weights, states)).to(tensor.dtype)
     return merged
 
 
@@ -126,12 +128,14 @@ def merge_experts(model: nn.Module, keep, scores: Mapping[str, torch.Tensor], da
             freq = s.frequency[group]
             weights = [1.0 / len(group)] * len(group) if method == "average" or freq.sum() == 0 else \
                 (freq / freq.sum()).tolist()
-            experts = [block.experts[i] for i in group]
-            merged.append(experts[0] if len(group) == 1 else average_modules(experts, weights, group.index(dominant)))
+            merged.append(None if len(group) == 1 else average_state([block.experts[i] for i in group], weights))
             dominants.append(dominant)
         plans[name] = (groups, dominants, merged)
     for name, block in blocks.items():  # every block planned (and every error raised) before any changes
         groups, dominants, merged = plans[name]
-        resize_block(block, dominants, experts=merged)
+        for dominant, state in zip(dominants, merged):
+            if state is not None:  # in place: the dominant expert's parameters keep their identity
+                block.experts[dominant].load_state_dict(state)
+        resize_block(block, dominants)
     sync_hf_config(model, blocks)
     return {name: plan[0] for name, plan in plans.items()}

@@ -144,8 +144,9 @@ def resize_block(block: MoEBlock, ids: Sequence[int], experts: Optional[Sequence
 
 
 def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+    """The parameter keeps its identity, so an optimizer built before holds it: an Adam-like state of the old
+    shape then fails loudly at its next step instead of training a parameter the model no longer uses."""
+    getattr(module, name).data = value.contiguous()
 
 
 def sync_hf_config(model: nn.Module, blocks: Mapping[str, MoEBlock]) -> None:
