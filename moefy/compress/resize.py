@@ -87,6 +87,10 @@ def keep_counts(blocks: Mapping[str, MoEBlock], keep) -> Dict[str, int]:
         if granularity > 1 and n % granularity:
             raise ValueError(f"keep={int(n)} for {name or 'model'}: its experts are slices of "
                              f"granularity={granularity} (moefy.save records it); keep a multiple of {granularity}")
+        try:  # k must also fit in the kept groups: checked for every block before any block is resized
+            block.config.check_columns(int(n))
+        except ValueError as err:
+            raise ValueError(f"keep={int(n)} for {name or 'model'}: {err}") from None
         counts[name] = int(n)
     return counts
 
