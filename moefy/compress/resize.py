@@ -8,6 +8,7 @@ softmax renormalises over the kept experts, as the block's router does for any s
 """
 from __future__ import annotations
 
+import logging
 import math
 from numbers import Integral, Real
 from typing import Dict, Mapping, Optional, Sequence
@@ -19,6 +20,8 @@ from ..block import MoEBlock
 from ..dispatch.experts import FusedExperts, LoopedExperts
 from ..dispatch.fused import fused_layout
 from ..wrappers import plain_linear
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["keep_counts", "resize_block", "check_resizable", "sync_hf_config"]
 
@@ -156,14 +159,25 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def sync_hf_config(model: nn.Module, blocks: Mapping[str, MoEBlock]) -> None:
     """Set a transformers model's expert count (``config.num_experts``, ``num_local_experts``, ... as its family
     names it) to its blocks' E when every block has the same E, so ``save_pretrained`` / :func:`moefy.hf.export`
-    write the smaller architecture. A model of another kind, or blocks of different sizes, are left as they are
-    (export then refuses them by name)."""
+    write the smaller architecture. A model of another kind is left as it is. Blocks of different sizes leave the
+    config as it is too (the architecture has one count per model): export then refuses the model naming each
+    layer's count, and so does its ``save_pretrained`` (:func:`moefy.hf.export.guard_save_pretrained`), whose
+    folder :func:`moefy.hf.load` could not build again, until every block has the same E."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
         return
     from ..hf.families import FAMILIES
     family = FAMILIES.get(model_type)
+    if family is None or not hasattr(config, family.num_experts):
+        return
     sizes = {b.num_experts for b in blocks.values()}
-    if family is not None and len(sizes) == 1 and hasattr(config, family.num_experts):
+    if len(sizes) == 1:
         setattr(config, family.num_experts, sizes.pop())
+        return
+    from ..hf.export import guard_save_pretrained
+    logger.warning("moefy.compress: the MoE blocks now have different expert counts (%s); config.%s stays %s, as "
+                   "%s has one count per model: moefy.hf.export and save_pretrained refuse the model until every "
+                   "block has the same count", ", ".join(f"{n}: {b.num_experts}" for n, b in blocks.items()),
+                   family.num_experts, getattr(config, family.num_experts), family.name)
+    guard_save_pretrained(model)

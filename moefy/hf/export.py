@@ -6,6 +6,9 @@ goes back to its own architecture with the same weights: restacked from its moef
 mapped onto RoutingConfig, as they are where it kept its family's routers (:mod:`moefy.hf.generic`: the weights
 never left the family's experts modules; a ``token_capacity_factor`` is refused, its experts compute every pick). The folder is written by transformers' own
 ``save_pretrained``, so ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it without moefy.
+A model made smaller by :mod:`moefy.compress` (``prune_experts`` / ``merge_experts``) is written as the same
+architecture with its blocks' expert count; layers of different counts are refused, naming each (the
+architecture has one count per model).
 
 What the target cannot express is refused, naming the option and the architecture: routing options that change
 its outputs (hole, expert choice, noise, capacity, sigmoid scores, groups, ... — every RoutingConfig field but
@@ -14,6 +17,9 @@ activation, shared experts where it has none, mixtures anywhere but the decoder 
 """
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import os
 import re
 import warnings
@@ -23,9 +29,11 @@ import torch
 from torch import nn
 
 from ..block import MoEBlock
-from .block import concat_swiglu, linear_weight, same_activation, stack_experts, swiglu_weights
+from .block import HFMoEBlock, concat_swiglu, linear_weight, same_activation, stack_experts, swiglu_weights
 from .families import TRAINING_ONLY, MoEFamily, family_of, transformers_module
 from .generic import HFExpertsBlock, family_blocks, family_state_dict
+
+logger = logging.getLogger(__name__)
 
 _NOT_CONFIG = ("model_type", "architectures", "transformers_version", "_name_or_path")
 
@@ -45,6 +53,29 @@ def _decoder_mixtures(model: nn.Module, family: MoEFamily) -> Dict[int, Tuple[st
         raise ValueError(f"model: {type(model).__name__} has no mixture to export; moefy its MLPs first "
                          f"(moefy(model, num_experts, k, target='mlp'))")
     return layers
+
+
+def _expert_count(layers: Dict[int, Tuple[str, MoEBlock]], family: MoEFamily) -> int:
+    """The one number of routed experts of every mixture (after :func:`moefy.compress.prune_experts` /
+    ``merge_experts``, a layer may have fewer than another); ValueError naming each layer's count otherwise."""
+    counts = {path: block.num_experts for _, (path, block) in sorted(layers.items())}
+    if len(set(counts.values())) > 1:
+        per_layer = ", ".join(f"{path}: {n}" for path, n in counts.items())
+        raise ValueError(f"model: its layers have different expert counts ({per_layer}); {family.name} has one "
+                         f"expert count per model (config.{family.num_experts}): prune or merge every layer to "
+                         f"the same number (keep=<int>) to export it")
+    return next(iter(counts.values()))
+
+
+def _imported_config(config, family: MoEFamily, num_experts: int):
+    """An imported model's own config, with its expert count set to its blocks' (a copy where they differ)."""
+    if getattr(config, family.num_experts) == num_experts:
+        return config
+    logger.info("moefy.hf.export: config.%s=%s, the blocks have %d experts each: written as %d",
+                family.num_experts, getattr(config, family.num_experts), num_experts, num_experts)
+    config = copy.deepcopy(config)
+    setattr(config, family.num_experts, num_experts)
+    return config
 
 
 def _moe_config(model: nn.Module, family: MoEFamily, layers: Dict[int, Tuple[str, MoEBlock]]):
@@ -146,8 +177,9 @@ def export(model: nn.Module, folder) -> str:
         return _export_family_routed(model, folder)
     family = family_of(model)
     layers = _decoder_mixtures(model, family)
+    num_experts = _expert_count(layers, family)
     imported = model.config.model_type == family.model_type
-    config = model.config if imported else _moe_config(model, family, layers)
+    config = _imported_config(model.config, family, num_experts) if imported else _moe_config(model, family, layers)
     state = {}
     for path, block in layers.values():
         _check_block(path, block, family, config)
@@ -201,3 +233,34 @@ def _check_keys(target: nn.Module, state: Dict[str, torch.Tensor], family: MoEFa
         raise ValueError(f"model: {type(model).__name__} does not fit {family.name}: weights {family.name} has no "
                          f"place for {extra[:6]}, weights it needs that the model lacks {missing[:6]}, shape "
                          f"mismatches {shapes[:6]}")
+
+
+def check_expert_count(model: nn.Module) -> None:
+    """ValueError where an imported model's :class:`~moefy.hf.block.HFMoEBlock` s do not all have the expert count
+    its config names (``config.num_experts``, ``num_local_experts``, ... as its family names it): a folder written
+    by its ``save_pretrained`` would not load back, as :func:`moefy.hf.load` builds every block from the config."""
+    family = family_of(model)
+    configured = getattr(model.config, family.num_experts, None)
+    counts = {path: m.num_experts for path, m in model.named_modules() if isinstance(m, HFMoEBlock)}
+    if any(n != configured for n in counts.values()):
+        per_layer = ", ".join(f"{path}: {n}" for path, n in counts.items())
+        have = f"different expert counts ({per_layer})" if len(set(counts.values())) > 1 else \
+            f"{next(iter(counts.values()))} experts each ({per_layer})"
+        raise ValueError(f"model: its layers have {have}, but config.{family.num_experts}={configured}; "
+                         f"{family.name} has one expert count per model, which moefy.hf.load builds every layer "
+                         f"with, so the folder would not load back; prune or merge every layer to the same number "
+                         f"(keep=<int>), which sets config.{family.num_experts}")
+
+
+def _checked_save_pretrained(model: nn.Module, save, *args, **kwargs):
+    check_expert_count(model)
+    return save(*args, **kwargs)
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make an imported model's ``save_pretrained`` (what Trainer and push_to_hub call) raise
+    :func:`check_expert_count`'s ValueError, before any file is written, while its layers' expert counts differ
+    from its config's (what :func:`moefy.compress.prune_experts` leaves when layers keep different numbers)."""
+    save = model.save_pretrained
+    if not (isinstance(save, functools.partial) and save.func is _checked_save_pretrained):
+        model.save_pretrained = functools.partial(_checked_save_pretrained, model, save)
