@@ -5,8 +5,8 @@ For Qwen3-MoE, Mixtral, Qwen2-MoE (gated shared expert), OLMoE and DeepSeek-V3 (
 selection bias) imported by ``from_hf``, and a moefied Llama (exported as Mixtral): ``from_pretrained`` of the
 folder has config.<expert count> = the kept count, the very router rows / experts / biases that were kept (read
 from the original weights by hand), the compressed model's logits (float32, 1e-5) and its greedy tokens. Layers
-with different counts are refused by export and by ``save_pretrained`` (each layer's count named, nothing written),
-the config keeps its count; the expert tensors in the safetensors file are kept/E of the original's bytes.
+with different counts are refused by export (each layer's count named, nothing written) and reload with moefy,
+the config has the largest count; the expert tensors in the safetensors file are kept/E of the original's bytes.
 Tiny random models (hidden 32, 2 layers, 8 experts, vocabulary 64), no download.
 """
 import json
@@ -157,28 +157,28 @@ def test_moefied_llama_pruned_to_3_experts_exports_as_mixtral_with_3(tmp_path):
         assert torch.equal(stacked, torch.stack([down[name][i] for i in kept[name]]))
 
 
-def test_layers_of_different_expert_counts_are_refused_by_export_and_save_pretrained(tmp_path, caplog):
+def test_layers_of_different_expert_counts_are_refused_by_export_and_reload_with_moefy(tmp_path, caplog):
     model = from_hf(hf_model("qwen3_moe"))
     with caplog.at_level(logging.WARNING, logger="moefy.compress"):
         kept = prune_experts(model, {BLOCKS[0]: 3, BLOCKS[1]: 4}, expert_scores(model, batches(), "frequency"))
     assert [len(kept[name]) for name in BLOCKS] == [3, 4]
-    assert model.config.num_experts == E  # no count fits both layers: left as it was, and said so
-    assert "(model.layers.0.mlp: 3, model.layers.1.mlp: 4); config.num_experts stays 8" in caplog.text
+    assert model.config.num_experts == 4  # no count fits both layers: the largest, and said so
+    assert "(model.layers.0.mlp: 3, model.layers.1.mlp: 4); config.num_experts is the largest, 4" in caplog.text
     per_layer = r"different expert counts \(model\.layers\.0\.mlp: 3, model\.layers\.1\.mlp: 4\)"
     with pytest.raises(ValueError, match=per_layer + r"; Qwen3Moe has one expert count per model \(config\."
                                                      r"num_experts\)"):
         export(model, tmp_path / "export")
     assert not (tmp_path / "export").exists()
-    # save_pretrained (moefy.save's format) would write a folder moefy.hf.load builds with config.num_experts=8
-    with pytest.raises(ValueError, match=per_layer + ", but config.num_experts=8; Qwen3Moe has one expert count "
-                                                     "per model.*would not load back"):
-        model.save_pretrained(tmp_path / "saved")
-    assert not (tmp_path / "saved").exists()
+    # save_pretrained (moefy.save's format) keeps each layer's count: moefy.hf.load builds 3 and 4 experts again
+    model.save_pretrained(tmp_path / "saved")
+    loaded = moefy.hf.load(tmp_path / "saved")
+    assert [loaded.get_submodule(name).num_experts for name in BLOCKS] == [3, 4]
+    assert (logits(loaded) - logits(model)).abs().max() < 1e-5
 
     prune_experts(model, 3, expert_scores(model, batches(), "frequency"))  # every layer the same: the config follows
     assert model.config.num_experts == 3
-    model.save_pretrained(tmp_path / "saved")
-    assert (logits(moefy.hf.load(tmp_path / "saved")) - logits(model)).abs().max() < 1e-5
+    model.save_pretrained(tmp_path / "saved3")
+    assert (logits(moefy.hf.load(tmp_path / "saved3")) - logits(model)).abs().max() < 1e-5
     assert reload(export(model, tmp_path / "export")).config.num_experts == 3
 
 

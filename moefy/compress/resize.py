@@ -158,11 +158,11 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def sync_hf_config(model: nn.Module, blocks: Mapping[str, MoEBlock]) -> None:
     """Set a transformers model's expert count (``config.num_experts``, ``num_local_experts``, ... as its family
-    names it) to its blocks' E when every block has the same E, so ``save_pretrained`` / :func:`moefy.hf.export`
-    write the smaller architecture. A model of another kind is left as it is. Blocks of different sizes leave the
-    config as it is too (the architecture has one count per model): export then refuses the model naming each
-    layer's count, and so does its ``save_pretrained`` (:func:`moefy.hf.export.guard_save_pretrained`), whose
-    folder :func:`moefy.hf.load` could not build again, until every block has the same E."""
+    names it) to its blocks' E, so ``save_pretrained`` / :func:`moefy.hf.export` write the smaller architecture.
+    Blocks of different sizes set it to the largest, with a warning: the architecture has one count per model, so
+    :func:`moefy.hf.export` refuses the model naming each layer's count, while :func:`moefy.save` /
+    ``save_pretrained`` and :func:`moefy.hf.load` keep each block's own count. A model of another kind is left as
+    it is."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
@@ -171,13 +171,10 @@ def sync_hf_config(model: nn.Module, blocks: Mapping[str, MoEBlock]) -> None:
     family = FAMILIES.get(model_type)
     if family is None or not hasattr(config, family.num_experts):
         return
-    sizes = {b.num_experts for b in blocks.values()}
-    if len(sizes) == 1:
-        setattr(config, family.num_experts, sizes.pop())
-        return
-    from ..hf.export import guard_save_pretrained
-    logger.warning("moefy.compress: the MoE blocks now have different expert counts (%s); config.%s stays %s, as "
-                   "%s has one count per model: moefy.hf.export and save_pretrained refuse the model until every "
-                   "block has the same count", ", ".join(f"{n}: {b.num_experts}" for n, b in blocks.items()),
-                   family.num_experts, getattr(config, family.num_experts), family.name)
-    guard_save_pretrained(model)
+    sizes = {name: b.num_experts for name, b in blocks.items()}
+    setattr(config, family.num_experts, max(sizes.values()))
+    if len(set(sizes.values())) > 1:
+        logger.warning("moefy.compress: the MoE blocks now have different expert counts (%s); config.%s is the "
+                       "largest, %d: moefy.save and moefy.hf.load keep each block's count, moefy.hf.export refuses "
+                       "the model (%s has one count per model)", ", ".join(f"{n}: {e}" for n, e in sizes.items()),
+                       family.num_experts, max(sizes.values()), family.name)

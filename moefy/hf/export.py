@@ -18,7 +18,6 @@ activation, shared experts where it has none, mixtures anywhere but the decoder 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 import re
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ..block import MoEBlock
-from .block import HFMoEBlock, concat_swiglu, linear_weight, same_activation, stack_experts, swiglu_weights
+from .block import concat_swiglu, linear_weight, same_activation, stack_experts, swiglu_weights
 from .families import TRAINING_ONLY, MoEFamily, family_of, transformers_module
 from .generic import HFExpertsBlock, family_blocks, family_state_dict
 
@@ -234,33 +233,3 @@ def _check_keys(target: nn.Module, state: Dict[str, torch.Tensor], family: MoEFa
                          f"place for {extra[:6]}, weights it needs that the model lacks {missing[:6]}, shape "
                          f"mismatches {shapes[:6]}")
 
-
-def check_expert_count(model: nn.Module) -> None:
-    """ValueError where an imported model's :class:`~moefy.hf.block.HFMoEBlock` s do not all have the expert count
-    its config names (``config.num_experts``, ``num_local_experts``, ... as its family names it): a folder written
-    by its ``save_pretrained`` would not load back, as :func:`moefy.hf.load` builds every block from the config."""
-    family = family_of(model)
-    configured = getattr(model.config, family.num_experts, None)
-    counts = {path: m.num_experts for path, m in model.named_modules() if isinstance(m, HFMoEBlock)}
-    if any(n != configured for n in counts.values()):
-        per_layer = ", ".join(f"{path}: {n}" for path, n in counts.items())
-        have = f"different expert counts ({per_layer})" if len(set(counts.values())) > 1 else \
-            f"{next(iter(counts.values()))} experts each ({per_layer})"
-        raise ValueError(f"model: its layers have {have}, but config.{family.num_experts}={configured}; "
-                         f"{family.name} has one expert count per model, which moefy.hf.load builds every layer "
-                         f"with, so the folder would not load back; prune or merge every layer to the same number "
-                         f"(keep=<int>), which sets config.{family.num_experts}")
-
-
-def _checked_save_pretrained(model: nn.Module, save, *args, **kwargs):
-    check_expert_count(model)
-    return save(*args, **kwargs)
-
-
-def guard_save_pretrained(model: nn.Module) -> None:
-    """Make an imported model's ``save_pretrained`` (what Trainer and push_to_hub call) raise
-    :func:`check_expert_count`'s ValueError, before any file is written, while its layers' expert counts differ
-    from its config's (what :func:`moefy.compress.prune_experts` leaves when layers keep different numbers)."""
-    save = model.save_pretrained
-    if not (isinstance(save, functools.partial) and save.func is _checked_save_pretrained):
-        model.save_pretrained = functools.partial(_checked_save_pretrained, model, save)

@@ -33,11 +33,15 @@ def _layer_index(path: str, default: int) -> int:
     return int(found[-1]) if found else default
 
 
-def convert_block(hf_block: nn.Module, family: MoEFamily, config, routing: RoutingConfig) -> HFMoEBlock:
+def convert_block(hf_block: nn.Module, family: MoEFamily, config, routing: RoutingConfig,
+                  num_experts: Optional[int] = None) -> HFMoEBlock:
     """One HF MoE block → an :class:`HFMoEBlock` routing by ``routing``, with its weights (copied), on its device
-    and dtype."""
+    and dtype. ``num_experts``: only the first that many of its experts (a layer :mod:`moefy.compress` made smaller
+    than the config says, whose weights are loaded next); default all."""
     gate_up, down = hf_block.experts.gate_up_proj, hf_block.experts.down_proj  # (E, 2H, D), (E, D, H)
-    num_experts, dim, hidden = down.shape
+    num_experts = down.shape[0] if num_experts is None else num_experts
+    gate_up, down = gate_up[:num_experts], down[:num_experts]
+    _, dim, hidden = down.shape
     shared = getattr(hf_block, family.shared_path) if family.shared_path else None
     if shared is not None and shared.gate_proj.out_features == 0:  # Qwen2-MoE with shared_expert_intermediate_size=0
         shared, routing = None, dataclasses.replace(routing, shared_gate=False)  # sigmoid(gate(x)) · 0 = 0
@@ -56,9 +60,9 @@ def convert_block(hf_block: nn.Module, family: MoEFamily, config, routing: Routi
     gate = getattr(hf_block, family.router)
     block.router.to(dtype=gate.weight.dtype)  # DeepSeek-V3 keeps its router in float32 in a bf16 model
     with torch.no_grad():
-        block.router.gate.weight.copy_(gate.weight)
+        block.router.gate.weight.copy_(gate.weight[:num_experts])
         if block.config.selection_bias:
-            block.router.score_correction_bias.copy_(gate.e_score_correction_bias)
+            block.router.score_correction_bias.copy_(gate.e_score_correction_bias[:num_experts])
         unstack_experts(block.experts, gate_up, down)
         if shared is not None:
             mine = block.shared_experts[0]
@@ -136,11 +140,11 @@ def convert_at(model: nn.Module, path: str, routing: RoutingConfig, num_experts:
     if type(hf_block).__name__ != family.block:
         raise ValueError(f"model: {path!r} is a {type(hf_block).__name__}, not a {family.block}")
     stacked = getattr(getattr(hf_block, "experts", None), "down_proj", None)
-    if num_experts is not None and (not isinstance(stacked, torch.Tensor) or stacked.shape[0] != num_experts):
+    if num_experts is not None and (not isinstance(stacked, torch.Tensor) or stacked.shape[0] < num_experts):
         has = stacked.shape[0] if isinstance(stacked, torch.Tensor) else "no stacked"
         raise ValueError(f"model: {path!r} ({family.block}) has {has} experts, but the weights hold {num_experts} "
                          f"there; pass the model this folder was saved from")
-    block = convert_block(hf_block, family, model.config, routing)
+    block = convert_block(hf_block, family, model.config, routing, num_experts)
     _set_submodule(model, path, block)
     _guard_router_logits(model)
     return block

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..convert.folder import bad, check_folder, read_json_file
 from ..convert.loader import Plan, apply, check_on_meta, prepare
-from .families import transformers_module
+from .families import FAMILIES, transformers_module
 
 logger = logging.getLogger(__name__)
 
@@ -124,4 +124,18 @@ def load(folder) -> nn.Module:
         check_on_meta(shadow, plan)
     except ValueError as err:
         raise _named_sizes(err, config, plan, path) from None
+    _check_expert_count(config, plan, path)
     return apply(_build(cls, hf_config, path), plan).eval()
+
+
+def _check_expert_count(config: Dict[str, Any], plan: Plan, path: str) -> None:
+    """An imported family's expert count may exceed what a layer holds (:mod:`moefy.compress` made it smaller), but
+    not the most any layer holds: the base is built with that many experts per layer before the weights load."""
+    family = FAMILIES.get(config.get("model_type"))
+    value = config.get(family.num_experts) if family is not None else None
+    if not plan.experts or isinstance(value, bool) or not isinstance(value, int):
+        return
+    held = max(plan.experts.values())
+    if value > held:
+        raise bad(path, family.num_experts, f"{value} experts, but {os.path.basename(plan.weights)} holds at most "
+                                            f"{held} in a layer; allowed: at most {held}")
