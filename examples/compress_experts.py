@@ -39,7 +39,7 @@ import moefy  # noqa: E402
 import moefy.hf  # noqa: E402
 from moefy.compress import expert_scores, merge_experts, prune_experts  # noqa: E402
 from moefy.compress.calibrate import named_blocks  # noqa: E402
-from stdlib_text import stdlib_bytes, windows  # noqa: E402
+from stdlib_text import held_out_loss, stdlib_bytes, windows  # noqa: E402
 
 logger = logging.getLogger("compress_experts")
 
@@ -57,15 +57,6 @@ def build(args, seed: int) -> transformers.Qwen3MoeForCausalLM:
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
     return moefy.hf.from_hf(transformers.Qwen3MoeForCausalLM(cfg), aux_criterion={"switch": 0.01})
-
-
-def evaluate(model, held_out) -> float:
-    """Mean next-byte cross-entropy (nats) over the held-out batches."""
-    model.eval()
-    with torch.no_grad():
-        loss = sum(model(ids, labels=ids).loss.item() for ids in held_out) / len(held_out)
-    model.train()
-    return loss
 
 
 def train(model, data, args, steps: int, lr: float, seed: int, label: str) -> None:
@@ -211,7 +202,7 @@ def main(argv=None) -> dict:
         model = build(args, seed)
         train(model, train_data, args, args.steps, args.lr, seed=seed, label=f"seed {seed}: training")
         logger.info("seed %d: trained %d steps, held-out loss %.4f nats per byte", seed, args.steps,
-                    evaluate(model, held_out))
+                    held_out_loss(model, held_out))
         calibration = [ids[:, :-1] for ids in windows(train_data, args.calibration, args.batch, args.length,
                                                       seed=1000 + seed)]
         for method, keep in tqdm(budgets, desc=f"seed {seed}", leave=False):
@@ -219,10 +210,10 @@ def main(argv=None) -> dict:
             if keep < args.experts:
                 compress(small, method, keep, calibration, seed)
             row = rows[(method, keep)]
-            row["compressed"].append(evaluate(small, held_out))
+            row["compressed"].append(held_out_loss(small, held_out))
             train(small, train_data, args, args.recovery_steps, args.recovery_lr, seed=2000 + seed,
                   label=f"{method} to {keep}")
-            row["recovered"].append(evaluate(small, held_out))
+            row["recovered"].append(held_out_loss(small, held_out))
             row["mb"], error = export_and_check(small, probe)
             errors.append(error)
     worst = max(errors)

@@ -26,3 +26,13 @@ def windows(data: torch.Tensor, steps: int, batch: int, length: int, seed: int) 
     for _ in range(steps):
         start = torch.randint(0, len(data) - length - 1, (batch,), generator=g)
         yield torch.stack([data[s:s + length + 1] for s in start.tolist()])
+
+
+def held_out_loss(model, held_out: Sequence[torch.Tensor]) -> float:
+    """Mean next-byte cross-entropy (nats) of a causal LM over ``held_out`` batches of byte ids, in eval mode and
+    without gradients; the model is left in train mode."""
+    model.eval()
+    with torch.no_grad():
+        loss = sum(model(ids, labels=ids).loss.item() for ids in held_out) / len(held_out)
+    model.train()
+    return loss

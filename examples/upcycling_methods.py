@@ -33,7 +33,7 @@ import transformers  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import moefy  # noqa: E402
-from stdlib_text import stdlib_bytes, windows  # noqa: E402
+from stdlib_text import held_out_loss, stdlib_bytes, windows  # noqa: E402
 
 METHODS = {
     "copies + noise": dict(num_experts=8, k=2, expert_noise=0.1),
@@ -52,19 +52,11 @@ def build(args) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(cfg)
 
 
-def evaluate(model, held_out) -> float:
-    model.eval()
-    with torch.no_grad():
-        loss = sum(model(ids, labels=ids).loss.item() for ids in held_out) / len(held_out)
-    model.train()
-    return loss
-
-
 def train(model, data, args, steps: int, seed: int, held_out, label: str):
     """AdamW with a cosine schedule; the held-out loss at step 0 and every ``args.eval_every`` steps."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    curve = [(0, evaluate(model, held_out))]
+    curve = [(0, held_out_loss(model, held_out))]
     model.train()
     for step, ids in enumerate(tqdm(windows(data, steps, args.batch, args.length, seed), total=steps, desc=label,
                                     leave=False), start=1):
@@ -75,7 +67,7 @@ def train(model, data, args, steps: int, seed: int, held_out, label: str):
         opt.step()
         sched.step()
         if step % args.eval_every == 0 or step == steps:
-            curve.append((step, evaluate(model, held_out)))
+            curve.append((step, held_out_loss(model, held_out)))
     return curve
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from numbers import Integral, Real
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -99,29 +99,19 @@ def keep_counts(blocks: Mapping[str, MoEBlock], keep) -> Dict[str, int]:
 
 
 @torch.no_grad()
-def resize_block(block: MoEBlock, ids: Sequence[int], experts: Optional[Sequence[nn.Module]] = None,
-                 router_rows: Optional[torch.Tensor] = None) -> None:
-    """Keep experts ``ids`` of ``block`` (in that order), in place.
-
-    Args:
-        block: a MoEBlock that :func:`check_resizable` accepts.
-        ids: E₂ distinct expert indices in [0, E): whose router rows (and balancing counts) the new experts take.
-        experts: the E₂ new expert modules (merged ones); default: ``block.experts[i]`` for i in ``ids``.
-        router_rows: (E₂, D) gate rows for the new experts; default: the rows of ``ids``.
-    """
+def resize_block(block: MoEBlock, ids: Sequence[int]) -> None:
+    """Keep experts ``ids`` of ``block`` (in that order), with their router rows (gate, noise std, selection bias)
+    and balancing counts, in place; ``block`` is a MoEBlock that :func:`check_resizable` accepts, ``ids`` E₂
+    distinct expert indices in [0, E)."""
     E, E2 = block.num_experts, len(ids)
     if len(set(ids)) != E2 or not all(0 <= i < E for i in ids):
         raise ValueError(f"ids must be distinct expert indices in [0, {E}), got {list(ids)}")
-    new_experts = list(experts) if experts is not None else [block.experts[i] for i in ids]
-    if len(new_experts) != E2:
-        raise ValueError(f"experts: {len(new_experts)} modules for {E2} ids")
+    new_experts = [block.experts[i] for i in ids]
     columns = block.config.check_columns(E2)                 # validates k, groups before anything changes
     rows = torch.tensor(list(ids) + list(range(E, block.num_columns)), dtype=torch.long)  # (E₂',) kept columns
     router = block.router
     gate = router.gate
     weight = gate.weight.index_select(0, rows.to(gate.weight.device))
-    if router_rows is not None:
-        weight[:E2] = router_rows.to(weight)
     _set_param(gate, "weight", weight)
     if gate.bias is not None:
         _set_param(gate, "bias", gate.bias.index_select(0, rows.to(gate.bias.device)))
@@ -139,15 +129,13 @@ def resize_block(block: MoEBlock, ids: Sequence[int], experts: Optional[Sequence
 
     block.experts = nn.ModuleList(new_experts)
     block.num_experts, block.num_columns = E2, columns
-    block._fused_layout = fused_layout(block.experts) if block.config.fused else None
-    if block.config.fused and block._fused_layout is None:
-        raise ValueError("fused=True: the resized experts are no longer identical Linear / MLP experts")
+    block._fused_layout = fused_layout(block.experts) if block.config.fused else None  # a subset of a fused set
     block._looped = LoopedExperts(block.experts)
     block._fused = FusedExperts(block.experts, block._fused_layout) if block._fused_layout else None
     for i, expert in enumerate(block.experts):
         expert.expert_id = i
         expert.mixture_id = block.moe_name
-    block.routing, block.aux_losses = None, {}
+    block.routing, block.aux_losses, block.aux_loss = None, {}, torch.zeros(())  # the last forward's, stale
 
 
 def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
