@@ -545,15 +545,15 @@ def test_data_and_methods_that_cannot_score_are_named():
     assert_unchanged(model, state)
 
 
-def test_a_family_routed_block_refuses_prune_and_merge():
+def test_a_family_routed_block_with_null_experts_refuses_prune_and_merge():
     pytest.importorskip("transformers")
     from hf_moe_families import tiny_input_ids, tiny_model
-    model = moefy.hf.from_hf(copy.deepcopy(tiny_model("ernie4_5_moe")))
+    model = moefy.hf.from_hf(copy.deepcopy(tiny_model("longcat_flash")))
     data = [{"input_ids": tiny_input_ids()}]
     scores = expert_scores(model, data, "reap")
     state = state_of(model)
-    match = (r"model.layers.1.mlp.experts: a family-routed block \(Ernie4_5_MoeSparseMoeBlock keeps its own router "
-             r"Ernie4_5_MoeTopKRouter\); prune / merge need a router moefy holds")
+    match = (r"model.layers.0.mlp.experts: LongcatFlashMoE routes to null experts \(longcat zero experts\) that its "
+             r"router adds after the real ones; prune / merge do not resize it")
     with pytest.raises(ValueError, match=match):
         prune_experts(model, 4, scores)
     with pytest.raises(ValueError, match=match):

@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from ..checks import check_choice, check_int, check_tensor
+from ..hf.generic import HFExpertsBlock
 from .calibrate import calibrate, named_blocks
+from .family import merge_family_rows
 from .prune import check_scores
-from .resize import check_resizable, keep_counts, resize_block, sync_hf_config
+from .resize import check_resizable, check_resize, expert_groups, keep_counts, resize, sync_hf_config
 
 __all__ = ["MERGE_METHODS", "merge_experts", "cluster_experts", "average_state"]
 
@@ -70,6 +72,14 @@ def _average_linkage(features: torch.Tensor, n_clusters: int) -> List[List[int]]
     return [m for m in members if m]
 
 
+def _weights(frequency: torch.Tensor, method: str) -> List[float]:
+    """A group's merge weights: its frequencies normalised (``"frequency_weighted"``; uniform when all are 0), or
+    uniform (``"average"``)."""
+    if method == "average" or frequency.sum() == 0:
+        return [1.0 / len(frequency)] * len(frequency)
+    return (frequency / frequency.sum()).tolist()
+
+
 @torch.no_grad()
 def average_state(modules: Sequence[nn.Module], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
     """``Σ_i weights[i] · modules[i].state_dict()`` for the floating entries (computed in float64, stored in each
@@ -109,6 +119,7 @@ def merge_experts(model: nn.Module, keep, scores: Mapping[str, torch.Tensor], da
     """
     check_choice(method, "method", MERGE_METHODS)
     blocks = named_blocks(model)
+    before = {name: block.num_experts for name, block in blocks.items()}
     counts = keep_counts(blocks, keep)
     scores = check_scores(blocks, scores)
     for name, block in blocks.items():
@@ -121,21 +132,21 @@ def merge_experts(model: nn.Module, keep, scores: Mapping[str, torch.Tensor], da
     plans = {}
     for name, block in blocks.items():
         s = stats[name]
-        groups = cluster_experts(s.output_sum / s.tokens, counts[name], block.config.n_group)
-        merged, dominants = [], []
-        for group in groups:
-            dominant = max(group, key=lambda i: (float(scores[name][i]), -i))
-            freq = s.frequency[group]
-            weights = [1.0 / len(group)] * len(group) if method == "average" or freq.sum() == 0 else \
-                (freq / freq.sum()).tolist()
-            merged.append(None if len(group) == 1 else average_state([block.experts[i] for i in group], weights))
-            dominants.append(dominant)
-        plans[name] = (groups, dominants, merged)
+        groups = cluster_experts(s.output_sum / s.tokens, counts[name], expert_groups(block))
+        dominants = [max(group, key=lambda i: (float(scores[name][i]), -i)) for group in groups]
+        weights = [_weights(s.frequency[group], method) for group in groups]
+        family = isinstance(block, HFExpertsBlock)  # its experts are rows of the family's stacked tensors
+        merged = [None if len(group) == 1 or family else average_state([block.experts[i] for i in group], w)
+                  for group, w in zip(groups, weights)]
+        check_resize(model, name, block, dominants)
+        plans[name] = (groups, dominants, weights, merged)
     for name, block in blocks.items():  # every block planned (and every error raised) before any changes
-        groups, dominants, merged = plans[name]
+        groups, dominants, weights, merged = plans[name]
+        if isinstance(block, HFExpertsBlock):
+            merge_family_rows(block, groups, weights, dominants)
         for dominant, state in zip(dominants, merged):
             if state is not None:  # in place: the dominant expert's parameters keep their identity
                 block.experts[dominant].load_state_dict(state)
-        resize_block(block, dominants)
-    sync_hf_config(model, blocks)
+        resize(model, name, block, dominants)
+    sync_hf_config(model, blocks, before)
     return {name: plan[0] for name, plan in plans.items()}

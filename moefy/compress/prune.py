@@ -8,7 +8,7 @@ from torch import nn
 
 from ..block import MoEBlock
 from .calibrate import named_blocks
-from .resize import check_resizable, keep_counts, resize_block, sync_hf_config
+from .resize import check_resizable, check_resize, expert_groups, keep_counts, resize, sync_hf_config
 
 __all__ = ["prune_experts", "check_scores", "top_experts"]
 
@@ -61,7 +61,8 @@ def prune_experts(model: nn.Module, keep, scores: Mapping[str, torch.Tensor]) ->
     :func:`moefy.hf.export` / ``save_pretrained`` write the smaller architecture.
 
     Args:
-        model: a moefied model or one imported by :func:`moefy.hf.from_hf` (a RoutingConfig family).
+        model: a moefied model or one imported by :func:`moefy.hf.from_hf` (a RoutingConfig family, or a
+            family-routed one whose router passes :mod:`moefy.compress.family`'s check).
         keep: experts to keep per block: an int, a fraction in (0, 1] of each block's E, ``{block name: int}``,
             or a list of ints (one per block, in module order). Each must be in [k, E]; with ``n_group`` groups a
             multiple of n_group (that many per group are kept).
@@ -74,12 +75,15 @@ def prune_experts(model: nn.Module, keep, scores: Mapping[str, torch.Tensor]) ->
             cannot resize (family-routed, expert-parallel, a PEFT-wrapped router). Nothing is changed then.
     """
     blocks = named_blocks(model)
+    before = {name: block.num_experts for name, block in blocks.items()}
     counts = keep_counts(blocks, keep)
     scores = check_scores(blocks, scores)
     for name, block in blocks.items():
         check_resizable(name, block)
-    kept = {name: top_experts(scores[name], counts[name], block.config.n_group) for name, block in blocks.items()}
+    kept = {name: top_experts(scores[name], counts[name], expert_groups(block)) for name, block in blocks.items()}
     for name, block in blocks.items():
-        resize_block(block, kept[name])
-    sync_hf_config(model, blocks)
+        check_resize(model, name, block, kept[name])
+    for name, block in blocks.items():
+        resize(model, name, block, kept[name])
+    sync_hf_config(model, blocks, before)
     return kept

@@ -19,27 +19,31 @@ from torch import nn
 from ..block import MoEBlock
 from ..dispatch.experts import FusedExperts, LoopedExperts
 from ..dispatch.fused import fused_layout
+from ..hf.families import FAMILIES
+from ..hf.generic import HFExpertsBlock
 from ..wrappers import plain_linear
+from .family import check_family_block, check_family_keep, check_restricted, family_groups, resize_family_block
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["keep_counts", "resize_block", "check_resizable", "sync_hf_config"]
+__all__ = ["keep_counts", "resize_block", "resize", "check_resize", "check_resizable", "expert_groups",
+           "sync_hf_config"]
+
+
+# a transformers config's fields for the number of routed experts (families name it differently)
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
 
 
 def check_resizable(name: str, block: MoEBlock) -> None:
     """ValueError naming ``name`` where moefy cannot change ``block``'s experts: a family-routed block (its router
     is the family's module), experts sharded over ranks, a wrapped router gate (PEFT), a replay in progress."""
-    from ..hf.generic import HFExpertsBlock  # moefy.hf imports transformers lazily; this module does not
     where = name or "model"
-    if isinstance(block, HFExpertsBlock):
-        raise ValueError(f"{where}: a family-routed block ({block.source} keeps its own router "
-                         f"{block.router.source}); prune / merge need a router moefy holds: families mapped onto a "
-                         f"RoutingConfig (moefy.hf.from_hf of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) or "
-                         f"moefy() mixtures")
     if block.parallel is not None:
         raise ValueError(f"{where}: its experts are sharded over ranks (expert_parallel); compress the full "
                          f"model (moefy.full_state_dict) on one process")
-    if not plain_linear(block.router.gate):
+    if _family_routed(block):
+        check_family_block(where, block)
+    elif not plain_linear(block.router.gate):
         raise ValueError(f"{where}.router.gate is a {type(block.router.gate).__name__} (a PEFT adapter, hooks or a "
                          f"parametrization): its rows cannot be selected; merge or remove it first "
                          f"(peft_model.merge_and_unload())")
@@ -82,7 +86,7 @@ def keep_counts(blocks: Mapping[str, MoEBlock], keep) -> Dict[str, int]:
             raise ValueError(f"keep={int(n)} for {name or 'model'}: must be in [{low}, {block.num_experts}] (its k="
                              f"{block.k} experts per token, E={block.num_experts} experts); a block cannot keep "
                              f"fewer experts than it picks per token")
-        groups = block.config.n_group
+        groups = expert_groups(block)
         if groups > 1 and n % groups:
             raise ValueError(f"keep={int(n)} for {name or 'model'}: its router picks in n_group={groups} groups of "
                              f"experts; keep a multiple of {groups} (the same number in every group)")
@@ -92,10 +96,45 @@ def keep_counts(blocks: Mapping[str, MoEBlock], keep) -> Dict[str, int]:
                              f"granularity={granularity} (moefy.save records it); keep a multiple of {granularity}")
         try:  # k must also fit in the kept groups: checked for every block before any block is resized
             block.config.check_columns(int(n))
+            if _family_routed(block):
+                check_family_keep(block, int(n))
         except ValueError as err:
             raise ValueError(f"keep={int(n)} for {name or 'model'}: {err}") from None
         counts[name] = int(n)
+    family_counts = {n: c for n, c in counts.items() if _family_routed(blocks[n])}
+    if len(set(family_counts.values())) > 1:
+        raise ValueError(f"keep: family-routed blocks must keep the same number in every layer (got "
+                         f"{family_counts}): their model's config has one expert count, which its own class, its "
+                         f"save_pretrained and moefy.hf.export build every layer with")
     return counts
+
+
+def _family_routed(block: MoEBlock) -> bool:
+    return isinstance(block, HFExpertsBlock)
+
+
+def expert_groups(block: MoEBlock) -> int:
+    """The number of expert groups ``block``'s router picks in (``n_group``; a family router's own)."""
+    return family_groups(block) if _family_routed(block) else block.config.n_group
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+def check_resize(model: nn.Module, name: str, block: MoEBlock, ids: Sequence[int]) -> None:
+    """Before anything changes: a family-routed block must route, with experts ``ids`` only, as its router
+    restricted to them (:mod:`moefy.compress.family`; ValueError naming ``name`` otherwise). Other blocks: no-op."""
+    if _family_routed(block):
+        check_restricted(_parent(model, name), block, ids, name or "model")
+
+
+def resize(model: nn.Module, name: str, block: MoEBlock, ids: Sequence[int]) -> None:
+    """Keep experts ``ids`` of ``model``'s block ``name``, in place (after :func:`check_resize`)."""
+    if _family_routed(block):
+        resize_family_block(_parent(model, name), block, ids)
+    else:
+        resize_block(block, ids)
 
 
 @torch.no_grad()
@@ -144,25 +183,30 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
     getattr(module, name).data = value.contiguous()
 
 
-def sync_hf_config(model: nn.Module, blocks: Mapping[str, MoEBlock]) -> None:
-    """Set a transformers model's expert count (``config.num_experts``, ``num_local_experts``, ... as its family
-    names it) to its blocks' E, so ``save_pretrained`` / :func:`moefy.hf.export` write the smaller architecture.
-    Blocks of different sizes set it to the largest, with a warning: the architecture has one count per model, so
-    :func:`moefy.hf.export` refuses the model naming each layer's count, while :func:`moefy.save` /
+def sync_hf_config(model: nn.Module, blocks: Mapping[str, MoEBlock], before: Mapping[str, int]) -> None:
+    """Set a transformers model's expert count to its blocks' E (the blocks had ``before`` {name: E} experts), so
+    ``save_pretrained`` / :func:`moefy.hf.export` write the smaller architecture: the field its family names
+    (``num_experts``, ``num_local_experts``, ...; for a family-routed model every such field that held the old
+    count). Blocks of different sizes set it to the largest, with a warning: the architecture has one count per
+    model, so :func:`moefy.hf.export` refuses the model naming each layer's count, while :func:`moefy.save` /
     ``save_pretrained`` and :func:`moefy.hf.load` keep each block's own count. A model of another kind is left as
     it is."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
         return
-    from ..hf.families import FAMILIES
     family = FAMILIES.get(model_type)
-    if family is None or not hasattr(config, family.num_experts):
+    old = set(before.values())
+    fields = [family.num_experts] if family is not None else [
+        f for f in EXPERT_COUNT_FIELDS if getattr(config, f, None) in old and not isinstance(getattr(config, f), bool)]
+    fields = [f for f in fields if hasattr(config, f)]
+    if not fields:
         return
     sizes = {name: b.num_experts for name, b in blocks.items()}
-    setattr(config, family.num_experts, max(sizes.values()))
+    for field in fields:
+        setattr(config, field, max(sizes.values()))
     if len(set(sizes.values())) > 1:
         logger.warning("moefy.compress: the MoE blocks now have different expert counts (%s); config.%s is the "
                        "largest, %d: moefy.save and moefy.hf.load keep each block's count, moefy.hf.export refuses "
                        "the model (%s has one count per model)", ", ".join(f"{n}: {e}" for n, e in sizes.items()),
-                       family.num_experts, max(sizes.values()), family.name)
+                       fields[0], max(sizes.values()), type(model).__name__)
