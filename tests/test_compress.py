@@ -13,11 +13,13 @@
 - Bad arguments raise ValueError naming them, and leave the model as it was.
 """
 import copy
+import logging
 import math
 import pickle
 
 import pytest
 import torch
+from torch import nn
 
 import moefy
 from conftest import ResidualMLPNet
@@ -559,3 +561,28 @@ def test_a_family_routed_block_with_null_experts_refuses_prune_and_merge():
     with pytest.raises(ValueError, match=match):
         merge_experts(model, 4, scores, data)
     assert_unchanged(model, state)
+
+
+class _OwnDispatch(MoEBlock):
+    """A block whose dispatch override computes its experts without the execution seam."""
+
+    def expert_forward(self, expert, x):
+        return expert(x)
+
+    def dispatch(self, rows, routing, run_expert=None):
+        return torch.zeros_like(rows)
+
+
+def test_experts_run_outside_the_seam_are_refused_not_scored_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _OwnDispatch([nn.Linear(4, 4) for _ in range(4)], 4, k=2))
+    with pytest.raises(ValueError, match=r"_OwnDispatch.dispatch runs its experts without moefy's execution seam"):
+        expert_scores(model, [torch.randn(3, 4)], "frequency")
+    assert "dispatch" not in model[1].__dict__ and "_execution" not in model[1].__dict__  # the observers are gone
+
+
+def test_a_block_the_data_does_not_reach_is_named_in_a_warning(caplog):
+    model = FirstBlocks()
+    with caplog.at_level(logging.WARNING, logger="moefy.compress"):
+        expert_scores(model, [(batches(1)[0], 1)], "frequency")
+    assert "the calibration data reached no token of blocks ['net.blocks.1']: their experts score 0" in caplog.text

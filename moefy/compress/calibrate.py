@@ -10,6 +10,7 @@ Shapes: E experts of a block, A assignments in one forward, F_out an expert's ou
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
 
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from ..block import MoEBlock
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ExpertStats", "calibrate", "named_blocks", "run_batch"]
 
@@ -79,6 +82,7 @@ class _Observer:
 
     def __init__(self, block: MoEBlock, stats: ExpertStats, outputs: bool):
         self.block, self.stats, self.outputs = block, stats, outputs
+        self.seam_calls = 0
         self.dispatch, self.execution = block.dispatch, block._execution  # the class's, bound
         block.__dict__.update(dispatch=self._dispatch, _execution=self._execution)
 
@@ -90,13 +94,18 @@ class _Observer:
         seam = self.execution(rows, side_inputs)
 
         def observed(rows_a, token_index, routing, run_expert):
+            self.seam_calls += 1
             out = seam(rows_a, token_index, routing, run_expert)        # (A, *F_out)
             self._add_assignments(out, routing)
             return out
         return observed
 
     def _dispatch(self, rows: torch.Tensor, routing, run_expert=None) -> torch.Tensor:
+        calls = self.seam_calls
         y = self.dispatch(rows, routing, run_expert)
+        if self.seam_calls == calls:  # a dispatch override that runs the experts itself: its outputs are unseen
+            raise ValueError(f"{self.block.moe_name}: {type(self.block).__name__}.dispatch runs its experts without "
+                             f"moefy's execution seam (block._execution), so moefy.compress cannot see their outputs")
         self._add_tokens(rows, routing, run_expert)
         return y
 
@@ -167,7 +176,11 @@ def calibrate(model: nn.Module, data: Iterable[Any], outputs: bool = False) -> D
             m.training = mode
     if batches == 0:
         raise ValueError("data: no batch to calibrate on (an empty iterable)")
-    if all(s.tokens == 0 for s in stats.values()):
+    unreached = [name for name, s in stats.items() if s.tokens == 0]
+    if len(unreached) == len(stats):
         raise ValueError(f"data: {batches} batches reached no MoE block of the model (blocks: {list(blocks)}); pass "
                          f"inputs that the model's forward routes through its mixtures")
+    if unreached:
+        logger.warning("moefy.compress: the calibration data reached no token of blocks %s: their experts score 0",
+                       unreached)
     return stats
