@@ -105,3 +105,32 @@ def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path, caplog):
     # in distributed training Trainer may call save_pretrained on every process: only the main one writes
     model.save_pretrained(tmp_path / "other_rank", is_main_process=False)
     assert not (tmp_path / "other_rank").exists()
+
+
+def _family_routed():
+    """A tiny GPT-OSS imported by from_hf with its own routers kept (moefy.hf.generic), its experts trained."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                       num_experts_per_tok=2, max_position_embeddings=LENGTH, sliding_window=LENGTH,
+                                       layer_types=["full_attention"] * 2)
+    return moefy.hf.from_hf(transformers.GptOssForCausalLM(config))
+
+
+def test_a_family_routed_model_resumes_its_experts_from_a_checkpoint(tmp_path, caplog):
+    """save_pretrained writes the family's layout (the experts at their own place); Trainer resumes with
+    load_state_dict(strict=False), which used to skip every expert (a warning) and train on from stale experts."""
+    whole = _family_routed()
+    _trainer(whole, tmp_path / "whole").train()
+    resumed = _family_routed()
+    with torch.no_grad():
+        for p in resumed.parameters():
+            p.add_(1.0)
+    with caplog.at_level(logging.WARNING):
+        _trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert "keys" not in caplog.text
+    _assert_same(_weights(resumed), _weights(whole))
+    # the family's layout loads strictly, as the blocks' own does
+    fresh = _family_routed()
+    fresh.load_state_dict(moefy.hf.generic.family_state_dict(whole), strict=True)
+    _assert_same(_weights(fresh), _weights(whole))

@@ -292,7 +292,16 @@ class HFExpertsBlock(MoEBlock):
     def _run_stacked(self, rows: torch.Tensor, token_index: torch.Tensor, routing: Routing, run_expert) -> torch.Tensor:
         return stacked_rows(self.hf_experts, rows, routing)
 
-    # ---------------------------------------------------------------------------- copies
+    # ---------------------------------------------------------------------------- copies and checkpoints
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """A state dict in the family's layout (what ``save_pretrained`` writes, :func:`family_state_dict`: what a
+        Trainer resumes from, with ``load_state_dict(strict=False)``) holds the experts module's tensors at this
+        block's place: they load into ``hf_experts``, as the blocks' own layout does, instead of being skipped."""
+        for name, _ in [*self.hf_experts.named_parameters(), *self.hf_experts.named_buffers()]:
+            if prefix + name in state_dict and prefix + "hf_experts." + name not in state_dict:
+                state_dict[prefix + "hf_experts." + name] = state_dict.pop(prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.update(_router_out=None, _tokens_shape=None)  # the last forward's, with its graph
