@@ -22,7 +22,8 @@ from ..dispatch.fused import fused_layout
 from ..hf.families import FAMILIES
 from ..hf.generic import HFExpertsBlock
 from ..wrappers import plain_linear
-from .family import check_family_block, check_family_keep, check_restricted, family_groups, resize_family_block
+from .family import (_set_counts, check_family_block, check_family_keep, check_restricted, family_groups,
+                     resize_family_block)
 
 logger = logging.getLogger(__name__)
 
@@ -189,14 +190,18 @@ def sync_hf_config(model: nn.Module, blocks: Mapping[str, MoEBlock], before: Map
     (``num_experts``, ``num_local_experts``, ...; for a family-routed model every such field that held the old
     count). Blocks of different sizes set it to the largest, with a warning: the architecture has one count per
     model, so :func:`moefy.hf.export` refuses the model naming each layer's count, while :func:`moefy.save` /
-    ``save_pretrained`` and :func:`moefy.hf.load` keep each block's own count. A model of another kind is left as
-    it is."""
+    ``save_pretrained`` and :func:`moefy.hf.load` keep each block's own count. A family-routed model's modules
+    (the model's own ``num_experts``, which its router-logit aux loss one-hots with) follow its blocks' count. A
+    model of another kind is left as it is."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
         return
     family = FAMILIES.get(model_type)
     old = set(before.values())
+    routed = [b for b in blocks.values() if _family_routed(b)]
+    if routed and len(old) == 1:  # the family's modules outside the blocks keep the count too (the model's own
+        _set_counts(model, next(iter(old)), routed[0].num_experts)  # num_experts: its router-logit aux loss)
     fields = [family.num_experts] if family is not None else [
         f for f in EXPERT_COUNT_FIELDS if getattr(config, f, None) in old and not isinstance(getattr(config, f), bool)]
     fields = [f for f in fields if hasattr(config, f)]
