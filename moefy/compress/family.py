@@ -28,7 +28,8 @@ from torch.overrides import TorchFunctionMode
 from ..dispatch.experts import LoopedExperts
 from ..hf.generic import ExpertSlot
 
-__all__ = ["check_family_block", "check_family_keep", "check_restricted", "family_groups", "resize_family_block", "merge_family_rows"]
+__all__ = ["check_family_block", "check_family_keep", "check_restricted", "family_groups", "resize_family_block",
+           "merge_family_rows", "set_expert_counts"]
 
 COUNT_NAMES = ("num_experts", "n_routed_experts", "num_routed_experts", "num_local_experts", "moe_num_experts")
 TOKENS = 64
@@ -93,7 +94,8 @@ def _slice(module: nn.Module, E: int, ids: torch.Tensor, recurse: bool = True) -
                 owner._buffers[name] = new.contiguous()
 
 
-def _set_counts(module: nn.Module, E: int, E2: int, names: Sequence[str] = COUNT_NAMES) -> None:
+def set_expert_counts(module: nn.Module, E: int, E2: int, names: Sequence[str] = COUNT_NAMES) -> None:
+    """Every expert-count attribute (``names``) of ``module`` and its submodules that holds E becomes E2."""
     for m in module.modules():
         for name in names:
             value = m.__dict__.get(name)
@@ -108,8 +110,8 @@ def _slice_family(parent: nn.Module, block, ids: Sequence[int]) -> None:
     _slice(block._family_router, E, index)
     _slice(block.hf_experts, E, index)
     _slice(parent, E, index, recurse=False)  # the family block's own: AFMoE's, LFM2-MoE's expert_bias
-    _set_counts(parent, E, E2)  # the router is the family's module, the experts one of the block's: both inside
-    _set_counts(block._family_router, E, E2, COUNT_NAMES + ("out_features",))  # PhiMoE's router is a Linear
+    set_expert_counts(parent, E, E2)  # the family's router and the block's experts are both inside it
+    set_expert_counts(block._family_router, E, E2, COUNT_NAMES + ("out_features",))  # PhiMoE's router is a Linear
     block.experts = nn.ModuleList([ExpertSlot(i) for i in range(E2)])
     block.num_experts, block.num_columns = E2, block.config.check_columns(E2)
     block._fused_layout, block._fused = None, None

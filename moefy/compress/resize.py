@@ -22,8 +22,8 @@ from ..dispatch.fused import fused_layout
 from ..hf.families import FAMILIES
 from ..hf.generic import HFExpertsBlock
 from ..wrappers import plain_linear
-from .family import (_set_counts, check_family_block, check_family_keep, check_restricted, family_groups,
-                     resize_family_block)
+from .family import (check_family_block, check_family_keep, check_restricted, family_groups, resize_family_block,
+                     set_expert_counts)
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def sync_hf_config(model: nn.Module, blocks: Mapping[str, MoEBlock], before: Map
     old = set(before.values())
     routed = [b for b in blocks.values() if _family_routed(b)]
     if routed and len(old) == 1:  # the family's modules outside the blocks keep the count too (the model's own
-        _set_counts(model, next(iter(old)), routed[0].num_experts)  # num_experts: its router-logit aux loss)
+        set_expert_counts(model, next(iter(old)), routed[0].num_experts)  # num_experts: its router-logit aux loss)
     fields = [family.num_experts] if family is not None else [
         f for f in EXPERT_COUNT_FIELDS if getattr(config, f, None) in old and not isinstance(getattr(config, f), bool)]
     fields = [f for f in fields if hasattr(config, f)]
