@@ -430,3 +430,16 @@ def test_families_that_prune_and_merge():
     assert set(NOT_IMPORTED) | set(REFUSED) | set(GROUP_LIMITED_K4) <= set(families())
     works = set(families()) - set(NOT_IMPORTED) - set(REFUSED)
     assert (len(families()), len(NOT_IMPORTED), len(REFUSED), len(works)) == (62, 3, 7, 52)
+
+
+def test_a_model_in_training_mode_with_router_jitter_prunes():
+    """The check runs its copies in eval mode: PhiMoE's training-time jitter (random per call) used to make the two
+    copies differ, and the prune was refused."""
+    model = imported("phimoe")
+    for module in model.modules():
+        if hasattr(module, "jitter_noise"):
+            module.jitter_noise = 0.1
+    model.train()
+    kept = prune_experts(model, 6, expert_scores(model, [tiny_input_ids()], "reap"))
+    assert model.training and all(len(ids) == 6 for ids in kept.values())
+    assert model.config.num_local_experts == 6

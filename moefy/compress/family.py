@@ -154,7 +154,7 @@ def _first_tensor(out):
 def check_restricted(parent: nn.Module, block, ids: Sequence[int], where: str) -> None:
     """On copies of ``parent``: sliced (E₂ experts) vs restricted (E experts, removed ones unreachable)."""
     inside = _find(parent, block)
-    sliced, restricted = copy.deepcopy(parent), copy.deepcopy(parent)
+    sliced, restricted = copy.deepcopy(parent).eval(), copy.deepcopy(parent).eval()  # no jitter, no dropout
     _slice_family(sliced, sliced.get_submodule(inside), ids)
     other = restricted.get_submodule(inside)
     E = block.num_experts
