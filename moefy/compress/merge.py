@@ -21,10 +21,10 @@ from torch import nn
 
 from ..checks import check_choice, check_int, check_tensor
 from ..hf.generic import HFExpertsBlock
-from .calibrate import calibrate, named_blocks
+from .calibrate import calibrate
 from .family import merge_family_rows
-from .prune import check_scores
-from .resize import check_resizable, check_resize, expert_groups, keep_counts, resize, sync_hf_config
+from .prune import prepare
+from .resize import check_resize, expert_groups, resize, sync_hf_config
 
 __all__ = ["MERGE_METHODS", "merge_experts", "cluster_experts", "average_state"]
 
@@ -118,12 +118,7 @@ def merge_experts(model: nn.Module, keep, scores: Mapping[str, torch.Tensor], da
             in one group, a block that ``data`` does not reach. Nothing is changed then.
     """
     check_choice(method, "method", MERGE_METHODS)
-    blocks = named_blocks(model)
-    before = {name: block.num_experts for name, block in blocks.items()}
-    counts = keep_counts(blocks, keep)
-    scores = check_scores(blocks, scores)
-    for name, block in blocks.items():
-        check_resizable(name, block)
+    blocks, before, counts, scores = prepare(model, keep, scores)
     stats = calibrate(model, data, outputs=True)
     unreached = [name for name, s in stats.items() if s.tokens == 0]
     if unreached:

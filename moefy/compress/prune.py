@@ -10,7 +10,7 @@ from ..block import MoEBlock
 from .calibrate import named_blocks
 from .resize import check_resizable, check_resize, expert_groups, keep_counts, resize, sync_hf_config
 
-__all__ = ["prune_experts", "check_scores", "top_experts"]
+__all__ = ["prune_experts", "check_scores", "top_experts", "prepare"]
 
 
 def check_scores(blocks: Mapping[str, MoEBlock], scores) -> Dict[str, torch.Tensor]:
@@ -36,6 +36,18 @@ def check_scores(blocks: Mapping[str, MoEBlock], scores) -> Dict[str, torch.Tens
             raise ValueError(f"scores[{name!r}] has non-finite values; scores must be finite")
         out[name] = s
     return out
+
+
+def prepare(model: nn.Module, keep, scores):
+    """``(blocks, expert counts now, counts to keep, checked scores)`` of ``model``, every argument checked and
+    every block found resizable before anything changes."""
+    blocks = named_blocks(model)
+    before = {name: block.num_experts for name, block in blocks.items()}
+    counts = keep_counts(blocks, keep)
+    scores = check_scores(blocks, scores)
+    for name, block in blocks.items():
+        check_resizable(name, block)
+    return blocks, before, counts, scores
 
 
 def top_experts(scores: torch.Tensor, keep: int, n_group: int = 1) -> List[int]:
@@ -72,14 +84,10 @@ def prune_experts(model: nn.Module, keep, scores: Mapping[str, torch.Tensor]) ->
         ``{block name: the old indices of the kept experts}``.
     Raises:
         ValueError: a ``keep`` outside [k, E], ``scores`` that do not match the model's blocks, a block moefy
-            cannot resize (family-routed, expert-parallel, a PEFT-wrapped router). Nothing is changed then.
+            cannot resize (expert-parallel, a PEFT-wrapped router, a family-routed one that fails
+            :mod:`moefy.compress.family`'s check). Nothing is changed then.
     """
-    blocks = named_blocks(model)
-    before = {name: block.num_experts for name, block in blocks.items()}
-    counts = keep_counts(blocks, keep)
-    scores = check_scores(blocks, scores)
-    for name, block in blocks.items():
-        check_resizable(name, block)
+    blocks, before, counts, scores = prepare(model, keep, scores)
     kept = {name: top_experts(scores[name], counts[name], expert_groups(block)) for name, block in blocks.items()}
     for name, block in blocks.items():
         check_resize(model, name, block, kept[name])
