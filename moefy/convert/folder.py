@@ -214,6 +214,9 @@ def _conversion(i: int, entry: Any, path: str) -> Conversion:
     conversion = Conversion(i, _module_path(entry["path"], path, f"{field}.path"), cls,
                             _routing_config(entry["config"], path, f"{field}.config"))
     if expected is not _MIXTURE_FIELDS:
+        for name, allowed in RECORDED[cls].choices.items():
+            if entry[name] not in allowed:
+                raise bad(path, f"{field}.{name}", f"{_short(entry[name])}; allowed: one of {list(allowed)}")
         conversion.fields = {name: entry[name] for name in RECORDED[cls].fields}
         return conversion
     conversion.num_experts = _check_int(entry["num_experts"], path, f"{field}.num_experts", 1)

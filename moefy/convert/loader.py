@@ -3,9 +3,9 @@ leaves the base model as it was.
 
 Everything is checked before the base is touched: ``moefy.json`` and the weights file's header
 (:mod:`moefy.convert.folder`), each recorded size against the header (experts, shared experts, router columns,
-input size), then the conversions on a copy of the base on the meta device (no memory) against every key and shape
-of the header, then the weights' data. Only then is the base converted (each replaced submodule put back if
-anything still fails) and loaded.
+input size, a family-routed block's stacked experts), then the conversions on a copy of the base on the meta device
+(no memory) against every key and shape of the header, then the weights' data. Only then is the base converted
+(each replaced submodule put back if anything still fails) and loaded.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .folder import Conversion, Header, Meta, bad, read_header, read_meta, read_tensors
-from .recorded import RECORDED
+from .recorded import RECORDED, EntryMismatch
 from .surgery import _mixture, _set_submodule, moefy_chain
 from .writer import check_model, keep_save_pretrained
 
@@ -79,6 +79,9 @@ def _check_sizes(c: Conversion, plan_counts, header: Header, meta: Meta) -> int:
     weights hold at ``c.path``."""
     name = os.path.basename(header.path)
     prefix = c.path + "." if c.path else ""
+    stacked = RECORDED[c.cls].stacked if c.cls in RECORDED else None
+    if stacked is not None:
+        return _check_stacked(c, f"{prefix}{stacked}.", header, meta)
     router = header.tensors.get(prefix + "router.gate.weight")
     if router is None or len(router[1]) != 2:
         raise bad(meta.path, f"{c.field}.path", f"{name} holds no router at {c.path!r} "
@@ -112,6 +115,25 @@ def _check_sizes(c: Conversion, plan_counts, header: Header, meta: Meta) -> int:
     return held
 
 
+def _check_stacked(c: Conversion, prefix: str, header: Header, meta: Meta) -> int:
+    """The entry's ``num_experts`` of a block whose experts are stacked under ``prefix`` (a family-routed block: no
+    router of its own), against the weights' header: every tensor there has a multiple of that many rows."""
+    name = os.path.basename(header.path)
+    shapes = {k: shape for k, (_, shape) in header.tensors.items() if k.startswith(prefix)}
+    if not shapes:
+        raise bad(meta.path, f"{c.field}.path", f"{name} holds no stacked experts at {c.path!r} ({prefix}*); "
+                                                f"allowed: a path the weights hold")
+    experts = c.fields["num_experts"]  # an integer (read_meta checked the type)
+    if experts < 1:
+        raise bad(meta.path, f"{c.field}.num_experts", f"{experts}; allowed: an integer >= 1")
+    wrong = sorted(k for k, shape in shapes.items() if not shape or shape[0] % experts)
+    if wrong:
+        raise bad(meta.path, f"{c.field}.num_experts", f"{experts}, but {name} holds {wrong[0]} "
+                                                       f"{shapes[wrong[0]]}, not a multiple of {experts} rows; "
+                                                       f"allowed: the experts the weights stack there")
+    return experts
+
+
 def prepare(folder) -> Plan:
     """``folder``'s ``moefy.json`` and weights header, every field and recorded size checked; nothing built."""
     meta = read_meta(folder)
@@ -132,7 +154,11 @@ def _convert(model: nn.Module, c: Conversion, plan: Plan) -> nn.Module:
     try:
         if c.cls in RECORDED:
             model.get_submodule(c.path)
-            return RECORDED[c.cls].convert(model, c.path, c.config, plan.experts[c.index])
+            try:
+                return RECORDED[c.cls].convert(model, c.path, c.config, plan.experts[c.index], c.fields)
+            except EntryMismatch as err:
+                raise bad(meta.path, f"{c.field}.{err.field}", f"{err.problem}; pass the dense model this folder "
+                                                               f"was saved from") from None
         parent = model.get_submodule(c.chain[0]) if c.chain is not None and c.chain[0] else model
         dense = model.get_submodule(c.path) if c.path else model
     except AttributeError as err:
@@ -254,6 +280,9 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         raise
     if plan.meta.conversions:
         keep_save_pretrained(result)
+    for keep in dict.fromkeys(RECORDED[c.cls].save_pretrained for c in plan.meta.conversions if c.cls in RECORDED):
+        if keep is not None:  # e.g. a family-routed model's: the family's own layout, as from_hf gave it
+            keep(result)
     return result
 
 

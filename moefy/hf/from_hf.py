@@ -23,7 +23,8 @@ from ..convert.surgery import _set_submodule
 from ..convert.writer import keep_save_pretrained
 from .block import HFMoEBlock, unstack_experts
 from .families import FAMILIES, MoEFamily, transformers_module
-from .generic import import_family
+from .generic import (MATHS, HFExpertsBlock, convert_family_at, describe_family_block, import_family,
+                      keep_family_layout)
 
 logger = logging.getLogger(__name__)
 
@@ -165,4 +166,9 @@ def _guard_router_logits(model: nn.Module) -> None:
 
 
 # moefy.save records each HFMoEBlock; moefy.load converts the HF block at its path again
-register(RecordedBlock(HFMoEBlock, {"source": str}, lambda block: {"source": block.source}, convert_at))
+register(RecordedBlock(HFMoEBlock, {"source": str}, lambda block: {"source": block.source},
+                       lambda model, path, routing, num_experts, fields: convert_at(model, path, routing, num_experts)))
+# and each family-routed block: moefy.load replaces the family's experts module at its path again, its router kept
+register(RecordedBlock(HFExpertsBlock, {"source": str, "math": str, "num_experts": int}, describe_family_block,
+                       convert_family_at, choices={"math": MATHS}, stacked="hf_experts",
+                       save_pretrained=keep_family_layout))

@@ -24,6 +24,9 @@ run on the same random rows (two picks each, random weights); the import is refu
 The weights stay in the family's experts module, ``<block>.experts.hf_experts``: :func:`family_state_dict` is
 the model's state dict in the family's own layout, what ``model.save_pretrained`` (replaced on the model) and
 :func:`moefy.hf.export` write, so ``from_pretrained`` loads the original class with the same weights.
+:func:`moefy.save` records each block in ``moefy.json`` (path, config, ``source``, ``math``, ``num_experts``);
+:func:`moefy.load` / :func:`moefy.hf.load` replace the fresh base's experts modules again (:func:`convert_family_at`,
+with the recorded math: the probe does not run on the meta device), and the loaded model saves as above.
 
 Two families route to columns their experts never see, recorded as moefy's null experts: LongCat-Flash's zero
 experts (``w·x``, added by its own block) as ``"copy"`` columns, Zaya's skip expert as a ``"zero"`` column
@@ -43,16 +46,19 @@ from torch import nn
 
 from ..block import MoEBlock, moe_blocks
 from ..config import RoutingConfig
+from ..convert.recorded import EntryMismatch
 from ..dispatch.rows import kept_rows
 from ..fastpaths import set_plain_attribute
-from ..observe.hf_routing import HFMoELayer, _describe, hf_moe_layers
+from ..observe.hf_routing import (HFMoELayer, _describe, _router_specs, _special, _standard, hf_moe_layers,
+                                  is_hf_experts)
 from ..routing.record import Routing
 from ..routing.router import Router
 from ..routing.select import from_picks, with_capacity
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HFExpertsBlock", "import_family", "family_state_dict", "family_blocks", "NOT_IMPORTED", "OPTIONS"]
+__all__ = ["HFExpertsBlock", "import_family", "family_state_dict", "family_blocks", "NOT_IMPORTED", "OPTIONS",
+           "convert_family_at", "describe_family_block", "keep_family_layout", "MATHS"]
 
 # RoutingConfig options a family-routed block takes (the family's router decides everything else)
 OPTIONS = ("aux_criterion", "layer_id", "token_capacity_factor", "drop_policy")
@@ -67,6 +73,7 @@ NOT_IMPORTED = {
             "called with the picks",
 }
 READERS = ("experts call", "longcat zero experts", "zaya skip expert")
+MATHS = ("stacked", "call")  # how an HFExpertsBlock runs the family's experts (probe_math decides at import)
 _TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts", "top_k")
 
 
@@ -135,8 +142,8 @@ class HFExpertsBlock(MoEBlock):
     def __init__(self, hf_experts: nn.Module, router: nn.Module, router_index: int, dim: int, num_experts: int,
                  k: int, math: str, reader: str = "experts call", null_columns: Tuple[str, ...] = (), source: str = "",
                  input_module: Optional[nn.Module] = None, config: Optional[RoutingConfig] = None):
-        if math not in ("stacked", "call"):
-            raise ValueError(f"math must be 'stacked' or 'call', got {math!r}")
+        if math not in MATHS:
+            raise ValueError(f"math must be one of {MATHS}, got {math!r}")
         if reader not in READERS:
             raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
         nulls = {kind: null_columns.count(kind) for kind in dict.fromkeys(null_columns)} or None
@@ -530,10 +537,86 @@ def import_family(model: nn.Module, **options) -> nn.Module:
                                routing)
         block.train(layer.experts.training)
         setattr(layer.block, _child_name(layer.block, layer.experts), block)
-    if callable(getattr(type(model), "save_pretrained", None)):  # the family's layout, not the blocks'
-        model.save_pretrained = functools.partial(_save_pretrained, model)
+    keep_family_layout(model)
     logger.info("moefy.hf.from_hf: %d experts modules of %s -> HFExpertsBlock (family routers kept)", len(plan), what)
     return model
+
+
+# -------------------------------------------------------------------------------------------- moefy.save / load
+def describe_family_block(block: HFExpertsBlock) -> Dict[str, Any]:
+    """What ``moefy.json`` records of ``block`` besides its path and config: what :func:`convert_family_at` cannot
+    read from the base model without running its weights (``math``: the import's probe) and what it checks it
+    against (``source``, ``num_experts``)."""
+    return {"source": block.source, "math": block.math, "num_experts": block.num_experts}
+
+
+def _family_layer(model: nn.Module, path: str) -> HFMoELayer:
+    """The MoE layer of ``model`` whose experts module is ``model.<path>``, found as :func:`import_family` finds
+    it; :class:`EntryMismatch` on ``path`` where it is none."""
+    experts = model.get_submodule(path)
+    block_name, _, child = path.rpartition(".")
+    block = model.get_submodule(block_name)
+    what = (f"{path!r} is a {type(experts).__name__} in a {type(block).__name__}, not the experts module of a MoE "
+            f"block from_hf imports with its router kept (called as experts(hidden_states, top_k_index, "
+            f"top_k_weights))")
+    if not child or isinstance(experts, MoEBlock) or not is_hf_experts(experts):
+        raise EntryMismatch("path", what)
+    if _special(block_name, block, 0, block) is not None:  # Llama 4, JetMoE, Doge: NOT_IMPORTED
+        raise EntryMismatch("path", f"{what}: {type(block).__name__} is not imported")
+    layer = _standard(block_name, block, experts, _router_specs(model), 0)
+    if isinstance(layer, str):
+        raise EntryMismatch("path", f"{what}: {layer}")
+    return layer
+
+
+def convert_family_at(model: nn.Module, path: str, routing: RoutingConfig, num_experts: int,
+                      fields: Dict[str, Any]) -> HFExpertsBlock:
+    """Replace the family's experts module at ``path`` of ``model`` by an :class:`HFExpertsBlock`, in place, as
+    :func:`import_family` does (what :func:`moefy.load` re-applies from ``moefy.json``): with the recorded ``math``
+    (the import's probe runs the weights, which the loader's meta-device check has not) and ``routing``.
+
+    Args:
+        model: the base model (a fresh one of the saved class; on the meta device for the loader's check).
+        path: the experts module's path.
+        routing: the recorded config (``k``, null columns and ``route`` as the family's; :data:`OPTIONS`).
+        num_experts: E, the experts the weights hold there (the base's experts module must have as many).
+        fields: the recorded ``source`` (the family block's class), ``math``, ``num_experts``.
+    Raises:
+        EntryMismatch: the base model does not match the entry's ``path``, ``source``, ``num_experts``, ``math``
+            or ``config`` (nothing changed).
+    """
+    layer = _family_layer(model, path)
+    source = type(layer.block).__name__
+    if fields["source"] != source:
+        raise EntryMismatch("source", f"{fields['source']!r}, but {path!r} is the experts module of a {source}; "
+                                      f"allowed: {source!r}")
+    if layer.num_experts != num_experts:
+        raise EntryMismatch("num_experts", f"{num_experts}, but the base model's {source} at {path!r} has "
+                                           f"{layer.num_experts} experts")
+    if fields["math"] == "stacked" and not _has_stacked_math(layer.experts):
+        raise EntryMismatch("math", f"'stacked', but {type(layer.experts).__name__} at {path!r} has no stacked "
+                                    f"weights moefy runs; allowed: 'call'")
+    config = getattr(model, "config", None)
+    k, dim = _top_k(layer, config), _hidden_size(layer, config)
+    nulls = {kind: layer.null_columns.count(kind) for kind in dict.fromkeys(layer.null_columns)} or None
+    family = RoutingConfig.from_options(None, k=k, null_experts=nulls, route="tokens",
+                                        **{name: getattr(routing, name) for name in OPTIONS})
+    if family != routing:
+        raise EntryMismatch("config", f"{source} at {path!r} routes with its own router: k={k}, null_experts="
+                                      f"{nulls}, route='tokens', and only the options {list(OPTIONS)} of the "
+                                      f"recorded config apply; it records {routing.summary(num_experts)}")
+    block = HFExpertsBlock(layer.experts, layer.router, layer.router_index, dim, num_experts, k, fields["math"],
+                           layer.reader, layer.null_columns, source, layer.input_module, routing)
+    block.train(layer.experts.training)
+    setattr(layer.block, path.rpartition(".")[2], block)
+    return block
+
+
+def keep_family_layout(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write the family's own layout (:func:`family_state_dict`), so the folder
+    loads as the original class with ``from_pretrained``; a model without ``save_pretrained`` is left as it is."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = functools.partial(_save_pretrained, model)
 
 
 # -------------------------------------------------------------------------------------------- the family's layout

@@ -90,7 +90,10 @@ def _build(cls, config, path: str) -> nn.Module:
 
 def _named_sizes(err: ValueError, config: Dict[str, Any], plan: Plan, path: str) -> ValueError:
     """The config.json fields behind a size mismatch: those whose value the error names and the weights do not
-    hold (a vocab_size, a num_local_experts); the error itself where there is none."""
+    hold (a vocab_size, a num_local_experts); the error itself where there is none, or where it names a field of
+    moefy.json already."""
+    if str(err).startswith(f"{plan.meta.path}: "):
+        return err
     held = {d for _, shape in plan.header.tensors.values() for d in shape}
     said = {int(n) for n in re.findall(r"\d+", re.sub(r"\S*/\S*", "", str(err))) if len(n) < 20}  # no paths
     fields = [f for f, v in _int_fields(config) if v in said and v not in held and v > 1]
