@@ -287,3 +287,16 @@ def test_a_sigkill_at_random_points_of_saves(tmp_path):
     moefy.save(models[1], folder)
     assert _is(moefy.load(ResidualMLPNet(), folder), prints[1])
     assert sorted(os.listdir(folder)) == ["moefy.json", "moefy.safetensors"]
+
+
+def test_a_save_removes_what_safetensors_left_when_killed_inside_save_file(tmp_path):
+    """safetensors' save_file writes through a ``.tmpXXXXXX`` of its own in the folder; a kill inside it leaves that
+    file (as big as the weights), which the next save removes. Other hidden files are the user's: kept."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in (".tmpAb12Cd", ".tmp0xYz9Q"):  # what a SIGKILL inside save_file leaves
+        (folder / name).write_bytes(b"\0" * 64)
+    for name in (".tmpnotes.txt", ".tmp12345", "tmpAb12Cd"):  # not safetensors' pattern
+        (folder / name).write_bytes(b"mine")
+    moefy.save(_net(0, k=1), folder)
+    assert sorted(os.listdir(folder)) == [".tmp12345", ".tmpnotes.txt", "moefy.json", "moefy.safetensors", "tmpAb12Cd"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from typing import Callable, Iterable, List, Tuple
 
@@ -18,9 +19,15 @@ logger = logging.getLogger(__name__)
 TEMP_MARK = ".moefy-tmp-"
 
 
+# safetensors' save_file writes through a temporary file of its own in the target's folder (Rust's tempfile:
+# ".tmp" + 6 letters or digits) and renames it: a save killed inside save_file leaves one behind
+SAFETENSORS_TEMP = re.compile(r"\.tmp[0-9A-Za-z]{6}")
+
+
 def is_temp(name: str) -> bool:
-    """Whether ``name`` is a temporary file of a save (one that was interrupted, if no save is running)."""
-    return name.startswith(".") and TEMP_MARK in name
+    """Whether ``name`` is a temporary file of a save (one that was interrupted, if no save is running): moefy's own
+    or safetensors'."""
+    return name.startswith(".") and TEMP_MARK in name or SAFETENSORS_TEMP.fullmatch(name) is not None
 
 
 def fsync_dir(folder) -> None:
