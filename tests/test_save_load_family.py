@@ -224,3 +224,14 @@ def test_a_failed_load_leaves_the_base_as_it_was_and_a_good_one_loads_into_it(tm
     loaded = moefy.load(base, gpt_oss_folder)
     assert loaded is base and len(family_blocks(base)) == 2
     _assert_same(base, _imported("gpt_oss"))
+
+
+def test_a_config_with_an_infinite_float_loads(tmp_path):
+    """transformers writes float("inf") in config.json as {"__float__": "Infinity"} (NemotronH's time_step_limit) and
+    decodes it in from_pretrained; moefy.hf.load used to hand the tag to the config class, which refused the folder."""
+    model = _imported("nemotron_h")
+    moefy.save(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["time_step_limit"][1] == {"__float__": "Infinity"}
+    loaded = _load(tmp_path)
+    assert loaded.config.time_step_limit[1] == float("inf")
+    _assert_same(loaded, model)

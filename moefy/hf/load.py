@@ -73,8 +73,10 @@ def _base_class(config: Any, path: str, plan: Plan):
     if "auto_map" in config:
         logger.warning("moefy.hf.load: %s names remote code (auto_map); it is not run: %s is built from "
                        "transformers' own code", path, name)
+    fields = {k: v for k, v in config.items() if k not in NOT_READ}
+    decode = getattr(config_class, "_decode_special_floats", None)  # {"__float__": "Infinity"}, as from_pretrained
     try:
-        built = config_class.from_dict({k: v for k, v in config.items() if k not in NOT_READ})
+        built = config_class.from_dict(decode(fields) if decode is not None else fields)
     except Exception as err:  # noqa: BLE001 (any config class's validation error)
         raise bad(path, "config", f"{config_class.__name__} refuses it ({type(err).__name__}: {err})") from None
     return built, cls
