@@ -160,13 +160,30 @@ def _moved_to_router(folder: Path) -> None:
     (folder / "moefy.json").write_text(json.dumps(meta))
 
 
+def _empty_experts_claiming_many(folder: Path) -> None:
+    """An attacker empties every stacked experts tensor (0 rows: 0 is a multiple of any count) and claims 10^8
+    experts in moefy.json and config.json, everything committed again: the base would be built with 10^8 experts."""
+    state = load_file(str(folder / "moefy.safetensors"))
+    save_file({k: (v[:0].contiguous() if ".hf_experts." in k else v) for k, v in state.items()},
+              str(folder / "moefy.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_local_experts": 10 ** 8}))
+    meta = json.loads((folder / "moefy.json").read_text())
+    for name in ("moefy.safetensors", "config.json"):
+        data = (folder / name).read_bytes()
+        meta["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    for entry in meta["conversions"]:
+        entry["num_experts"] = 10 ** 8
+    (folder / "moefy.json").write_text(json.dumps(meta))
+
+
 # name: (mutation of a saved GPT-OSS folder, the field the error names, a part of the message)
 HOSTILE = {
     "math=fused": (lambda f: _edit(f, math="fused"), "math", r"'fused'; allowed: one of \['stacked', 'call'\]"),
     "math=3": (lambda f: _edit(f, math=3), "math", "3; allowed: a string"),
     "math missing": (lambda f: _edit(f, math=None), "", r"missing field\(s\) \['math'\]"),
     "num_experts=0": (lambda f: _edit(f, num_experts=0), "num_experts", "0; allowed: an integer >= 1"),
-    "num_experts=3": (lambda f: _edit(f, num_experts=3), "num_experts", "not a multiple of 3 rows"),
+    "num_experts=3": (lambda f: _edit(f, num_experts=3), "num_experts", "not a non-zero multiple of 3 rows"),
     "num_experts=4": (lambda f: _edit(f, num_experts=4), "num_experts", "the base model's GptOssMLP .* has 8"),
     "source=MixtralSparseMoeBlock": (lambda f: _edit(f, source="MixtralSparseMoeBlock"), "source",
                                      "experts module of a GptOssMLP; allowed: 'GptOssMLP'"),
@@ -175,6 +192,8 @@ HOSTILE = {
                                      r"\(model.layers.0.self_attn.hf_experts.\*\)"),
     "path not an experts module": (_moved_to_router, "path", "is a GptOssTopKRouter in a GptOssMLP, not the "
                                                             "experts module"),
+    "empty experts, num_experts=1e8": (_empty_experts_claiming_many, "num_experts",
+                                       r"100000000, but moefy.safetensors holds .*\(0, .*not a non-zero multiple"),
     "config noise=jitter": (lambda f: _config(f, noise="jitter"), "config", "routes with its own router"),
     "config k=2": (lambda f: _config(f, k=2), "config", "k=4"),
 }

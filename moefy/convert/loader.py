@@ -117,7 +117,8 @@ def _check_sizes(c: Conversion, plan_counts, header: Header, meta: Meta) -> int:
 
 def _check_stacked(c: Conversion, prefix: str, header: Header, meta: Meta) -> int:
     """The entry's ``num_experts`` of a block whose experts are stacked under ``prefix`` (a family-routed block: no
-    router of its own), against the weights' header: every tensor there has a multiple of that many rows."""
+    router of its own), against the weights' header: every tensor there has a non-zero multiple of that many rows
+    (the data behind them is in the file, so a count cannot be inflated without the bytes)."""
     name = os.path.basename(header.path)
     shapes = {k: shape for k, (_, shape) in header.tensors.items() if k.startswith(prefix)}
     if not shapes:
@@ -126,11 +127,11 @@ def _check_stacked(c: Conversion, prefix: str, header: Header, meta: Meta) -> in
     experts = c.fields["num_experts"]  # an integer (read_meta checked the type)
     if experts < 1:
         raise bad(meta.path, f"{c.field}.num_experts", f"{experts}; allowed: an integer >= 1")
-    wrong = sorted(k for k, shape in shapes.items() if not shape or shape[0] % experts)
+    wrong = sorted(k for k, shape in shapes.items() if not shape or shape[0] < experts or shape[0] % experts)
     if wrong:
-        raise bad(meta.path, f"{c.field}.num_experts", f"{experts}, but {name} holds {wrong[0]} "
-                                                       f"{shapes[wrong[0]]}, not a multiple of {experts} rows; "
-                                                       f"allowed: the experts the weights stack there")
+        raise bad(meta.path, f"{c.field}.num_experts", f"{experts}, but {name} holds {wrong[0]} {shapes[wrong[0]]}, "
+                                                       f"not a non-zero multiple of {experts} rows; allowed: the "
+                                                       f"experts the weights stack there")
     return experts
 
 
