@@ -254,3 +254,23 @@ def test_a_config_with_an_infinite_float_loads(tmp_path):
     loaded = _load(tmp_path)
     assert loaded.config.time_step_limit[1] == float("inf")
     _assert_same(loaded, model)
+
+
+def test_a_recorded_stacked_math_that_does_not_reproduce_the_experts_is_refused(tmp_path):
+    """An experts class whose forward is not transformers' stacked math imports with math="call"; a folder that
+    says "stacked" for it would compute other outputs silently: the real conversion runs the import's probe."""
+    base = copy.deepcopy(tiny_model("gpt_oss"))
+    experts_class = type(base.model.layers[0].mlp.experts)
+    doubled = type("DoubledExperts", (experts_class,), {"forward": lambda self, *a, **k: 2 * experts_class.forward(
+        self, *a, **k)})
+    for layer in base.model.layers:
+        layer.mlp.experts.__class__ = doubled
+    model = moefy.hf.from_hf(copy.deepcopy(base))
+    assert [b.math for _, b in family_blocks(model)] == ["call", "call"]
+    moefy.save(model, tmp_path)
+    _edit(tmp_path, math="stacked")
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"moefy.json: conversions\[0\].math: 'stacked', but moefy's stacked math "
+                                         r"does not reproduce DoubledExperts at 'model.layers.0.mlp.experts'"):
+        moefy.load(fresh, tmp_path)
+    assert all(type(layer.mlp.experts) is doubled for layer in fresh.model.layers)  # nothing replaced

@@ -598,6 +598,11 @@ def convert_family_at(model: nn.Module, path: str, routing: RoutingConfig, num_e
                                     f"weights moefy runs; allowed: 'call'")
     config = getattr(model, "config", None)
     k, dim = _top_k(layer, config), _hidden_size(layer, config)
+    param = next((p for p in layer.experts.parameters() if p.is_floating_point()), None)
+    if fields["math"] == "stacked" and param is not None and param.device.type != "meta" and \
+            probe_math(layer.experts, dim, num_experts) != "stacked":  # the import's probe, where weights exist
+        raise EntryMismatch("math", f"'stacked', but moefy's stacked math does not reproduce "
+                                    f"{type(layer.experts).__name__} at {path!r} on a probe; allowed: 'call'")
     nulls = {kind: layer.null_columns.count(kind) for kind in dict.fromkeys(layer.null_columns)} or None
     family = RoutingConfig.from_options(None, k=k, null_experts=nulls, route="tokens",
                                         **{name: getattr(routing, name) for name in OPTIONS})
