@@ -57,12 +57,19 @@ def test_many_rows_per_expert_or_grad_run_the_other_paths(decode_calls):
     assert decode_calls == []
 
 
-def test_a_hook_added_between_decoding_steps_takes_effect():
+def one_token_step():
+    """A fused pair at k=1 after one decoding step: ``(looped, fused, x (1, D), fused(x), the expert x went to)``."""
     looped, fused = pair(k=1)
     x = torch.randn(1, D, dtype=torch.float64)
     with torch.no_grad():
-        before = fused(x)  # a clean check: hook dicts are not read again until a hook is registered somewhere
-        e = fused.routing.indices.item()
+        y = fused(x)
+    return looped, fused, x, y, fused.routing.indices.item()
+
+
+def test_a_hook_added_between_decoding_steps_takes_effect():
+    # the first step is a clean check: the hook dicts are not read again until a hook is registered somewhere
+    looped, fused, x, before, e = one_token_step()
+    with torch.no_grad():
         handles = [m.experts[e].down_proj.register_forward_hook(lambda mod, args, out: out * 3)
                    for m in (looped, fused)]
         torch.testing.assert_close(fused(x), 3 * before)  # k=1: the one expert's output, weight 1
@@ -73,11 +80,8 @@ def test_a_hook_added_between_decoding_steps_takes_effect():
 
 
 def test_a_forward_replaced_on_a_running_expert_takes_effect():
-    looped, fused = pair(k=1)
-    x = torch.randn(1, D, dtype=torch.float64)
+    looped, fused, x, _, e = one_token_step()
     with torch.no_grad():
-        fused(x)
-        e = fused.routing.indices.item()
         for m in (looped, fused):
             up = m.experts[e].up_proj
             up.forward = lambda t, up=up: nn.functional.linear(t, up.weight) + 1.0
@@ -85,11 +89,8 @@ def test_a_forward_replaced_on_a_running_expert_takes_effect():
 
 
 def test_a_replaced_expert_is_vetted_again_when_it_runs():
-    looped, fused = pair(k=1)
-    x = torch.randn(1, D, dtype=torch.float64)
+    looped, fused, x, _, e = one_token_step()
     with torch.no_grad():
-        fused(x)
-        e = fused.routing.indices.item()
         idle = (e + 1) % E
         for m in (looped, fused):  # an idle expert replaced by a module of another class: not read while idle
             torch.manual_seed(1)
@@ -101,23 +102,6 @@ def test_a_replaced_expert_is_vetted_again_when_it_runs():
         x = x.abs() + 1
         torch.testing.assert_close(fused(x), looped(x))
         assert fused.routing.indices.item() == idle and fused._fused.layout is None  # vetted again: not fusable
-
-
-def test_from_hf_runs_fused_by_default_and_loops_on_request():
-    transformers = pytest.importorskip("transformers")
-    from moefy.hf import from_hf
-    cfg = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
-                                      num_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    ids = torch.randint(0, 32, (2, 9))
-    with torch.no_grad():
-        expected = model(ids).logits
-        default, looped = from_hf(model), from_hf(transformers.Qwen3MoeForCausalLM(cfg).eval(), fused=False)
-        assert all(b.config.fused and b._fused_layout == (SWIGLU,) for b in moefy.moe_blocks(default))
-        assert not any(b.config.fused for b in moefy.moe_blocks(looped))
-        torch.testing.assert_close(default(ids).logits, expected, rtol=0, atol=1e-5)
 
 
 def test_swiglu_experts_fuse_on_the_meta_device():

@@ -84,7 +84,7 @@ def test_experts_that_are_not_the_formula_do_not_fuse():
         Mixture([ScaledSwiGLU(8, 12) for _ in range(3)], fused=True)
 
 
-def test_imported_hf_moe_runs_fused():
+def test_from_hf_runs_fused_by_default_and_loops_on_request():
     transformers = pytest.importorskip("transformers")
     from moefy.hf import from_hf
     cfg = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
@@ -95,10 +95,12 @@ def test_imported_hf_moe_runs_fused():
     ids = torch.randint(0, 32, (2, 9))
     with torch.no_grad():
         expected = model(ids).logits
-    from_hf(model, fused=True)
-    assert all(b._fused_layout == (SWIGLU,) for b in moefy.moe_blocks(model))
-    with torch.no_grad():
-        assert (model(ids).logits - expected).abs().max() < 1e-5
+        default, looped = from_hf(model), from_hf(transformers.Qwen3MoeForCausalLM(cfg).eval(), fused=False)
+        assert all(b.config.fused and b._fused_layout == (SWIGLU,) for b in moefy.moe_blocks(default))
+        assert not any(b.config.fused for b in moefy.moe_blocks(looped))
+        torch.testing.assert_close(default(ids).logits, expected, rtol=0, atol=1e-5)
+        explicit = from_hf(transformers.Qwen3MoeForCausalLM(cfg).eval(), fused=True)
+        assert all(b._fused_layout == (SWIGLU,) for b in moefy.moe_blocks(explicit))
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="needs torch._grouped_mm")

@@ -210,10 +210,7 @@ def _export_family_routed(model: nn.Module, folder) -> str:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")
         target = type(model)(model.config)
-    own = {k: tuple(v.shape) for k, v in target.state_dict().items()}
-    extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} for {own[k]}" for k in set(own) & set(state)
-                    if tuple(state[k].shape) != own[k])
+    extra, missing, shapes = _differences(target, state, "")
     if extra or missing or shapes:
         raise ValueError(f"model: {name} does not fit its own class any more: weights it has no place for "
                          f"{extra[:6]} (a PEFT adapter or a parametrization: merge it first), weights it lacks "
@@ -222,12 +219,17 @@ def _export_family_routed(model: nn.Module, folder) -> str:
     return folder
 
 
-def _check_keys(target: nn.Module, state: Dict[str, torch.Tensor], family: MoEFamily, model: nn.Module) -> None:
+def _differences(target: nn.Module, state: Dict[str, torch.Tensor], owner: str) -> Tuple[List[str], ...]:
+    """``(keys target has no place for, keys it lacks, "key: shape for <owner>shape")`` of ``state`` against
+    ``target``'s state dict."""
     own = {k: tuple(v.shape) for k, v in target.state_dict().items()}
-    missing: List[str] = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} for {family.name}'s {own[k]}" for k in set(own) & set(state)
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} for {owner}{own[k]}" for k in set(own) & set(state)
                     if tuple(state[k].shape) != own[k])
+    return sorted(set(state) - set(own)), sorted(set(own) - set(state)), shapes
+
+
+def _check_keys(target: nn.Module, state: Dict[str, torch.Tensor], family: MoEFamily, model: nn.Module) -> None:
+    extra, missing, shapes = _differences(target, state, f"{family.name}'s ")
     if missing or extra or shapes:
         raise ValueError(f"model: {type(model).__name__} does not fit {family.name}: weights {family.name} has no "
                          f"place for {extra[:6]}, weights it needs that the model lacks {missing[:6]}, shape "
