@@ -586,3 +586,19 @@ def test_a_block_the_data_does_not_reach_is_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="moefy.compress"):
         expert_scores(model, [(batches(1)[0], 1)], "frequency")
     assert "the calibration data reached no token of blocks ['net.blocks.1']: their experts score 0" in caplog.text
+
+
+def test_a_replay_recorded_before_pruning_is_refused_not_mapped_onto_other_experts():
+    """Column j of a pruned block is another expert than when the replay recorded: replaying would silently send
+    tokens to the wrong experts."""
+    from moefy.routing import RouterReplay
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), moefy.moefy(nn.Linear(4, 4), num_experts=6, k=2))
+    x = torch.randn(5, 4)
+    replay = RouterReplay(model)
+    with replay.record():
+        model(x)
+    prune_experts(model, 4, {"1": torch.arange(6.0)})
+    with pytest.raises(ValueError, match=r"recorded over 6 router columns, the block now has 4 \(resized since"):
+        with replay.replay():
+            model(x)

@@ -52,6 +52,7 @@ from ..fastpaths import set_plain_attribute
 from ..observe.hf_routing import (HFMoELayer, _describe, _router_specs, _special, _standard, hf_moe_layers,
                                   is_hf_experts)
 from ..routing.record import Routing
+from ..routing.replay import check_columns
 from ..routing.router import Router
 from ..routing.select import from_picks, with_capacity
 
@@ -254,6 +255,7 @@ class HFExpertsBlock(MoEBlock):
         call = slot.take() if slot is not None else None
         if call is None:
             return index, weights
+        check_columns(call, self.num_columns)
         recorded = call.indices.to(index.device)
         if recorded.shape != index.shape:
             raise ValueError(f"router replay: indices were recorded with shape {tuple(recorded.shape)} but this "

@@ -105,8 +105,12 @@ class Replayed:
     rng_device: Optional[str] = None
 
 
-def check_call(replayed: Replayed, num_tokens: int, config: RoutingConfig) -> None:
-    """Refuse a recorded call whose picks do not fit this forward's T routed tokens and k."""
+def check_call(replayed: Replayed, num_tokens: int, config: RoutingConfig,
+               num_columns: Optional[int] = None) -> None:
+    """Refuse a recorded call whose picks do not fit this forward's T routed tokens and k, or that was recorded
+    over another number of router columns (a block resized since, e.g. by :mod:`moefy.compress`: its column j
+    is another expert now)."""
+    check_columns(replayed, num_columns)
     idx = replayed.indices
     if idx.dim() != 2 or idx.shape[0] != num_tokens:
         raise ValueError(f"router replay: indices were recorded with shape {tuple(idx.shape)} but this forward "
@@ -117,12 +121,20 @@ def check_call(replayed: Replayed, num_tokens: int, config: RoutingConfig) -> No
                          f"k={config.k}")
 
 
+def check_columns(replayed: Replayed, num_columns: Optional[int]) -> None:
+    """Refuse a call recorded over other than ``num_columns`` router columns (None: not checked)."""
+    recorded = replayed.scores.shape[-1] if replayed.scores is not None else None
+    if num_columns is not None and recorded is not None and recorded != num_columns:
+        raise ValueError(f"router replay: the call was recorded over {recorded} router columns, the block now has "
+                         f"{num_columns} (resized since, e.g. by moefy.compress); record again after resizing")
+
+
 def replay_selection(probs: torch.Tensor, replayed: Replayed, config: RoutingConfig, num_experts: int,
                      subset: Optional[torch.Tensor] = None) -> Selection:
     """The recorded picks as this forward's selection; ``probs`` (T, E') are the current router's scores,
     ``subset`` (T, E') the SIMPLE estimator at the recorded picks (:func:`replayed_subset`) or None."""
     num_tokens, num_columns = probs.shape
-    check_call(replayed, num_tokens, config)
+    check_call(replayed, num_tokens, config, num_columns)
     idx = replayed.indices.to(probs.device)
     if replayed.mode == "frozen":
         vals = replayed.weights.to(probs.device, probs.dtype)                   # (T, k) constants

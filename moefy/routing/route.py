@@ -26,7 +26,7 @@ def route(router: Router, x: torch.Tensor, config: RoutingConfig, num_experts: i
     """
     call = replay.take() if replay is not None else None  # the recorded call to replay; None: select
     if call is not None:
-        check_call(call, x.shape[0], config)
+        check_call(call, x.shape[0], config, num_experts + len(config.null_columns) + int(config.hole))
     rng_state, rng_device = noise_state(router, x.device) if replay is not None and call is None else (None, None)
     if call is None:
         scores = router(x)                               # logits, noisy_logits, noise_std, probs: (T, E')
