@@ -602,3 +602,16 @@ def test_a_replay_recorded_before_pruning_is_refused_not_mapped_onto_other_exper
     with pytest.raises(ValueError, match=r"recorded over 6 router columns, the block now has 4 \(resized since"):
         with replay.replay():
             model(x)
+
+
+def test_reap_weighs_by_what_combine_applies_with_mean_aggregation():
+    """aggregation="mean" divides each combine weight by the token's number of experts (here always k=2): REAP's
+    g_j(x) is that weight, so its scores are half the same mixture's with "sum"; the other scores are equal."""
+    def net(aggregation):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), moefy.moefy(nn.Linear(4, 4), num_experts=6, k=2, expert_noise=0.5,
+                                                          aggregation=aggregation))
+    data = [torch.randn(7, 4)]
+    for method in SCORE_METHODS:
+        summed, mean = expert_scores(net("sum"), data, method)["1"], expert_scores(net("mean"), data, method)["1"]
+        torch.testing.assert_close(mean, summed / 2 if method == "reap" else summed, rtol=1e-12, atol=0)

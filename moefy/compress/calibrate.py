@@ -26,7 +26,9 @@ __all__ = ["ExpertStats", "calibrate", "named_blocks", "run_batch"]
 
 @dataclass
 class ExpertStats:
-    """What one block's E experts received over the calibration data (float64 sums, on the CPU).
+    """What one block's E experts received over the calibration data (float64 sums, on the CPU); g_j(x) is the
+    weight the block's combine applies (the record's combine weight, divided by the token's number of real experts
+    with ``aggregation="mean"``).
 
     Attributes:
         tokens: routed tokens (finite, not masked) the block's router scored.
@@ -116,6 +118,9 @@ class _Observer:
         expert = routing.expert_index[:assigned].cpu()                  # (A,)
         norms = out[:assigned].detach().reshape(assigned, -1).double().norm(dim=1).cpu()  # (A,) ‖f_j(x)‖₂
         weight = routing.weight[:assigned].detach().double().cpu()      # (A,) g_j(x)
+        if self.block.config.aggregation == "mean":  # what combine applies: divided by the token's real experts
+            token = routing.token_index[:assigned].cpu()
+            weight = weight / torch.bincount(token).index_select(0, token).double()
         s = self.stats
         s.frequency += torch.tensor(counts[:E], dtype=torch.float64)
         s.norm.index_add_(0, expert, norms)
